@@ -1,0 +1,86 @@
+"""`bridge dev`: an embedded in-memory broker, the bridge against it, and a ready-to-paste curl."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from aiohttp import web
+
+from bridge.embedded import EmbeddedBroker
+from bridge.runner import run_server
+from bridge.server import PUBLISHER
+from bridge.settings import Settings
+
+_READY_TIMEOUT_S = 30.0
+
+# The callback of Tencent's `OfficialAccount.CallbackAfterSendMsg` page, comments stripped.
+SEED_QUERY = {
+    "SdkAppid": "1400000000",
+    "CallbackCommand": "OfficialAccount.CallbackAfterSendMsg",
+    "contenttype": "json",
+    "ClientIP": "127.0.0.1",
+    "OptPlatform": "RESTAPI",
+}
+SEED_CALLBACK: dict[str, Any] = {
+    "CallbackCommand": "OfficialAccount.CallbackAfterSendMsg",
+    "Official_Account": "@TOA#_2J4SZEAEL",
+    "MsgKey": "71_1_1698741698",
+    "MsgTime": 1490686222,
+    "OnlineOnlyFlag": 1,
+    "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "red packet"}}],
+    "CloudCustomData": "your cloud custom data",
+    "EventTime": 1670574414123,
+}
+
+_WARNING = """\
+************************************************************************************
+*  bridge dev: the embedded Kafka broker keeps data IN MEMORY ONLY.                *
+*  Every record is lost when this process stops. Not for real traffic:             *
+*  use `bridge serve --bootstrap-servers HOST:PORT` against a real Kafka cluster.  *
+************************************************************************************"""
+
+
+def base_url(host: str, port: int) -> str:
+    shown_host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104 - display only
+    return f"http://{shown_host}:{port}"
+
+
+def banner(settings: Settings, port: int, bootstrap_servers: str) -> str:
+    url = f"{base_url(settings.host, port)}{settings.path}?{urlencode(SEED_QUERY)}"
+    body = orjson.dumps(SEED_CALLBACK).decode()
+    curl = f"curl -sS -X POST {shlex.quote(url)} -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    return "\n".join(
+        (
+            _WARNING,
+            f"Callback URL:     {url}",
+            f"Kafka bootstrap:  {bootstrap_servers}  (in memory)",
+            f"Topics:           {', '.join(settings.topics)}",
+            f"Ready probe:      {base_url(settings.host, port)}/readyz",
+            "Send the seed callback:",
+            f"  {curl}",
+            "Press Ctrl-C to stop the bridge and the broker.",
+        )
+    )
+
+
+def run_dev(settings: Settings, broker: EmbeddedBroker) -> None:
+    """Serve against `broker` (already started) until Ctrl-C; the caller stops the broker."""
+    print(_WARNING, file=sys.stderr, flush=True)
+
+    async def announce(app: web.Application, port: int) -> None:
+        publisher = app[PUBLISHER]
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                while not publisher.ready:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            print(f"bridge dev: Kafka is still not ready: {publisher.status}", file=sys.stderr, flush=True)
+            return
+        print(banner(settings, port, broker.bootstrap_servers), flush=True)
+
+    asyncio.run(run_server(settings, on_started=announce))

@@ -1,0 +1,69 @@
+"""The Kafka record of one callback: the envelope as its value, and its key, partition, timestamp, headers.
+
+The envelope (`schemas/envelope.schema.json`) is
+`{"schema": "tencent-chat-callback/1", "received_at": <ms>, "query": {...}, "callback": <body>}`; the body is
+embedded as the exact bytes Tencent posted (already parsed and checked), so nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+
+from bridge.commands import RoutedCallback
+
+SCHEMA = "tencent-chat-callback/1"
+CONTENT_TYPE = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record, ready for the producer."""
+
+    topic: str
+    partition: int
+    key: bytes
+    value: bytes
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def envelope(raw_body: bytes, query: dict[str, str], received_at_ms: int) -> bytes:
+    """The record value: the envelope with the posted body embedded byte for byte."""
+    return orjson.dumps(
+        {"schema": SCHEMA, "received_at": received_at_ms, "query": query, "callback": orjson.Fragment(raw_body)}
+    )
+
+
+def build_record(
+    routed: RoutedCallback,
+    *,
+    sdk_app_id: str,
+    raw_body: bytes,
+    query: dict[str, str],
+    received_at_ms: int,
+    topic: str,
+    partition: int,
+) -> Record:
+    return Record(
+        topic=topic,
+        partition=partition,
+        key=routed.key.encode("utf-8"),
+        value=envelope(raw_body, query, received_at_ms),
+        timestamp_ms=routed.event_time_ms if routed.event_time_ms is not None else received_at_ms,
+        headers=(
+            ("CallbackCommand", routed.command.encode("utf-8")),
+            ("SdkAppid", sdk_app_id.encode("ascii")),
+            ("content-type", CONTENT_TYPE),
+        ),
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the envelope, shipped in the package for consumers to validate against."""
+    text = resources.files("bridge").joinpath("schemas/envelope.schema.json").read_bytes()
+    schema: dict[str, Any] = orjson.loads(text)
+    return schema

@@ -1,0 +1,84 @@
+"""The bridge's exception tree: each error knows its HTTP status, its Tencent ErrorCode and retriability.
+
+Handlers raise these; `bridge.responses` turns them into Tencent-style answers in one place. ErrorCodes are
+five-digit numbers built from the HTTP status so they never collide with the codes Tencent gives meaning to
+for "before" callbacks (1 rejects the user's action, 2 drops the message, 120001-130000 are custom errors).
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """A failure that the bridge answers with a FAIL body and never a 200."""
+
+    status: int = 500
+    error_code: int = 50000
+    retriable: bool = False
+
+    def __init__(self, info: str) -> None:
+        super().__init__(info)
+        self.info = info
+
+
+class BadCallback(BridgeError):
+    """The request is not a callback the bridge can publish: bad query, body or field."""
+
+    status = 400
+    error_code = 40000
+
+
+class InvalidQuery(BadCallback):
+    error_code = 40001
+
+
+class InvalidJson(BadCallback):
+    error_code = 40002
+
+
+class InvalidField(BadCallback):
+    error_code = 40003
+
+
+class CommandMismatch(BadCallback):
+    error_code = 40004
+
+
+class NotFound(BridgeError):
+    status = 404
+    error_code = 40400
+
+
+class MethodNotAllowed(BridgeError):
+    status = 405
+    error_code = 40500
+
+
+class BodyTooLarge(BridgeError):
+    status = 413
+    error_code = 41300
+
+
+class PublishError(BridgeError):
+    """Kafka did not confirm the write; the callback may be sent again."""
+
+    status = 503
+    error_code = 50300
+    retriable = True
+
+
+class BrokerNotReady(PublishError):
+    """The producer is not connected, or the bridge's topics are missing."""
+
+    error_code = 50301
+
+
+class DeliveryTimeout(PublishError):
+    """The broker did not confirm within the delivery timeout; the record may still land."""
+
+    error_code = 50302
+
+
+class BrokerRejected(PublishError):
+    """The broker or the client answered the write with an error."""
+
+    error_code = 50303

@@ -1,0 +1,144 @@
+"""Tencent's webhook protocol: the query string, the JSON body and the answers Tencent expects.
+
+Facts from Tencent's "Webhook Overview": parameters are read by name; `Sign` and `RequestTime` appear only
+when webhook authentication is on; the body repeats `CallbackCommand`; success is HTTP 200 with
+`{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}` and anything else counts as a failure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bridge.errors import BridgeError, CommandMismatch, InvalidJson, InvalidQuery
+
+OK_BODY = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
+
+# Query parameters that are secrets or signature material and never reach Kafka.
+EXCLUDED_FROM_ENVELOPE = frozenset({"Sign"})
+
+_SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
+# Tencent's commands are dotted words (`OfficialAccount.CallbackAfterSendMsg`); anything else is not a
+# command Tencent sends and would make a poor Kafka header.
+_COMMAND = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+_MAX_COMMAND_LENGTH = 128
+# orjson turns integers outside [-2**63, 2**64 - 1] into floats without a word. Such a literal has at least
+# 19 digits, so a cheap search for 19 digits in a row decides whether the exact tokenizer below must run.
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(-?[0-9]+)([.eE])?')
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def fail_body(error: BridgeError) -> bytes:
+    """The Tencent-style FAIL body for an error."""
+    return orjson.dumps({"ActionStatus": "FAIL", "ErrorInfo": error.info, "ErrorCode": error.error_code})
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackQuery:
+    """The query string of one callback, checked."""
+
+    sdk_app_id: str
+    command: str | None
+    params: dict[str, str]
+    """Every parameter as received, except those in `EXCLUDED_FROM_ENVELOPE`."""
+
+
+def parse_query(query: Mapping[str, str], keys: list[str]) -> CallbackQuery:
+    """Check the query of a callback; `keys` lists every parameter name as received, repeats included."""
+    seen: set[str] = set()
+    for name in keys:
+        if name in seen:
+            raise InvalidQuery(f"query parameter {name!r} is given more than once")
+        seen.add(name)
+    sdk_app_id = query.get("SdkAppid")
+    if sdk_app_id is None:
+        raise InvalidQuery("query parameter 'SdkAppid' is missing")
+    if not _SDK_APP_ID.fullmatch(sdk_app_id):
+        raise InvalidQuery(
+            f"query parameter 'SdkAppid' must be a positive decimal integer, got {_shorten(sdk_app_id)!r}"
+        )
+    command = query.get("CallbackCommand")
+    if command is not None:
+        _check_command(command, "query parameter 'CallbackCommand'")
+    params = {name: value for name, value in query.items() if name not in EXCLUDED_FROM_ENVELOPE}
+    return CallbackQuery(sdk_app_id=sdk_app_id, command=command, params=params)
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """Parse a callback body: strict UTF-8 JSON holding one object, every number exactly representable."""
+    if not raw.strip():
+        raise InvalidJson("the body is empty; a callback carries a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"the body is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidJson(f"the body must be a JSON object, got a JSON {json_type(body)}")
+    if _LONG_DIGIT_RUN.search(raw):
+        _reject_unrepresentable_integers(raw)
+    return body
+
+
+def resolve_command(query: CallbackQuery, body: Mapping[str, Any]) -> str:
+    """The callback's command: from the query and the body, which must agree when both give it."""
+    in_body = body.get("CallbackCommand")
+    if in_body is not None and not isinstance(in_body, str):
+        raise CommandMismatch(f"body field 'CallbackCommand' must be a string, got {json_type(in_body)}")
+    if in_body is not None:
+        _check_command(in_body, "body field 'CallbackCommand'")
+    if query.command is None and in_body is None:
+        raise CommandMismatch("'CallbackCommand' is missing from both the query and the body")
+    if query.command is not None and in_body is not None and query.command != in_body:
+        raise CommandMismatch(
+            f"'CallbackCommand' differs between the query ({query.command!r}) and the body ({in_body!r})"
+        )
+    command = query.command or in_body
+    assert command is not None  # one of the two is set, checked above
+    return command
+
+
+def _check_command(command: str, where: str) -> None:
+    if len(command) > _MAX_COMMAND_LENGTH or not _COMMAND.fullmatch(command):
+        raise CommandMismatch(
+            f"{where} must be a dotted command name such as 'OfficialAccount.CallbackAfterSendMsg', "
+            f"got {_shorten(command)!r}"
+        )
+
+
+def _reject_unrepresentable_integers(raw: bytes) -> None:
+    for match in _JSON_TOKEN.finditer(raw):
+        digits, fraction_or_exponent = match.groups()
+        if digits is None or fraction_or_exponent is not None:
+            continue
+        if not _INT_MIN <= int(digits) <= _INT_MAX:
+            raise InvalidJson(
+                f"the body holds the integer {_shorten(digits.decode())}, beyond 64 bits; "
+                "it cannot be represented exactly"
+            )
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    match value:
+        case bool():
+            return "boolean"
+        case int() | float():
+            return "number"
+        case str():
+            return "string"
+        case list():
+            return "array"
+        case dict():
+            return "object"
+        case None:
+            return "null"
+    return type(value).__name__
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

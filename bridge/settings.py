@@ -1,0 +1,244 @@
+"""All settings, each with a flag and an environment variable of the same name, built once at start.
+
+`OPTIONS` is the single table the command line, `--help`, the environment and the README's configuration
+table are made from: `--delivery-timeout` is `BRIDGE_DELIVERY_TIMEOUT` is `Settings.delivery_timeout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.commands import TopicGroup
+
+ENV_PREFIX = "BRIDGE_"
+COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_SERVER = re.compile(r"[^\s,:/]+:[0-9]{1,5}")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the bridge cannot use; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    bootstrap_servers: tuple[str, ...] = ()
+    host: str = "0.0.0.0"  # noqa: S104 - a webhook receiver listens on every interface by default
+    port: int = 8080
+    path: str = "/callback"
+    topic: str = "tim.official-account"
+    c2c_topic: str = "tim.c2c"
+    group_topic: str = "tim.group"
+    user_topic: str = "tim.user"
+    app_topic: str = "tim.app"
+    unknown_topic: str = "tim.unknown"
+    create_topics: bool = False
+    partitions: int = 12
+    replication_factor: int | None = None
+    delivery_timeout: float = 1.5
+    shutdown_timeout: float = 10.0
+    max_body_bytes: int = 1024 * 1024
+    compression: str = "none"
+    linger_ms: int = 0
+    client_id: str = "tencent-chat-kafka-bridge"
+    log_level: str = "info"
+
+    def topic_for(self, group: TopicGroup) -> str:
+        return {
+            TopicGroup.OFFICIAL_ACCOUNT: self.topic,
+            TopicGroup.C2C: self.c2c_topic,
+            TopicGroup.GROUP: self.group_topic,
+            TopicGroup.USER: self.user_topic,
+            TopicGroup.APP: self.app_topic,
+            TopicGroup.UNKNOWN: self.unknown_topic,
+        }[group]
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """Every topic the bridge writes to, each once, in a stable order."""
+        return tuple(dict.fromkeys(self.topic_for(group) for group in TopicGroup))
+
+
+# --- value parsers: each turns a flag's or variable's text into a value, or raises ValueError ---------------
+
+
+def _servers(text: str) -> tuple[str, ...]:
+    servers = tuple(part.strip() for part in text.split(",") if part.strip())
+    for server in servers:
+        if not _SERVER.fullmatch(server):
+            raise ValueError(f"{server!r} is not HOST:PORT")
+    if not servers:
+        raise ValueError("no HOST:PORT given")
+    return servers
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise ValueError("must be a number of seconds above 0 and at most 3600")
+    return value
+
+
+def _replication_factor(text: str) -> int | None:
+    return None if text.strip().lower() == "auto" else _int_between(1, 32)(text)
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/") or text in {"/healthz", "/readyz"} or any(c in text for c in "?# "):
+        raise ValueError("must be a URL path such as /callback, other than /healthz and /readyz")
+    return text
+
+
+def _topic(text: str) -> str:
+    if not _TOPIC_NAME.fullmatch(text) or text in {".", ".."}:
+        raise ValueError("must be a Kafka topic name: up to 249 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.lower()
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    field: str
+    help: str
+    parse: Callable[[str], Any]
+    metavar: str | None = None
+    commands: frozenset[str] = frozenset({"serve", "dev"})
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+    @property
+    def is_switch(self) -> bool:
+        """An on/off option: `--name` / `--no-name` on the command line, true/false in the environment."""
+        return self.parse is _boolean
+
+
+SERVE_ONLY = frozenset({"serve"})
+_TOPIC_HELP = "Topic for {what} callbacks."
+OPTIONS: tuple[Option, ...] = (
+    Option("bootstrap_servers", "Kafka brokers to connect to (required).", _servers, "HOST:PORT[,...]", SERVE_ONLY),
+    Option("host", "Address to listen on.", _text, "ADDRESS"),
+    Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT"),
+    Option("path", "URL path Tencent posts callbacks to.", _path, "PATH"),
+    Option("topic", _TOPIC_HELP.format(what="official-account (OfficialAccount.*)"), _topic, "NAME"),
+    Option("c2c_topic", _TOPIC_HELP.format(what="one-to-one message (C2C.*)"), _topic, "NAME"),
+    Option("group_topic", _TOPIC_HELP.format(what="group (Group.*)"), _topic, "NAME"),
+    Option("user_topic", _TOPIC_HELP.format(what="user (State.*, Profile.*, Sns.*, Follow.*)"), _topic, "NAME"),
+    Option("app_topic", _TOPIC_HELP.format(what="app-level (Alert.*, Push.*, ContentCallback.*, Bot.*)"), _topic, "NAME"),
+    Option("unknown_topic", _TOPIC_HELP.format(what="commands of families the bridge does not know"), _topic, "NAME"),
+    Option(
+        "create_topics",
+        "Create missing topics at start; without it a missing topic keeps the bridge not ready.",
+        _boolean,
+    ),
+    Option("partitions", "Partitions of topics the bridge creates.", _int_between(1, 10000), "N"),
+    Option(
+        "replication_factor",
+        "Replication factor of topics the bridge creates; auto is min(3, brokers in the cluster).",
+        _replication_factor,
+        "N|auto",
+    ),
+    Option(
+        "delivery_timeout",
+        "Longest wait, in seconds, for the broker to confirm a write before answering 503.",
+        _seconds,
+        "SECONDS",
+    ),
+    Option(
+        "shutdown_timeout",
+        "Longest time, in seconds, to flush and close the producer on shutdown.",
+        _seconds,
+        "SECONDS",
+    ),
+    Option("max_body_bytes", "Largest callback body accepted; larger gets 413.", _int_between(1, 64 << 20), "BYTES"),
+    Option("compression", "Producer compression: " + ", ".join(COMPRESSION_TYPES) + ".", _one_of(COMPRESSION_TYPES), "CODEC"),
+    Option("linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS"),
+    Option("client_id", "Kafka client id.", _text, "ID"),
+    Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS), "LEVEL"),
+)
+
+# Defaults that differ for `bridge dev`: loopback only, and topics created on a single in-memory broker.
+DEV_DEFAULTS: Mapping[str, Any] = {"host": "127.0.0.1", "create_topics": True, "replication_factor": 1}
+
+
+def default(option: Option, command: str) -> Any:
+    if command == "dev" and option.field in DEV_DEFAULTS:
+        return DEV_DEFAULTS[option.field]
+    return next(f.default for f in dataclasses.fields(Settings) if f.name == option.field)
+
+
+def describe_default(value: Any) -> str:
+    match value:
+        case None:
+            return "auto"
+        case bool():
+            return "true" if value else "false"
+        case tuple():
+            return ",".join(value) or "(none)"
+    return str(value)
+
+
+def parse_value(option: Option, text: str, source: str) -> Any:
+    try:
+        return option.parse(text)
+    except ValueError as exc:
+        raise SettingsError(f"{source}={text!r}: {exc}") from None
+
+
+def build(command: str, flags: Mapping[str, Any], environ: Mapping[str, str], **fixed: Any) -> Settings:
+    """Settings for `command` from parsed flags (None where not given), then the environment, then defaults."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if command not in option.commands:
+            continue
+        if flags.get(option.field) is not None:
+            values[option.field] = flags[option.field]
+        elif option.env in environ:
+            values[option.field] = parse_value(option, environ[option.env], option.env)
+        else:
+            values[option.field] = default(option, command)
+    values.update(fixed)
+    return Settings(**values)

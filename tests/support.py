@@ -1,0 +1,171 @@
+"""Helpers the tests share: choosing and starting a broker, reading topics back, the Tencent fixtures.
+
+The broker is chosen as DEVELOPERS.md says: `KAFKA_BOOTSTRAP_SERVERS` if set; testcontainers' Apache Kafka
+when a Docker daemon answers; otherwise an embedded Tansu.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from bridge.embedded import EmbeddedBroker
+from bridge.settings import Settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+READY_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Fixture:
+    name: str
+    query: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def raw_body(self) -> bytes:
+        return orjson.dumps(self.body)
+
+
+def load_fixtures() -> list[Fixture]:
+    fixtures = []
+    for path in sorted(FIXTURES.glob("*.json")):
+        data = orjson.loads(path.read_bytes())
+        fixtures.append(Fixture(name=data["name"], query=data["query"], body=data["body"]))
+    return fixtures
+
+
+def fixture(name: str) -> Fixture:
+    return next(f for f in load_fixtures() if f.name == name)
+
+
+def _docker_answers() -> bool:
+    """Whether a Docker daemon answers `/_ping` on its socket (DOCKER_HOST or the default Unix socket)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        family, address = socket.AF_UNIX, host.removeprefix("unix://")
+    elif host.startswith("tcp://"):
+        name, _, port = host.removeprefix("tcp://").rpartition(":")
+        family, address = socket.AF_INET, (name, int(port))  # type: ignore[assignment]
+    else:
+        return False
+    with socket.socket(family) as sock:
+        sock.settimeout(3)
+        try:
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            status_line = sock.recv(64).split(b"\r\n", 1)[0]
+        except OSError:
+            return False
+    return status_line.startswith(b"HTTP/1.") and b" 200" in status_line
+
+
+@contextlib.contextmanager
+def kafka_broker() -> Iterator[str]:
+    """A broker for the test session; yields its bootstrap servers."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer  # noqa: PLC0415
+
+        with KafkaContainer() as container:
+            yield container.get_bootstrap_server()
+        return
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
+    """Settings whose six topics are new to the broker, so each test reads only its own records."""
+    run = uuid.uuid4().hex[:10]
+    base = Settings(
+        bootstrap_servers=tuple(bootstrap_servers.split(",")),
+        host="127.0.0.1",
+        port=0,
+        topic=f"t{run}.official-account",
+        c2c_topic=f"t{run}.c2c",
+        group_topic=f"t{run}.group",
+        user_topic=f"t{run}.user",
+        app_topic=f"t{run}.app",
+        unknown_topic=f"t{run}.unknown",
+        create_topics=True,
+        partitions=12,
+    )
+    return replace(base, **overrides)
+
+
+async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> None:
+    async with asyncio.timeout(READY_TIMEOUT_S):
+        while True:
+            response = await client.get("/readyz")
+            if response.status == 200:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
+    await consumer.topics()  # fetches the metadata of every topic
+    return [
+        TopicPartition(topic, partition)
+        for topic in topics
+        for partition in sorted(consumer.partitions_for_topic(topic) or ())
+    ]
+
+
+async def read_records(
+    bootstrap_servers: str, topics: Sequence[str], *, expect: int, idle_s: float = 0.7, timeout_s: float = 20.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record in `topics`: read until `expect` arrived and then nothing more for `idle_s`.
+
+    Reading until idle, not to the end offset: the test broker's end offset can miss a multi-record batch.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        partitions = await _partitions(consumer, topics)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=100)
+            fresh = [record for part in batch.values() for record in part]
+            if fresh:
+                records += fresh
+                last_new = time.monotonic()
+            elif len(records) >= expect and time.monotonic() - last_new >= idle_s:
+                break
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def count_records(bootstrap_servers: str, topics: Sequence[str]) -> int:
+    """How many records `topics` hold by their end offsets: exact for an empty topic on any broker."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await _partitions(consumer, topics)
+        ends = await consumer.end_offsets(partitions)
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
