@@ -98,7 +98,11 @@ def _add_option(parser: argparse.ArgumentParser, option: Option, command: str) -
         parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         return
     parser.add_argument(
-        option.flag, dest=option.field, metavar=option.metavar, default=None, type=_argparse_type(option),
+        option.flag,
+        dest=option.field,
+        metavar=option.metavar,
+        default=None,
+        type=_argparse_type(option),
         help=help_text,
     )
 

@@ -337,6 +337,7 @@ COMMANDS: dict[str, CommandSpec] = {
     )
 }
 
+
 @dataclass(frozen=True, slots=True)
 class RoutedCallback:
     """Where and how one validated callback goes to Kafka."""

@@ -34,7 +34,12 @@ class Record:
 def envelope(raw_body: bytes, query: dict[str, str], received_at_ms: int) -> bytes:
     """The record value: the envelope with the posted body embedded byte for byte."""
     return orjson.dumps(
-        {"schema": SCHEMA, "received_at": received_at_ms, "query": query, "callback": orjson.Fragment(raw_body)}
+        {
+            "schema": SCHEMA,
+            "received_at": received_at_ms,
+            "query": query,
+            "callback": orjson.Fragment(raw_body),
+        }
     )
 
 

@@ -8,7 +8,7 @@ when webhook authentication is on; the body repeats `CallbackCommand`; success i
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,15 @@ _MAX_COMMAND_LENGTH = 128
 _LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(-?[0-9]+)([.eE])?')
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+# bool before int: True is an int to Python and a boolean to JSON.
+_JSON_TYPE_NAMES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "boolean"),
+    ((int, float), "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+    (type(None), "null"),
+)
 
 
 def fail_body(error: BridgeError) -> bytes:
@@ -48,13 +57,13 @@ class CallbackQuery:
     """Every parameter as received, except those in `EXCLUDED_FROM_ENVELOPE`."""
 
 
-def parse_query(query: Mapping[str, str], keys: list[str]) -> CallbackQuery:
-    """Check the query of a callback; `keys` lists every parameter name as received, repeats included."""
-    seen: set[str] = set()
-    for name in keys:
-        if name in seen:
+def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
+    """Check the query of a callback, given as (name, value) pairs in the order received, repeats included."""
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name in query:
             raise InvalidQuery(f"query parameter {name!r} is given more than once")
-        seen.add(name)
+        query[name] = value
     sdk_app_id = query.get("SdkAppid")
     if sdk_app_id is None:
         raise InvalidQuery("query parameter 'SdkAppid' is missing")
@@ -91,14 +100,13 @@ def resolve_command(query: CallbackQuery, body: Mapping[str, Any]) -> str:
         raise CommandMismatch(f"body field 'CallbackCommand' must be a string, got {json_type(in_body)}")
     if in_body is not None:
         _check_command(in_body, "body field 'CallbackCommand'")
-    if query.command is None and in_body is None:
+    command = query.command if query.command is not None else in_body
+    if command is None:
         raise CommandMismatch("'CallbackCommand' is missing from both the query and the body")
-    if query.command is not None and in_body is not None and query.command != in_body:
+    if in_body is not None and command != in_body:
         raise CommandMismatch(
-            f"'CallbackCommand' differs between the query ({query.command!r}) and the body ({in_body!r})"
+            f"'CallbackCommand' differs between the query ({command!r}) and the body ({in_body!r})"
         )
-    command = query.command or in_body
-    assert command is not None  # one of the two is set, checked above
     return command
 
 
@@ -124,19 +132,9 @@ def _reject_unrepresentable_integers(raw: bytes) -> None:
 
 def json_type(value: object) -> str:
     """The JSON name of a decoded value's type, for error messages."""
-    match value:
-        case bool():
-            return "boolean"
-        case int() | float():
-            return "number"
-        case str():
-            return "string"
-        case list():
-            return "array"
-        case dict():
-            return "object"
-        case None:
-            return "null"
+    for types, name in _JSON_TYPE_NAMES:
+        if isinstance(value, types):
+            return name
     return type(value).__name__
 
 

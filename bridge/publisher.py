@@ -24,6 +24,8 @@ from bridge.topics import create_topics, how_to_create, max_record_bytes
 log = logging.getLogger(__name__)
 
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.25, 5.0
+# Bound on connecting, reading metadata and creating topics; the delivery deadline bounds each write.
+_BROKER_CALL_TIMEOUT_S = 10.0
 _TOPIC_RECHECK_S = 5.0
 
 
@@ -114,11 +116,13 @@ class KafkaPublisher:
             # A producer whose start() failed hangs on send() (aiokafka #759): a new one for every attempt.
             producer = self._new_producer()
             try:
-                async with asyncio.timeout(settings.shutdown_timeout):
+                async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                     await producer.start()
                 await self._wait_for_topics(producer)
             except (KafkaError, OSError, TimeoutError) as exc:
-                self._status = f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"
+                self._status = (
+                    f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"
+                )
                 log.warning("%s; retrying in %.2g s", self._status, delay)
                 await self._stop(producer)
                 await asyncio.sleep(delay)
@@ -128,8 +132,11 @@ class KafkaPublisher:
                 await self._stop(producer)
                 raise
             self._producer = producer
-            log.info("connected to Kafka at %s; writing to %s", ",".join(settings.bootstrap_servers),
-                     ", ".join(settings.topics))
+            log.info(
+                "connected to Kafka at %s; writing to %s",
+                ",".join(settings.bootstrap_servers),
+                ", ".join(settings.topics),
+            )
             return
 
     async def _wait_for_topics(self, producer: AIOKafkaProducer) -> None:
@@ -137,21 +144,23 @@ class KafkaPublisher:
         settings = self._settings
         reported: list[str] = []
         while True:
-            async with asyncio.timeout(settings.shutdown_timeout):
+            async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                 cluster = await producer.client.fetch_all_metadata()
             missing = [topic for topic in settings.topics if topic not in cluster.topics()]
             if missing and settings.create_topics:
-                async with asyncio.timeout(settings.shutdown_timeout):
+                async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                     await create_topics(settings, missing, len(cluster.brokers()))
                 continue
             if not missing:
                 break
             self._status = f"topics missing: {', '.join(missing)}"
             if missing != reported:
-                log.error("not ready: topics missing: %s; %s", ", ".join(missing), how_to_create(settings, missing))
+                log.error(
+                    "not ready: topics missing: %s; %s", ", ".join(missing), how_to_create(settings, missing)
+                )
                 reported = missing
             await asyncio.sleep(_TOPIC_RECHECK_S)
-        async with asyncio.timeout(settings.shutdown_timeout):
+        async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
             for topic in settings.topics:
                 await producer.partitions_for(topic)
 
@@ -176,7 +185,8 @@ class KafkaPublisher:
             async with asyncio.timeout(self._settings.shutdown_timeout):
                 await producer.stop()
         except TimeoutError:
-            log.error("the Kafka producer did not stop within %g s", self._settings.shutdown_timeout)
+            # A timeout is the expected failure here, and its traceback would say nothing more.
+            log.error("the Kafka producer did not stop within %g s", self._settings.shutdown_timeout)  # noqa: TRY400
         except (KafkaError, OSError) as exc:
             log.warning("stopping the Kafka producer: %s", _describe(exc))
 

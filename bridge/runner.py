@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from bridge.server import create_app
 from bridge.settings import Settings
 
-OnStarted = Callable[[web.Application, int], Awaitable[None]]
+OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
 
 
 async def run_server(settings: Settings, on_started: OnStarted | None = None) -> None:

@@ -58,7 +58,7 @@ async def handle_callback(request: web.Request) -> web.Response:
         raise MethodNotAllowed(f"{request.method} is not allowed here; Tencent callbacks are POSTed")
     settings = request.app[SETTINGS]
     publisher = request.app[PUBLISHER]
-    query = parse_query(request.query, list(request.query.keys()))
+    query = parse_query(request.query.items())
     raw_body = await _read_body(request, settings.max_body_bytes)
     received_at_ms = time.time_ns() // 1_000_000
     body = decode_body(raw_body)

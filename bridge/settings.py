@@ -159,16 +159,34 @@ class Option:
 SERVE_ONLY = frozenset({"serve"})
 _TOPIC_HELP = "Topic for {what} callbacks."
 OPTIONS: tuple[Option, ...] = (
-    Option("bootstrap_servers", "Kafka brokers to connect to (required).", _servers, "HOST:PORT[,...]", SERVE_ONLY),
+    Option(
+        "bootstrap_servers",
+        "Kafka brokers to connect to (required).",
+        _servers,
+        "HOST:PORT[,...]",
+        SERVE_ONLY,
+    ),
     Option("host", "Address to listen on.", _text, "ADDRESS"),
     Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT"),
     Option("path", "URL path Tencent posts callbacks to.", _path, "PATH"),
     Option("topic", _TOPIC_HELP.format(what="official-account (OfficialAccount.*)"), _topic, "NAME"),
     Option("c2c_topic", _TOPIC_HELP.format(what="one-to-one message (C2C.*)"), _topic, "NAME"),
     Option("group_topic", _TOPIC_HELP.format(what="group (Group.*)"), _topic, "NAME"),
-    Option("user_topic", _TOPIC_HELP.format(what="user (State.*, Profile.*, Sns.*, Follow.*)"), _topic, "NAME"),
-    Option("app_topic", _TOPIC_HELP.format(what="app-level (Alert.*, Push.*, ContentCallback.*, Bot.*)"), _topic, "NAME"),
-    Option("unknown_topic", _TOPIC_HELP.format(what="commands of families the bridge does not know"), _topic, "NAME"),
+    Option(
+        "user_topic", _TOPIC_HELP.format(what="user (State.*, Profile.*, Sns.*, Follow.*)"), _topic, "NAME"
+    ),
+    Option(
+        "app_topic",
+        _TOPIC_HELP.format(what="app-level (Alert.*, Push.*, ContentCallback.*, Bot.*)"),
+        _topic,
+        "NAME",
+    ),
+    Option(
+        "unknown_topic",
+        "Topic for callbacks of command families the bridge does not know.",
+        _topic,
+        "NAME",
+    ),
     Option(
         "create_topics",
         "Create missing topics at start; without it a missing topic keeps the bridge not ready.",
@@ -193,8 +211,18 @@ OPTIONS: tuple[Option, ...] = (
         _seconds,
         "SECONDS",
     ),
-    Option("max_body_bytes", "Largest callback body accepted; larger gets 413.", _int_between(1, 64 << 20), "BYTES"),
-    Option("compression", "Producer compression: " + ", ".join(COMPRESSION_TYPES) + ".", _one_of(COMPRESSION_TYPES), "CODEC"),
+    Option(
+        "max_body_bytes",
+        "Largest callback body accepted; larger gets 413.",
+        _int_between(1, 64 << 20),
+        "BYTES",
+    ),
+    Option(
+        "compression",
+        "Producer compression: " + ", ".join(COMPRESSION_TYPES) + ".",
+        _one_of(COMPRESSION_TYPES),
+        "CODEC",
+    ),
     Option("linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS"),
     Option("client_id", "Kafka client id.", _text, "ID"),
     Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS), "LEVEL"),
@@ -228,17 +256,16 @@ def parse_value(option: Option, text: str, source: str) -> Any:
         raise SettingsError(f"{source}={text!r}: {exc}") from None
 
 
-def build(command: str, flags: Mapping[str, Any], environ: Mapping[str, str], **fixed: Any) -> Settings:
-    """Settings for `command` from parsed flags (None where not given), then the environment, then defaults."""
+def build(command: str, flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Settings for `command`: each from its flag (None where not given), else its variable, else default."""
     values: dict[str, Any] = {}
     for option in OPTIONS:
         if command not in option.commands:
             continue
         if flags.get(option.field) is not None:
             values[option.field] = flags[option.field]
-        elif option.env in environ:
+        elif environ.get(option.env, "").strip():  # an empty variable counts as unset, as in compose files
             values[option.field] = parse_value(option, environ[option.env], option.env)
         else:
             values[option.field] = default(option, command)
-    values.update(fixed)
     return Settings(**values)

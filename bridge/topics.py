@@ -35,7 +35,6 @@ async def create_topics(settings: Settings, topics: list[str], broker_count: int
     admin = AIOKafkaAdminClient(
         bootstrap_servers=list(settings.bootstrap_servers),
         client_id=settings.client_id,
-        request_timeout_ms=int(settings.shutdown_timeout * 1000),
     )
     await admin.start()
     try:

@@ -1,4 +1,4 @@
-"""Thin fixtures over `tests/support.py`: one broker for the session, a bridge with its own topics per test."""
+"""Thin fixtures over `tests/support.py`: one broker per session, a bridge with its own topics per test."""
 
 from __future__ import annotations
 

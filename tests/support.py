@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -129,7 +129,12 @@ async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list
 
 
 async def read_records(
-    bootstrap_servers: str, topics: Sequence[str], *, expect: int, idle_s: float = 0.7, timeout_s: float = 20.0
+    bootstrap_servers: str,
+    topics: Sequence[str],
+    *,
+    expect: int,
+    idle_s: float = 0.7,
+    timeout_s: float = 20.0,
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record in `topics`: read until `expect` arrived and then nothing more for `idle_s`.
 

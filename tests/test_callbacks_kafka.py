@@ -1,4 +1,4 @@
-"""Callbacks posted over HTTP land in Kafka once, as the README documents them, read back from a real broker."""
+"""Callbacks posted over HTTP land in Kafka once, as the README documents them, read back from the broker."""
 
 from __future__ import annotations
 
@@ -40,8 +40,18 @@ EXPECTED = {
         1670574414123,
     ),
     "c2c-after-send": (TopicGroup.C2C, "Jonh:jared", "48374_2837546_1557481126", None),
-    "group-after-send-string-eventtime": (TopicGroup.GROUP, "@TGS#2J4SZEAEL", "@TGS#2J4SZEAEL:123", 1670574414123),
-    "state-change-uppercase-ios": (TopicGroup.USER, "testuser316", "State.StateChange:sha256:", 1629883332497),
+    "group-after-send-string-eventtime": (
+        TopicGroup.GROUP,
+        "@TGS#2J4SZEAEL",
+        "@TGS#2J4SZEAEL:123",
+        1670574414123,
+    ),
+    "state-change-uppercase-ios": (
+        TopicGroup.USER,
+        "testuser316",
+        "State.StateChange:sha256:",
+        1629883332497,
+    ),
 }
 
 
@@ -129,7 +139,9 @@ async def test_the_same_account_always_lands_on_the_same_partition(
     assert sorted(r.key for r in records) == sorted(f"71_{n}_1698741698".encode() for n in range(5))
 
 
-async def test_body_bytes_are_kept_exactly_as_posted(bridge: BridgeClient, settings: Settings, kafka: str) -> None:
+async def test_body_bytes_are_kept_exactly_as_posted(
+    bridge: BridgeClient, settings: Settings, kafka: str
+) -> None:
     """Spacing, key order, escapes and unknown fields survive byte for byte inside the envelope."""
     base = fixture("oa-after-send-text")
     raw = (
@@ -178,15 +190,21 @@ async def test_command_only_in_the_body_or_only_in_the_query_is_enough(
     body_without["MsgKey"] = "second"
     assert (await bridge.post("/callback", params=base.query, data=orjson.dumps(body_without))).status == 200
     records = await read_records(kafka, [settings.topic], expect=2)
-    assert [dict(r.headers)["CallbackCommand"] for r in records] == [b"OfficialAccount.CallbackAfterSendMsg"] * 2
+    assert [dict(r.headers)["CallbackCommand"] for r in records] == [
+        b"OfficialAccount.CallbackAfterSendMsg"
+    ] * 2
 
 
 async def test_sign_is_left_out_of_the_envelope_and_other_parameters_kept(
     bridge: BridgeClient, settings: Settings, kafka: str
 ) -> None:
     base = fixture("oa-after-send-text")
-    query = {**base.query, "Sign": "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061",
-             "RequestTime": "1669872112", "Extra": "kept"}
+    query = {
+        **base.query,
+        "Sign": "17773bc39a671d7b9aa835458704d2a6db81360a5940292b587d6d760d484061",
+        "RequestTime": "1669872112",
+        "Extra": "kept",
+    }
     assert (await bridge.post("/callback", params=query, data=base.raw_body)).status == 200
     [record] = await read_records(kafka, [settings.topic], expect=1)
     assert record.value is not None

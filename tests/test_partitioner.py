@@ -31,7 +31,8 @@ def test_partition_is_to_positive_murmur2_modulo_partitions(text: str, expected:
 
 
 @pytest.mark.parametrize(
-    "entity", ["@TOA#_2J4SZEAEL", "@TGS#2J4SZEAEL", "jared:Jonh", "testuser316", "公众号_新闻", "1400000000", ""]
+    "entity",
+    ["@TOA#_2J4SZEAEL", "@TGS#2J4SZEAEL", "jared:Jonh", "testuser316", "公众号_新闻", "1400000000", ""],
 )
 def test_partition_agrees_with_aiokafkas_key_partitioner(entity: str) -> None:
     """Another implementation of the same formula (aiokafka's, used for keys) puts the entity alike."""

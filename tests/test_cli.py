@@ -1,0 +1,174 @@
+"""The `bridge` command: help, settings from flags and environment, `serve` refusing to start blind, `dev`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bridge.cli import main
+from bridge.settings import OPTIONS, SettingsError, build
+
+BRIDGE = [sys.executable, "-m", "bridge"]
+
+
+def run_bridge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m bridge` with no BRIDGE_* variables from the outside, plus `env`."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
+    return subprocess.run(
+        [*BRIDGE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
+        check=False,
+    )
+
+
+def test_top_level_help_lists_every_option_with_its_environment_variable() -> None:
+    result = run_bridge("--help")
+    assert result.returncode == 0
+    for option in OPTIONS:
+        assert re.search(rf"{option.flag}\s+{option.env}\s+\S", result.stdout), option.flag
+
+
+@pytest.mark.parametrize("command", ["serve", "dev"])
+def test_subcommand_help_gives_every_option_its_default_and_environment_variable(command: str) -> None:
+    result = run_bridge(command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for option in OPTIONS:
+        if command in option.commands:
+            assert option.flag in text
+            assert f"env: {option.env}]" in text
+        else:
+            assert option.flag not in text
+    assert text.count("[default: ") == sum(command in option.commands for option in OPTIONS)
+
+
+@pytest.mark.parametrize("environment", [{}, {"BRIDGE_BOOTSTRAP_SERVERS": ""}], ids=["unset", "empty"])
+def test_serve_without_bootstrap_servers_fails_at_once_saying_how_to_set_them(
+    environment: dict[str, str],
+) -> None:
+    started = time.monotonic()
+    result = run_bridge("serve", env=environment)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    assert "--bootstrap-servers" in result.stderr
+    assert "BRIDGE_BOOTSTRAP_SERVERS" in result.stderr
+    assert "bridge dev" in result.stderr
+
+
+def test_a_bad_environment_value_names_the_variable() -> None:
+    result = run_bridge("serve", env={"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9092", "BRIDGE_PORT": "eighty"})
+    assert result.returncode == 2
+    assert "BRIDGE_PORT='eighty'" in result.stderr
+
+
+def test_a_bad_flag_value_names_the_flag() -> None:
+    result = run_bridge("serve", "--bootstrap-servers", "kafka:9092", "--delivery-timeout", "-1")
+    assert result.returncode == 2
+    assert "--delivery-timeout" in result.stderr
+
+
+def test_flags_win_over_the_environment_and_the_environment_over_defaults() -> None:
+    environ = {"BRIDGE_PORT": "9000", "BRIDGE_TOPIC": "from-env", "BRIDGE_CREATE_TOPICS": "true"}
+    settings = build("serve", {"port": 9100}, environ)
+    assert settings.port == 9100
+    assert settings.topic == "from-env"
+    assert settings.create_topics is True
+    assert settings.host == "0.0.0.0"
+    assert build("serve", {"create_topics": False}, environ).create_topics is False
+
+
+def test_dev_defaults_to_loopback_and_creating_topics() -> None:
+    dev = build("dev", {}, {})
+    assert (dev.host, dev.create_topics, dev.replication_factor) == ("127.0.0.1", True, 1)
+    serve = build("serve", {}, {})
+    assert (serve.host, serve.create_topics, serve.replication_factor) == ("0.0.0.0", False, None)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BRIDGE_BOOTSTRAP_SERVERS", "kafka"),
+        ("BRIDGE_CREATE_TOPICS", "maybe"),
+        ("BRIDGE_PATH", "/healthz"),
+        ("BRIDGE_TOPIC", "bad topic"),
+        ("BRIDGE_COMPRESSION", "brotli"),
+        ("BRIDGE_PARTITIONS", "0"),
+    ],
+)
+def test_invalid_settings_are_refused_with_the_variable_named(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        build("serve", {}, {variable: value})
+
+
+def test_main_without_a_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([], {}) == 2
+    assert "serve" in capsys.readouterr().out
+
+
+def test_bridge_dev_serves_the_seed_callback_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    """`bridge dev` prints a URL and a curl that work, says data is in memory, and Ctrl-C stops everything."""
+    stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+        process = subprocess.Popen([*BRIDGE, "dev", "--port", "0"], stdout=stdout, stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "curl" not in stdout_path.read_text():
+            assert process.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, "bridge dev did not print its curl in 30 s"
+            time.sleep(0.1)
+        output = stdout_path.read_text()
+        assert "IN MEMORY ONLY" in output
+        url = re.search(r"Callback URL:\s+(\S+)", output)
+        bootstrap = re.search(r"Kafka bootstrap:\s+(\S+)", output)
+        curl_body = re.search(r"-d '(\{.*\})'", output)
+        assert url
+        assert bootstrap
+        assert curl_body
+        # The URL is the loopback one `bridge dev` printed.
+        request = urllib.request.Request(url.group(1), data=curl_body.group(1).encode(), method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            assert response.status == 200
+            assert orjson.loads(response.read()) == {"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0}
+
+        broker_pid = _pid_listening_on(int(bootstrap.group(1).rsplit(":", 1)[1]))
+        assert broker_pid is not None
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+        assert not _alive(broker_pid), "the embedded broker outlived bridge dev"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _pid_listening_on(port: int) -> int | None:
+    """The pid of the Tansu process whose command line names `port`."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"tansu" in cmdline and f":{port}".encode() in cmdline:
+                return int(entry.name)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") == -1
