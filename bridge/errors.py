@@ -43,6 +43,19 @@ class CommandMismatch(BadCallback):
     error_code = 40004
 
 
+class UnreadableBody(BadCallback):
+    """The body could not be read: a bad Content-Encoding, a truncated body, a client that left."""
+
+    error_code = 40005
+
+
+class BodyTimeout(BridgeError):
+    """The client did not finish sending the body in time."""
+
+    status = 408
+    error_code = 40800
+
+
 class NotFound(BridgeError):
     status = 404
     error_code = 40400
@@ -59,11 +72,20 @@ class BodyTooLarge(BridgeError):
 
 
 class PublishError(BridgeError):
-    """Kafka did not confirm the write; the callback may be sent again."""
+    """Kafka did not confirm the write; the callback may be sent again.
+
+    `ambiguous` is true when the record may still land although the answer is 503: it was handed to the
+    producer, and the broker may have appended it (a timeout, a connection lost after sending, an error
+    the broker gives after appending).
+    """
 
     status = 503
     error_code = 50300
     retriable = True
+
+    def __init__(self, info: str, *, ambiguous: bool = False) -> None:
+        super().__init__(info)
+        self.ambiguous = ambiguous
 
 
 class BrokerNotReady(PublishError):
@@ -73,7 +95,7 @@ class BrokerNotReady(PublishError):
 
 
 class DeliveryTimeout(PublishError):
-    """The broker did not confirm within the delivery timeout; the record may still land."""
+    """The broker did not confirm within the delivery timeout."""
 
     error_code = 50302
 
@@ -82,3 +104,24 @@ class BrokerRejected(PublishError):
     """The broker or the client answered the write with an error."""
 
     error_code = 50303
+
+
+class Overloaded(PublishError):
+    """`--max-in-flight` callbacks are already waiting for the broker."""
+
+    error_code = 50304
+
+
+class ShuttingDown(PublishError):
+    """The bridge is stopping and takes no new callbacks."""
+
+    error_code = 50305
+
+
+class InternalError(PublishError):
+    """A bug in the bridge. Where in the path it struck is unknown, so the outcome is ambiguous."""
+
+    error_code = 50399
+
+    def __init__(self) -> None:
+        super().__init__("internal error in the bridge; the callback is not acknowledged", ambiguous=True)

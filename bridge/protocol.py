@@ -22,15 +22,19 @@ OK_BODY = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
 EXCLUDED_FROM_ENVELOPE = frozenset({"Sign"})
 
 _SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
+_INT64_MAX = 2**63 - 1
 # Tencent's commands are dotted words (`OfficialAccount.CallbackAfterSendMsg`); anything else is not a
 # command Tencent sends and would make a poor Kafka header.
-_COMMAND = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+_COMMAND = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)+")
 _MAX_COMMAND_LENGTH = 128
 # orjson turns integers outside [-2**63, 2**64 - 1] into floats without a word. Such a literal has at least
 # 19 digits, so a cheap search for 19 digits in a row decides whether the exact tokenizer below must run.
 _LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(-?[0-9]+)([.eE])?')
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+# orjson parses 1024 levels but encodes only about 250, and some keys are a digest of the re-encoded body;
+# Tencent's bodies nest a handful of levels. A body with fewer brackets than the limit cannot exceed it.
+MAX_DEPTH = 128
 # bool before int: True is an int to Python and a boolean to JSON.
 _JSON_TYPE_NAMES: tuple[tuple[type | tuple[type, ...], str], ...] = (
     (bool, "boolean"),
@@ -67,7 +71,7 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
     sdk_app_id = query.get("SdkAppid")
     if sdk_app_id is None:
         raise InvalidQuery("query parameter 'SdkAppid' is missing")
-    if not _SDK_APP_ID.fullmatch(sdk_app_id):
+    if not _SDK_APP_ID.fullmatch(sdk_app_id) or int(sdk_app_id) > _INT64_MAX:
         raise InvalidQuery(
             f"query parameter 'SdkAppid' must be a positive decimal integer, got {_shorten(sdk_app_id)!r}"
         )
@@ -90,6 +94,8 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise InvalidJson(f"the body must be a JSON object, got a JSON {json_type(body)}")
     if _LONG_DIGIT_RUN.search(raw):
         _reject_unrepresentable_integers(raw)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        raise InvalidJson(f"the body nests deeper than {MAX_DEPTH} levels")
     return body
 
 
@@ -116,6 +122,19 @@ def _check_command(command: str, where: str) -> None:
             f"{where} must be a dotted command name such as 'OfficialAccount.CallbackAfterSendMsg', "
             f"got {_shorten(command)!r}"
         )
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a decoded value, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _reject_unrepresentable_integers(raw: bytes) -> None:

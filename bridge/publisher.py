@@ -8,25 +8,51 @@ ready by itself. Every await on aiokafka runs under a deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidRequiredAcksError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    NotEnoughReplicasError,
+    NotLeaderForPartitionError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout
+from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
 from bridge.topics import create_topics, how_to_create, max_record_bytes
 
 log = logging.getLogger(__name__)
 
-_RETRY_FIRST_S, _RETRY_MAX_S = 0.25, 5.0
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.25, 2.0
 # Bound on connecting, reading metadata and creating topics; the delivery deadline bounds each write.
 _BROKER_CALL_TIMEOUT_S = 10.0
+# Errors with which the broker says it did not append the record. Any other failure of a record handed to
+# the producer may hide an append (a timeout, a lost connection, NOT_ENOUGH_REPLICAS_AFTER_APPEND).
+_NOT_APPENDED = (
+    CorruptRecordException,
+    InvalidRequiredAcksError,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    NotEnoughReplicasError,
+    NotLeaderForPartitionError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 _TOPIC_RECHECK_S = 5.0
+_PROBE_INTERVAL_S = 1.0
+_METADATA_SETTLE_S = 0.05
 
 
 class Publisher(Protocol):
@@ -40,24 +66,37 @@ class Publisher(Protocol):
         """Why the publisher is or is not ready, in words."""
         ...
 
+    @property
+    def abandoned(self) -> int:
+        """Records answered 503 that the producer still holds: they count against the in-flight limit."""
+        ...
+
     def partition_count(self, topic: str) -> int | None: ...
 
-    async def publish(self, record: Record) -> None:
+    async def publish(self, record: Record, timeout: float) -> None:
         """Return once the broker has confirmed the record with acks=all; raise `PublishError` otherwise."""
         ...
 
 
 class KafkaPublisher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, outcomes: Outcomes) -> None:
         self._settings = settings
+        self._outcomes = outcomes
         self._producer: AIOKafkaProducer | None = None
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
+        self._abandoned = 0
+        self._answering = True
+        """Whether the last metadata probes were answered: a hung or dead broker makes /readyz 503."""
 
     @property
     def ready(self) -> bool:
         producer = self._producer
-        return producer is not None and bool(producer.client.cluster.brokers())
+        return producer is not None and self._answering and bool(producer.client.cluster.brokers())
+
+    @property
+    def abandoned(self) -> int:
+        return self._abandoned
 
     @property
     def status(self) -> str:
@@ -71,24 +110,23 @@ class KafkaPublisher:
         return len(partitions) if partitions else None
 
     async def start(self) -> None:
-        self._connector = asyncio.create_task(self._connect(), name="kafka-connect")
+        self._connector = asyncio.create_task(self._supervise(), name="kafka-producer")
 
     async def close(self) -> None:
         """Stop connecting, then flush and close the producer within the shutdown timeout."""
         if self._connector is not None:
             self._connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connector
+            await asyncio.wait({self._connector})
         producer, self._producer = self._producer, None
         self._status = "closed"
         if producer is not None:
             await self._stop(producer)
 
-    async def publish(self, record: Record) -> None:
+    async def publish(self, record: Record, timeout: float) -> None:
         producer = self._producer
         if producer is None:
             raise BrokerNotReady(f"Kafka is not ready ({self._status}); the callback was not written")
-        timeout = self._settings.delivery_timeout
+        delivery: asyncio.Future[Any] | None = None
         try:
             async with asyncio.timeout(timeout):
                 delivery = await producer.send(
@@ -99,17 +137,72 @@ class KafkaPublisher:
                     timestamp_ms=record.timestamp_ms,
                     headers=list(record.headers),
                 )
-                # The deadline must not cancel aiokafka's own future: the batch may still be in flight.
-                delivery.add_done_callback(_retrieve_exception)
+                # The deadline must not cancel aiokafka's own future: the batch may be in flight.
                 await asyncio.shield(delivery)
         except TimeoutError:
+            queued = delivery is not None
+            if delivery is not None:
+                self._follow_abandoned(delivery)
             raise DeliveryTimeout(
-                f"Kafka did not confirm the write within {timeout:g} s; the callback is not acknowledged"
+                f"Kafka did not confirm the write within {timeout:.3g} s; the callback is not acknowledged"
+                + ("" if queued else " and was not written"),
+                ambiguous=queued,
             ) from None
         except KafkaError as exc:
-            raise BrokerRejected(f"Kafka refused the write: {_describe(exc)}") from None
+            ambiguous = delivery is not None and not isinstance(exc, _NOT_APPENDED)
+            raise BrokerRejected(f"Kafka refused the write: {_describe(exc)}", ambiguous=ambiguous) from None
 
-    async def _connect(self) -> None:
+    def _follow_abandoned(self, delivery: asyncio.Future[Any]) -> None:
+        """Keep count of a record answered 503 until the producer settles it, and of how it ended."""
+        self._abandoned += 1
+
+        def settled(future: asyncio.Future[Any]) -> None:
+            self._abandoned -= 1
+            landed = not future.cancelled() and future.exception() is None
+            self._outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
+
+        delivery.add_done_callback(settled)
+
+    async def _supervise(self) -> None:
+        """Connect; probe the broker while connected; when the producer dies, drop it and build a new one."""
+        while True:
+            producer = await self._connect()
+            self._producer, self._status, self._answering = producer, "ready", True
+            probing = asyncio.create_task(self._probe(producer), name="kafka-probe")
+            try:
+                failure = await _wait_for_death(producer)
+            finally:
+                probing.cancel()
+                await asyncio.wait({probing})
+            self._producer = None
+            self._status = f"the Kafka producer failed ({failure}); building a new one"
+            log.error("%s", self._status)
+            await self._stop(producer)
+
+    async def _probe(self, producer: AIOKafkaProducer) -> None:
+        """Ask the cluster for metadata every second; two failures in a row make the bridge not ready.
+
+        Callbacks are still tried while not ready: a broker that recovers within the delivery timeout still
+        gets the write, and a 503 after Tencent's 2 s wait costs nothing that an early one would save.
+        """
+        failures = 0
+        while True:
+            await asyncio.sleep(_PROBE_INTERVAL_S)
+            try:
+                async with asyncio.timeout(_PROBE_INTERVAL_S):
+                    await producer.client.fetch_all_metadata()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                failures += 1
+                if failures >= 2 and self._answering:
+                    self._answering = False
+                    self._status = f"Kafka is not answering: {_describe(exc)}"
+                    log.warning("not ready: %s", self._status)
+                continue
+            if not self._answering:
+                log.info("Kafka answers again; ready")
+            failures, self._answering, self._status = 0, True, "ready"
+
+    async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
         delay = _RETRY_FIRST_S
         while True:
@@ -120,24 +213,25 @@ class KafkaPublisher:
                     await producer.start()
                 await self._wait_for_topics(producer)
             except (KafkaError, OSError, TimeoutError) as exc:
-                self._status = (
-                    f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"
-                )
+                if not self._status.startswith("cannot create topics"):
+                    self._status = (
+                        f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"
+                    )
                 log.warning("%s; retrying in %.2g s", self._status, delay)
-                await self._stop(producer)
+                # Shielded: a shutdown arriving now must not leave this producer's connections open.
+                await asyncio.shield(self._stop(producer))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             except BaseException:
                 await self._stop(producer)
                 raise
-            self._producer = producer
             log.info(
                 "connected to Kafka at %s; writing to %s",
                 ",".join(settings.bootstrap_servers),
                 ", ".join(settings.topics),
             )
-            return
+            return producer
 
     async def _wait_for_topics(self, producer: AIOKafkaProducer) -> None:
         """Return when every topic exists and its partitions are known; create them if allowed."""
@@ -148,8 +242,15 @@ class KafkaPublisher:
                 cluster = await producer.client.fetch_all_metadata()
             missing = [topic for topic in settings.topics if topic not in cluster.topics()]
             if missing and settings.create_topics:
-                async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
-                    await create_topics(settings, missing, len(cluster.brokers()))
+                try:
+                    async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
+                        await create_topics(settings, missing, len(cluster.brokers()))
+                except KafkaError as exc:
+                    self._status = f"cannot create topics {', '.join(missing)}: {_describe(exc)}"
+                    log.error("not ready: %s", self._status)  # noqa: TRY400 - the message says it all
+                    await asyncio.sleep(_TOPIC_RECHECK_S)
+                else:
+                    await asyncio.sleep(_METADATA_SETTLE_S)  # let the new topics reach the metadata
                 continue
             if not missing:
                 break
@@ -191,9 +292,15 @@ class KafkaPublisher:
             log.warning("stopping the Kafka producer: %s", _describe(exc))
 
 
-def _retrieve_exception(delivery: asyncio.Future[Any]) -> None:
-    if not delivery.cancelled():
-        delivery.exception()
+async def _wait_for_death(producer: AIOKafkaProducer) -> str:
+    """Wait until the producer's sender task ends, which only a fatal error does; say why it ended."""
+    # aiokafka has no public health signal; its sender task ending is what makes every later send() fail.
+    sender_task: asyncio.Task[None] = producer._sender.sender_task
+    await asyncio.wait({sender_task})
+    if sender_task.cancelled():
+        return "its sender task was cancelled"
+    error = sender_task.exception()
+    return _describe(error) if error is not None else "its sender task ended"
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,22 +1,29 @@
-"""Running the application: listen, wait for SIGINT or SIGTERM, then shut down in aiohttp's order.
+"""Running the application, and stopping it gracefully on SIGTERM, SIGINT or SIGHUP.
 
-aiohttp stops accepting, lets in-flight handlers finish (`on_shutdown`, then the drain), and only then runs
-the cleanup that flushes and closes the producer.
+The phases: `/readyz` turns 503 at once; the bridge keeps serving for `--shutdown-delay` so a load balancer
+can notice; then new callbacks get 503 while those in flight get their real answer (at most the delivery
+timeout); then aiohttp stops listening and closes idle connections, and the producer is flushed and closed
+within `--shutdown-timeout`. The whole stop takes at most the sum of the three.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
-from bridge.server import create_app
+from bridge.server import ADMISSION, create_app
 from bridge.settings import Settings
 
+log = logging.getLogger(__name__)
+
 OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ListenError(OSError):
@@ -24,18 +31,19 @@ class ListenError(OSError):
 
 
 async def run_server(settings: Settings, on_started: OnStarted | None = None) -> None:
-    """Serve until SIGINT or SIGTERM; `on_started` gets the application and the bound port."""
+    """Serve until a stop signal; `on_started` gets the application and the bound port."""
     app = create_app(settings)
-    # The drain of in-flight requests is bounded by what a request can take: the delivery deadline.
-    # No access log: it would repeat every query string, Sign included.
+    # No access log: it would repeat every query string, Sign included. In-flight callbacks end within the
+    # delivery timeout, so aiohttp's wait for them needs no more.
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.delivery_timeout + 1
     )
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    started: asyncio.Task[None] | None = None
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
@@ -45,11 +53,22 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
                 f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
             ) from None
         port: int = runner.addresses[0][1]
-        started = asyncio.create_task(on_started(app, port)) if on_started is not None else None
+        if on_started is not None:
+            started = asyncio.create_task(on_started(app, port))
         await stop.wait()
+        admission = app[ADMISSION]
+        admission.draining = True
+        log.info("stopping: not ready; serving for %g s more (--shutdown-delay)", settings.shutdown_delay)
+        if settings.shutdown_delay:
+            await asyncio.sleep(settings.shutdown_delay)
+        admission.closing = True
+        log.info("stopping: %d callbacks in flight get their answer; new ones get 503", admission.in_flight)
+    finally:
         if started is not None:
             started.cancel()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(asyncio.CancelledError):
+                await started
+        for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         await runner.cleanup()
+        log.info("stopped")

@@ -7,15 +7,31 @@ into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from bridge.admission import Admission
 from bridge.commands import route
+from bridge.dedup import EdgeDedup
 from bridge.envelope import build_record
-from bridge.errors import BodyTooLarge, BridgeError, BrokerNotReady, MethodNotAllowed, NotFound
+from bridge.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    BridgeError,
+    BrokerNotReady,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PublishError,
+    UnreadableBody,
+)
+from bridge.outcomes import Outcome, Outcomes
 from bridge.partitioner import partition_for
 from bridge.protocol import OK_BODY, decode_body, fail_body, parse_query, resolve_command
 from bridge.publisher import KafkaPublisher, Publisher
@@ -25,6 +41,11 @@ log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", Publisher)
+OUTCOMES = web.AppKey("outcomes", Outcomes)
+ADMISSION = web.AppKey("admission", Admission)
+DEDUP = web.AppKey("dedup", EdgeDedup)
+# Where the handler leaves what became of a callback that was answered 200.
+_OUTCOME = web.RequestKey("outcome", Outcome)
 
 _JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,6 +55,9 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     """The bridge's application; with no `publisher`, a `KafkaPublisher` lives and dies with the app."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[tencent_errors])
     app[SETTINGS] = settings
+    app[OUTCOMES] = Outcomes()
+    app[ADMISSION] = Admission(settings.max_in_flight)
+    app[DEDUP] = EdgeDedup(settings.dedup_window, settings.dedup_max_keys)
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
     else:
@@ -41,12 +65,13 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     app.router.add_route("*", settings.path, handle_callback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/stats", stats)
     return app
 
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
-    publisher = KafkaPublisher(app[SETTINGS])
+    publisher = KafkaPublisher(app[SETTINGS], app[OUTCOMES])
     await publisher.start()
     app[PUBLISHER] = publisher
     yield
@@ -56,28 +81,34 @@ async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
 async def handle_callback(request: web.Request) -> web.Response:
     if request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed here; Tencent callbacks are POSTed")
-    settings = request.app[SETTINGS]
-    publisher = request.app[PUBLISHER]
-    query = parse_query(request.query.items())
-    raw_body = await _read_body(request, settings.max_body_bytes)
-    received_at_ms = time.time_ns() // 1_000_000
-    body = decode_body(raw_body)
-    command = resolve_command(query, body)
-    routed = route(command, query.sdk_app_id, body)
-    topic = settings.topic_for(routed.topic_group)
-    partitions = publisher.partition_count(topic)
-    if partitions is None:
-        raise BrokerNotReady(f"Kafka is not ready ({publisher.status}); the callback was not written")
-    record = build_record(
-        routed,
-        sdk_app_id=query.sdk_app_id,
-        raw_body=raw_body,
-        query=query.params,
-        received_at_ms=received_at_ms,
-        topic=topic,
-        partition=partition_for(routed.entity, partitions),
-    )
-    await publisher.publish(record)
+    app = request.app
+    settings, publisher = app[SETTINGS], app[PUBLISHER]
+    deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
+    with app[ADMISSION].admit(publisher.abandoned):
+        query = parse_query(request.query.items())
+        raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
+        received_at_ms = time.time_ns() // 1_000_000
+        body = decode_body(raw_body)
+        command = resolve_command(query, body)
+        routed = route(command, query.sdk_app_id, body)
+        topic = settings.topic_for(routed.topic_group)
+        partitions = publisher.partition_count(topic)
+        if partitions is None:
+            raise BrokerNotReady(f"Kafka is not ready ({publisher.status}); the callback was not written")
+        record = build_record(
+            routed,
+            sdk_app_id=query.sdk_app_id,
+            raw_body=raw_body,
+            query=query.params,
+            received_at_ms=received_at_ms,
+            topic=topic,
+            partition=partition_for(routed.entity, partitions),
+        )
+
+        async def publish(timeout: float) -> None:
+            await publisher.publish(record, timeout)
+
+        request[_OUTCOME] = await app[DEDUP].publish_once((query.sdk_app_id, routed.key), publish, deadline)
     return web.Response(body=OK_BODY, content_type=_JSON)
 
 
@@ -87,20 +118,42 @@ async def healthz(_request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     publisher = request.app[PUBLISHER]
+    if request.app[ADMISSION].draining:
+        return web.json_response({"status": "not ready", "detail": "shutting down"}, status=503)
     return web.json_response(
         {"status": "ready" if publisher.ready else "not ready", "detail": publisher.status},
         status=200 if publisher.ready else 503,
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def stats(request: web.Request) -> web.Response:
+    """What became of every callback since start, and what is in flight now."""
+    app = request.app
+    return web.json_response(
+        {
+            "outcomes": app[OUTCOMES].snapshot(),
+            "in_flight": app[ADMISSION].in_flight,
+            "abandoned": app[PUBLISHER].abandoned,
+            "dedup_remembered": app[DEDUP].remembered,
+        }
+    )
+
+
+async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes:
     too_large = BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
+    except TimeoutError:
+        raise BodyTimeout(f"the body did not arrive within {timeout:g} s") from None
+    except HttpProcessingError as exc:
+        raise UnreadableBody(f"the body could not be read: {exc.message}") from None
+    except (ConnectionError, ClientPayloadError):
+        raise UnreadableBody("the client closed the connection before the body arrived") from None
 
 
 @web.middleware
@@ -108,7 +161,7 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
     """Answer every failure with its status and a Tencent-style FAIL body, and log it on one line."""
     allow = "POST"
     try:
-        return await handler(request)
+        response = await handler(request)
     except BridgeError as exc:
         error = exc
     except web.HTTPNotFound:
@@ -119,7 +172,13 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         # A bug, not an input problem: keep the traceback in the log and out of the answer.
         log.exception("%s %s failed unexpectedly", request.method, request.path)
-        error = BridgeError("internal error in the bridge; the callback is not acknowledged")
+        error = InternalError()
+    else:
+        outcome = request.get(_OUTCOME)
+        if outcome is not None:
+            request.app[OUTCOMES].record(outcome)
+        return response
+    request.app[OUTCOMES].record(_outcome_of(error))
     level = logging.INFO if error.status < 500 else logging.WARNING
     log.log(level, "%s %s -> %d: %s", request.method, request.path, error.status, error.info)
     response = web.Response(status=error.status, body=fail_body(error), content_type=_JSON)
@@ -128,3 +187,11 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
     if error.retriable:
         response.headers["Retry-After"] = "1"
     return response
+
+
+def _outcome_of(error: BridgeError) -> Outcome:
+    if isinstance(error, Overloaded):
+        return Outcome.OVERLOADED
+    if isinstance(error, PublishError):
+        return Outcome.AMBIGUOUS if error.ambiguous else Outcome.FAILED
+    return Outcome.REJECTED if error.status < 500 else Outcome.FAILED

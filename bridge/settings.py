@@ -40,9 +40,14 @@ class Settings:
     create_topics: bool = False
     partitions: int = 12
     replication_factor: int | None = None
-    delivery_timeout: float = 1.5
+    delivery_timeout: float = 5.0
+    max_in_flight: int = 512
+    dedup_window: float = 300.0
+    dedup_max_keys: int = 100_000
+    shutdown_delay: float = 0.0
     shutdown_timeout: float = 10.0
     max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 5.0
     compression: str = "none"
     linger_ms: int = 0
     client_id: str = "tencent-chat-kafka-bridge"
@@ -91,6 +96,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not 0 < value <= 3600:
         raise ValueError("must be a number of seconds above 0 and at most 3600")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 86400:
+        raise ValueError("must be a number of seconds from 0 to 86400")
     return value
 
 
@@ -206,6 +218,31 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
+        "max_in_flight",
+        "Callbacks waiting for the broker at once; more get 503 at once, so memory stays bounded.",
+        _int_between(1, 100_000),
+        "N",
+    ),
+    Option(
+        "dedup_window",
+        "Seconds a confirmed callback is remembered, so a copy is answered 200 without a second write "
+        "(0 turns it off).",
+        _seconds_or_zero,
+        "SECONDS",
+    ),
+    Option(
+        "dedup_max_keys",
+        "Most confirmed callbacks remembered for the dedup window.",
+        _int_between(0, 10_000_000),
+        "N",
+    ),
+    Option(
+        "shutdown_delay",
+        "Seconds to keep serving after SIGTERM while /readyz says 503, so a load balancer can notice.",
+        _seconds_or_zero,
+        "SECONDS",
+    ),
+    Option(
         "shutdown_timeout",
         "Longest time, in seconds, to flush and close the producer on shutdown.",
         _seconds,
@@ -216,6 +253,12 @@ OPTIONS: tuple[Option, ...] = (
         "Largest callback body accepted; larger gets 413.",
         _int_between(1, 64 << 20),
         "BYTES",
+    ),
+    Option(
+        "body_timeout",
+        "Seconds a client has to send the whole body; a slower one gets 408 and frees its slot.",
+        _seconds,
+        "SECONDS",
     ),
     Option(
         "compression",

@@ -12,12 +12,13 @@ from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Room for the envelope around the largest accepted body, and for the record's key and headers.
+# Room for the envelope's query and fields, and the record's headers.
 ENVELOPE_HEADROOM_BYTES = 64 * 1024
 
 
 def max_record_bytes(settings: Settings) -> int:
-    return settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
+    """The largest record the bridge can write: the body, a key taken from the body, and the rest."""
+    return 2 * settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
 
 
 def how_to_create(settings: Settings, topics: Iterable[str]) -> str:

@@ -1,7 +1,7 @@
 """Helpers the tests share: choosing and starting a broker, reading topics back, the Tencent fixtures.
 
-The broker is chosen as DEVELOPERS.md says: `KAFKA_BOOTSTRAP_SERVERS` if set; testcontainers' Apache Kafka
-when a Docker daemon answers; otherwise an embedded Tansu.
+The broker is chosen as the README's Development section says: `KAFKA_BOOTSTRAP_SERVERS` if set;
+testcontainers' Apache Kafka when a Docker daemon answers; otherwise an embedded Tansu.
 """
 
 from __future__ import annotations

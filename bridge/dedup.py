@@ -1,0 +1,90 @@
+"""Duplicates at the edge: a callback already in flight or just confirmed is not written again.
+
+Tencent sends a callback again when it timed out waiting (with "retry on timeout" on), and a second copy
+often arrives while the first is still waiting for the broker. The copy waits for the first write's outcome
+instead of writing again; a copy of one confirmed within the window is answered at once. This is an
+optimisation, not a guarantee: restarts, several replicas and ambiguous outcomes still let duplicates into
+Kafka, so consumers deduplicate by key too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from bridge.errors import DeliveryTimeout
+from bridge.outcomes import Outcome
+
+CallbackId = tuple[str, str]
+"""(SdkAppid, record key): the identity of a callback."""
+
+
+@dataclass
+class _Write:
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    confirmed: bool = False
+
+
+class EdgeDedup:
+    def __init__(self, window_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window_s = window_s
+        self._max_keys = max_keys
+        self._clock = clock
+        self._confirmed: OrderedDict[CallbackId, float] = OrderedDict()
+        self._writing: dict[CallbackId, _Write] = {}
+
+    @property
+    def remembered(self) -> int:
+        return len(self._confirmed)
+
+    async def publish_once(
+        self, callback_id: CallbackId, publish: Callable[[float], Awaitable[None]], deadline: float
+    ) -> Outcome:
+        """Write once per callback id; `publish(timeout)` writes; `deadline` is on the event loop's clock.
+
+        Returns CONFIRMED for a write of its own, or the kind of duplicate; raises `PublishError`.
+        """
+        if self._confirmed_recently(callback_id):
+            return Outcome.DUPLICATE_CONFIRMED
+        loop = asyncio.get_running_loop()
+        while (earlier := self._writing.get(callback_id)) is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await earlier.settled.wait()
+            except TimeoutError:
+                raise DeliveryTimeout(
+                    "an identical callback is still waiting for Kafka's confirmation; this copy is not "
+                    "acknowledged",
+                    ambiguous=True,
+                ) from None
+            if earlier.confirmed:
+                return Outcome.DUPLICATE_IN_FLIGHT
+            # The earlier write failed: this copy tries for itself, unless another copy already does.
+        write = self._writing[callback_id] = _Write()
+        try:
+            await publish(max(deadline - loop.time(), 0.0))
+            write.confirmed = True
+            self._remember(callback_id)
+        finally:
+            write.settled.set()
+            del self._writing[callback_id]
+        return Outcome.CONFIRMED
+
+    def _confirmed_recently(self, callback_id: CallbackId) -> bool:
+        confirmed_at = self._confirmed.get(callback_id)
+        return confirmed_at is not None and self._clock() - confirmed_at <= self._window_s
+
+    def _remember(self, callback_id: CallbackId) -> None:
+        if self._window_s <= 0 or self._max_keys <= 0:
+            return
+        now = self._clock()
+        self._confirmed[callback_id] = now
+        self._confirmed.move_to_end(callback_id)
+        while self._confirmed:
+            oldest_id, oldest_at = next(iter(self._confirmed.items()))
+            if len(self._confirmed) <= self._max_keys and now - oldest_at <= self._window_s:
+                break
+            del self._confirmed[oldest_id]

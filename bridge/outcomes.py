@@ -1,0 +1,37 @@
+"""What became of every callback: the counts behind the bridge's delivery guarantee.
+
+A 200 is `confirmed` (this request's write was acknowledged) or a duplicate (the same callback was confirmed
+in the dedup window, or was in flight and then confirmed). A 4xx is `rejected`. A 503 is `failed` (nothing
+was handed to Kafka, or the broker said it did not append) or `ambiguous` (the record may still land).
+Ambiguous records are followed to their end: `ambiguous_landed` or `ambiguous_lost`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    CONFIRMED = "confirmed"
+    DUPLICATE_IN_FLIGHT = "duplicate_in_flight"
+    DUPLICATE_CONFIRMED = "duplicate_confirmed"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    OVERLOADED = "overloaded"
+    AMBIGUOUS = "ambiguous"
+    AMBIGUOUS_LANDED = "ambiguous_landed"
+    AMBIGUOUS_LOST = "ambiguous_lost"
+
+
+class Outcomes:
+    """Counters of outcomes, one per `Outcome`; every counter starts at zero so none goes unreported."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[Outcome] = Counter(dict.fromkeys(Outcome, 0))
+
+    def record(self, outcome: Outcome) -> None:
+        self._counts[outcome] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return {outcome.value: self._counts[outcome] for outcome in Outcome}
