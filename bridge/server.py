@@ -150,8 +150,9 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes:
         raise too_large from None
     except TimeoutError:
         raise BodyTimeout(f"the body did not arrive within {timeout:g} s") from None
-    except HttpProcessingError as exc:
-        raise UnreadableBody(f"the body could not be read: {exc.message}") from None
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise UnreadableBody(f"the body could not be read: {detail}") from None
     except (ConnectionError, ClientPayloadError):
         raise UnreadableBody("the client closed the connection before the body arrived") from None
 

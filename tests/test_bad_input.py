@@ -43,6 +43,7 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("integer below -2**63", b'{"x": [-9223372036854775809]}', "beyond 64 bits"),
     ("huge integer in a nested value", b'{"a": {"b": 123456789012345678901234567890}}', "beyond 64 bits"),
     ("nesting deeper than the parser allows", b'{"a": ' + b"[" * 1100 + b"]" * 1100 + b"}", "depth"),
+    ("nesting deeper than 128 levels", b'{"a": ' + b"[" * 128 + b"]" * 128 + b"}", "deeper than 128 levels"),
     ("lone surrogate escape", b'{"a": "\\ud800"}', "not valid UTF-8 JSON"),
     ("byte order mark", b"\xef\xbb\xbf{}", "not valid UTF-8 JSON"),
 ]
@@ -115,6 +116,12 @@ BAD_COMMANDS: list[tuple[str, dict[str, str], bytes, str]] = [
         "must be a dotted command name",
     ),
     (
+        "command without a dot",
+        {**QUERY, "CallbackCommand": "StateChange"},
+        orjson.dumps(without(BODY, "CallbackCommand")),
+        "must be a dotted command name",
+    ),
+    (
         "group message without GroupId",
         {**QUERY, "CallbackCommand": "Group.CallbackAfterSendMsg"},
         orjson.dumps({"CallbackCommand": "Group.CallbackAfterSendMsg", "MsgSeq": 1}),
@@ -148,6 +155,11 @@ BAD_QUERIES: list[tuple[str, str, str]] = [
         "'SdkAppid' must be a positive decimal integer",
     ),
     ("SdkAppid twice", "SdkAppid=1400000000&SdkAppid=1400000001", "'SdkAppid' is given more than once"),
+    (
+        "SdkAppid above 2**63-1",
+        "SdkAppid=9300000000000000000",
+        "'SdkAppid' must be a positive decimal integer",
+    ),
 ]
 
 
@@ -276,6 +288,7 @@ ACCEPTED_EDGES: list[tuple[str, bytes]] = [
     ),
     ("an empty MsgBody", body_with(MsgBody=[])),
     ("non-ASCII account ids", body_with(Official_Account="@TOA#_新闻")),
+    ("nesting of exactly 128 levels", body_with(Deep=orjson.loads(b"[" * 127 + b"]" * 127))),
 ]
 
 
@@ -291,3 +304,14 @@ async def test_unusual_but_valid_callbacks_are_accepted(
     [record] = await read_records(kafka, [settings.topic], expect=1)
     assert record.value is not None
     assert orjson.loads(record.value)["callback"] == orjson.loads(raw)
+
+
+async def test_a_far_future_event_time_gives_way_to_the_receive_time(
+    bridge: BridgeClient, settings: Settings, kafka: str
+) -> None:
+    """Kafka 4 refuses records more than an hour ahead; a broken clock must not cost the callback."""
+    response = await bridge.post("/callback", params=QUERY, data=body_with(EventTime=9223372036854775807))
+    assert response.status == 200
+    [record] = await read_records(kafka, [settings.topic], expect=1)
+    assert record.value is not None
+    assert record.timestamp == orjson.loads(record.value)["received_at"]

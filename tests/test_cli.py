@@ -118,8 +118,11 @@ def test_main_without_a_command_prints_help_and_fails(capsys: pytest.CaptureFixt
     assert "serve" in capsys.readouterr().out
 
 
-def test_bridge_dev_serves_the_seed_callback_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
-    """`bridge dev` prints a URL and a curl that work, says data is in memory, and Ctrl-C stops everything."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_bridge_dev_serves_the_seed_callback_and_stops_cleanly(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    """`bridge dev` prints a URL and a curl that work, says data is in memory; a stop signal ends both."""
     stdout_path, stderr_path = tmp_path / "stdout", tmp_path / "stderr"
     with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
         process = subprocess.Popen([*BRIDGE, "dev", "--port", "0"], stdout=stdout, stderr=stderr, text=True)
@@ -145,13 +148,39 @@ def test_bridge_dev_serves_the_seed_callback_and_stops_cleanly_on_sigint(tmp_pat
 
         broker_pid = _pid_listening_on(int(bootstrap.group(1).rsplit(":", 1)[1]))
         assert broker_pid is not None
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(timeout=20) == 0
         assert not _alive(broker_pid), "the embedded broker outlived bridge dev"
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_killed_bridge_dev_takes_its_broker_along(tmp_path: Path) -> None:
+    """Even SIGKILL, which the bridge cannot handle, leaves no orphaned broker behind."""
+    stdout_path = tmp_path / "stdout"
+    with stdout_path.open("w") as stdout:
+        process = subprocess.Popen([*BRIDGE, "dev", "--port", "0"], stdout=stdout, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while (found := re.search(r"Kafka bootstrap:\s+\S+:(\d+)", stdout_path.read_text())) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    broker_pid = _pid_listening_on(int(found.group(1)))
+    assert broker_pid is not None
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while _alive(broker_pid):
+        assert time.monotonic() < deadline, "the embedded broker outlived a killed bridge dev"
+        time.sleep(0.05)
+
+
+def test_bridge_dev_without_its_broker_binary_says_so_in_one_line() -> None:
+    result = run_bridge("dev", "--port", "0", env={"CALF_TANSU_BIN": "/nonexistent/tansu"})
+    assert result.returncode == 1
+    assert "embedded broker" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _pid_listening_on(port: int) -> int | None:
