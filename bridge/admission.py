@@ -7,8 +7,9 @@ does. Past the limit a callback gets 503 at once, before its body is read.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from bridge.errors import Overloaded, ShuttingDown
 
@@ -17,6 +18,8 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.draining = False
         """SIGTERM arrived: /readyz says 503, callbacks are still served during `--shutdown-delay`."""
         self.closing = False
@@ -33,7 +36,16 @@ class Admission:
                 "the callback was not written"
             )
         self.in_flight += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def drained(self, timeout: float) -> None:
+        """Wait, at most `timeout` seconds, until no callback is in flight."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()

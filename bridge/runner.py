@@ -1,9 +1,10 @@
 """Running the application, and stopping it gracefully on SIGTERM, SIGINT or SIGHUP.
 
 The phases: `/readyz` turns 503 at once; the bridge keeps serving for `--shutdown-delay` so a load balancer
-can notice; then new callbacks get 503 while those in flight get their real answer (at most the delivery
-timeout); then aiohttp stops listening and closes idle connections, and the producer is flushed and closed
-within `--shutdown-timeout`. The whole stop takes at most the sum of the three.
+can notice; then new callbacks get 503 (still answered, on new and kept-alive connections alike) while
+those in flight get their real answer, within the delivery timeout; then aiohttp stops listening and closes
+idle connections, and the producer is flushed and closed within `--shutdown-timeout`. The whole stop takes
+at most the sum of the three, plus a second.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
             await asyncio.sleep(settings.shutdown_delay)
         admission.closing = True
         log.info("stopping: %d callbacks in flight get their answer; new ones get 503", admission.in_flight)
+        # Still listening: a callback arriving now gets its 503 rather than a refused or dropped connection.
+        await admission.drained(timeout=settings.delivery_timeout + 1)
     finally:
         if started is not None:
             started.cancel()
