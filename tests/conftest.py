@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.server import create_app
 from bridge.settings import Settings
-from tests.support import kafka_broker, unique_settings, wait_until_ready
+from tests.support import Posted, kafka_broker, post_all, three_days, unique_settings, wait_until_ready
 
 BridgeClient = TestClient[web.Request, web.Application]
 
@@ -33,3 +33,11 @@ async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
     async with TestClient(TestServer(create_app(settings))) as client:
         await wait_until_ready(client)
         yield client
+
+
+@pytest.fixture
+async def posted(bridge: BridgeClient) -> list[Posted]:
+    """The settings' official-account topic, filled through the bridge with three days of callbacks."""
+    callbacks = three_days()
+    await post_all(bridge, callbacks)
+    return callbacks

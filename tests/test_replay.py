@@ -25,8 +25,7 @@ from bridge.partitioner import partition_for
 from bridge.replay import Replay
 from bridge.settings import Settings
 from bridge.sinks import FileSink, TopicSink, UrlSink
-from tests.conftest import BridgeClient
-from tests.support import DAY_MS, FIRST_DAY_MS, Posted, post_all, read_records, three_days
+from tests.support import DAY_MS, FIRST_DAY_MS, Posted, read_records
 
 DAY_1 = (FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
 
@@ -42,14 +41,6 @@ def bodies(callbacks: list[Posted]) -> Counter[bytes]:
 
 def normalized(body: object) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-
-
-@pytest.fixture
-async def posted(bridge: BridgeClient) -> list[Posted]:
-    """The settings' official-account topic, filled through the bridge with three days of callbacks."""
-    callbacks = three_days()
-    await post_all(bridge, callbacks)
-    return callbacks
 
 
 async def replay_to(settings: Settings, sink: FileSink | TopicSink | UrlSink) -> Replay:
