@@ -1,4 +1,4 @@
-"""The `bridge` command line: `serve` against a Kafka cluster, `dev` with an embedded in-memory broker."""
+"""The `bridge` command line: `serve` and `dev` run the bridge; `consume` and `replay` read its topics."""
 
 from __future__ import annotations
 
@@ -22,22 +22,42 @@ environment, the environment over the default."""
 
 _SERVE_HELP = "run the bridge against a Kafka cluster"
 _DEV_HELP = "run the bridge against an embedded in-memory broker, for trying it out"
+_CONSUME_HELP = "print a topic's callbacks as JSON Lines, filtered, optionally as a consumer group"
+_REPLAY_HELP = "copy a window of a topic's callbacks to another topic, a JSON Lines file or a URL"
+_COMMANDS = (("serve", _SERVE_HELP), ("dev", _DEV_HELP), ("consume", _CONSUME_HELP), ("replay", _REPLAY_HELP))
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.subcommand is None:
         parser.print_help()
         return 2
     try:
-        settings = build(args.command, vars(args), environ)
+        settings = build(args.subcommand, vars(args), environ)
     except SettingsError as exc:
-        parser.exit(2, f"bridge {args.command}: {exc}\n")
+        parser.exit(2, f"bridge {args.subcommand}: {exc}\n")
     _configure_logging(settings.log_level)
-    runners: dict[str, Callable[[Settings], int]] = {"serve": _serve, "dev": _dev}
-    return runners[args.command](settings)
+    runners: dict[str, Callable[[Settings], int]] = {
+        "serve": _serve,
+        "dev": _dev,
+        "consume": _consume,
+        "replay": _replay,
+    }
+    return runners[args.subcommand](settings)
+
+
+def _consume(settings: Settings) -> int:
+    from bridge.consume import run_consume  # noqa: PLC0415 - keeps `--help` fast
+
+    return run_consume(settings)
+
+
+def _replay(settings: Settings) -> int:
+    from bridge.replay import run_replay  # noqa: PLC0415 - keeps `--help` fast
+
+    return run_replay(settings)
 
 
 def _serve(settings: Settings) -> int:
@@ -87,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, summary in (("serve", _SERVE_HELP), ("dev", _DEV_HELP)):
+    # Not dest="command": `--command` is an option of consume and replay.
+    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    for name, summary in _COMMANDS:
         sub = commands.add_parser(name, help=summary, description=f"bridge {name}: {summary}.")
         for option in OPTIONS:
             if name in option.commands:
@@ -97,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_option(parser: argparse.ArgumentParser, option: Option, command: str) -> None:
-    shown = describe_default(default(option, command))
+    shown = describe_default(default(option, command), option.unset)
     help_text = f"{option.help} [default: {shown}; env: {option.env}]"
     if option.is_switch:
         parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -124,13 +145,17 @@ def _argparse_type(option: Option) -> Callable[[str], Any]:
 
 
 def _options_table() -> str:
-    rows = [("option", "environment", "default (serve / dev)")]
+    rows = [("option", "environment", "commands", "default (dev's where it differs)")]
     for option in OPTIONS:
-        serve = describe_default(default(option, "serve"))
-        dev = describe_default(default(option, "dev")) if "dev" in option.commands else "-"
-        rows.append((option.flag, option.env, serve if serve == dev else f"{serve} / {dev}"))
-    width = [max(len(row[i]) for row in rows) for i in range(2)]
-    lines = [f"  {flag:<{width[0]}}  {env:<{width[1]}}  {value}" for flag, env, value in rows]
+        names = [name for name, _ in _COMMANDS if name in option.commands]
+        shown = describe_default(default(option, names[0]), option.unset)
+        dev = describe_default(default(option, "dev"), option.unset) if "dev" in names else shown
+        rows.append((option.flag, option.env, ",".join(names), shown if shown == dev else f"{shown} / {dev}"))
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        f"  {flag:<{width[0]}}  {env:<{width[1]}}  {names:<{width[2]}}  {value}"
+        for flag, env, names, value in rows
+    ]
     return "options of the commands (see `bridge COMMAND --help`):\n" + "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.commands import TopicGroup
+from bridge.events import parse_instant
 
 ENV_PREFIX = "BRIDGE_"
 COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")
@@ -52,6 +53,27 @@ class Settings:
     linger_ms: int = 0
     client_id: str = "tencent-chat-kafka-bridge"
     log_level: str = "info"
+    # `bridge consume` and `bridge replay`
+    from_beginning: bool = False
+    since: int | None = None
+    until: int | None = None
+    command: tuple[str, ...] = ()
+    account: str | None = None
+    lateness: float = 3600.0
+    follow: bool = False
+    max: int | None = None
+    group: str | None = None
+    output: str = "-"
+    from_offset: int | None = None
+    to_offset: int | None = None
+    to_topic: str | None = None
+    to_file: str | None = None
+    to_url: str | None = None
+    concurrency: int = 8
+    retries: int = 5
+    rate: float | None = None
+    checkpoint: str | None = None
+    dedup: bool = False
 
     def topic_for(self, group: TopicGroup) -> str:
         return {
@@ -140,6 +162,37 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _instant(text: str) -> int:
+    return parse_instant(text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("no name given")
+    return names
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1_000_000:
+        raise ValueError("must be a number of records per second above 0")
+    return value
+
+
+def _lateness(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 30 * 86400:
+        raise ValueError("must be a number of seconds from 0 to 2592000 (30 days)")
+    return value
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -153,6 +206,8 @@ class Option:
     parse: Callable[[str], Any]
     metavar: str | None = None
     commands: frozenset[str] = frozenset({"serve", "dev"})
+    unset: str = "auto"
+    """What a default of None means, in `--help` and the README."""
 
     @property
     def flag(self) -> str:
@@ -169,19 +224,129 @@ class Option:
 
 
 SERVE_ONLY = frozenset({"serve"})
+CONSUME = frozenset({"consume"})
+REPLAY = frozenset({"replay"})
+READERS = CONSUME | REPLAY
 _TOPIC_HELP = "Topic for {what} callbacks."
+_INSTANT = "ISO 8601 (UTC unless an offset is given) or epoch ms"
+READER_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "from_beginning",
+        "Read from the beginning of the topic; without it (or --since, or a group's commits), only new "
+        "events.",
+        _boolean,
+        commands=CONSUME,
+    ),
+    Option(
+        "since", f"Only events at or after this event time, {_INSTANT}.", _instant, "TIME", READERS, "(none)"
+    ),
+    Option("until", f"Only events before this event time, {_INSTANT}.", _instant, "TIME", READERS, "(none)"),
+    Option(
+        "command",
+        "Only these commands or command families, comma-separated "
+        "(OfficialAccount.CallbackAfterSendMsg,C2C).",
+        _names,
+        "NAME[,...]",
+        READERS,
+    ),
+    Option(
+        "account",
+        "Only this owning entity (official account, conversation, group...); reads only its partition.",
+        _text,
+        "ENTITY",
+        READERS,
+        "(none)",
+    ),
+    Option(
+        "lateness",
+        "Seconds of event time a callback may land after later ones; a partition is past --until once it "
+        "holds an event this much later, and the --since lookup starts this much earlier.",
+        _lateness,
+        "SECONDS",
+        READERS,
+    ),
+    Option("follow", "Keep reading new events until Ctrl-C.", _boolean, commands=CONSUME),
+    Option("max", "Stop after this many events.", _int_between(1, 2**62), "N", CONSUME, "(no limit)"),
+    Option(
+        "group",
+        "Consumer group: start from its committed offsets and commit the events written out.",
+        _text,
+        "GROUP",
+        CONSUME,
+        "(none)",
+    ),
+    Option("output", "File to write JSON Lines to; - is standard output.", _text, "FILE", CONSUME),
+    Option(
+        "from_offset",
+        "Start every partition read at this offset.",
+        _int_between(0, 2**62),
+        "OFFSET",
+        REPLAY,
+        "(none)",
+    ),
+    Option(
+        "to_offset",
+        "Stop every partition before this offset.",
+        _int_between(0, 2**62),
+        "OFFSET",
+        REPLAY,
+        "(none)",
+    ),
+    Option(
+        "to_topic",
+        "Copy to this topic (same cluster), with key, timestamp, headers and the partition rule kept.",
+        _topic,
+        "NAME",
+        REPLAY,
+        "(none)",
+    ),
+    Option("to_file", "Copy to this JSON Lines file, appending.", _text, "FILE", REPLAY, "(none)"),
+    Option(
+        "to_url",
+        "Re-post each callback to this URL with its original query, as Tencent would.",
+        _url,
+        "URL",
+        REPLAY,
+        "(none)",
+    ),
+    Option("concurrency", "Deliveries in flight at once.", _int_between(1, 1000), "N", REPLAY),
+    Option(
+        "retries",
+        "Retries of a delivery that failed for a passing reason.",
+        _int_between(0, 100),
+        "N",
+        REPLAY,
+    ),
+    Option("rate", "Most records copied per second.", _rate, "PER_SECOND", REPLAY, "(no limit)"),
+    Option(
+        "checkpoint",
+        "File recording progress per partition; a replay run again with it continues where it stopped.",
+        _text,
+        "FILE",
+        REPLAY,
+        "(none)",
+    ),
+    Option("dedup", "Drop records whose key was already copied in this run.", _boolean, commands=REPLAY),
+)
 OPTIONS: tuple[Option, ...] = (
     Option(
         "bootstrap_servers",
         "Kafka brokers to connect to (required).",
         _servers,
         "HOST:PORT[,...]",
-        SERVE_ONLY,
+        SERVE_ONLY | READERS,
     ),
     Option("host", "Address to listen on.", _text, "ADDRESS"),
     Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT"),
     Option("path", "URL path Tencent posts callbacks to.", _path, "PATH"),
-    Option("topic", _TOPIC_HELP.format(what="official-account (OfficialAccount.*)"), _topic, "NAME"),
+    Option(
+        "topic",
+        _TOPIC_HELP.format(what="official-account (OfficialAccount.*)")
+        + " consume and replay read this topic.",
+        _topic,
+        "NAME",
+        frozenset({"serve", "dev"}) | READERS,
+    ),
     Option("c2c_topic", _TOPIC_HELP.format(what="one-to-one message (C2C.*)"), _topic, "NAME"),
     Option("group_topic", _TOPIC_HELP.format(what="group (Group.*)"), _topic, "NAME"),
     Option(
@@ -269,6 +434,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS"),
     Option("client_id", "Kafka client id.", _text, "ID"),
     Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS), "LEVEL"),
+    *READER_OPTIONS,
 )
 
 # Defaults that differ for `bridge dev`: loopback only, and topics created on a single in-memory broker.
@@ -281,10 +447,10 @@ def default(option: Option, command: str) -> Any:
     return next(f.default for f in dataclasses.fields(Settings) if f.name == option.field)
 
 
-def describe_default(value: Any) -> str:
+def describe_default(value: Any, unset: str = "auto") -> str:
     match value:
         case None:
-            return "auto"
+            return unset
         case bool():
             return "true" if value else "false"
         case tuple():

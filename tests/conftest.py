@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import pytest
 from aiohttp import web
@@ -10,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.server import create_app
 from bridge.settings import Settings
-from tests.support import kafka_broker, unique_settings, wait_until_ready
+from tests.support import Posted, kafka_broker, post_all, three_days, unique_settings, wait_until_ready
 
 BridgeClient = TestClient[web.Request, web.Application]
 
@@ -33,3 +34,17 @@ async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
     async with TestClient(TestServer(create_app(settings))) as client:
         await wait_until_ready(client)
         yield client
+
+
+@pytest.fixture
+async def posted(settings: Settings) -> list[Posted]:
+    """The settings' official-account topic, filled through the bridge with three days of callbacks.
+
+    The bridge's edge dedup is off here, so the callbacks posted twice land twice, as they do in Kafka
+    after a restart, from two replicas, or after an ambiguous 503.
+    """
+    callbacks = three_days()
+    async with TestClient(TestServer(create_app(replace(settings, dedup_window=0)))) as client:
+        await wait_until_ready(client)
+        await post_all(client, callbacks)
+    return callbacks

@@ -174,3 +174,91 @@ async def count_records(bootstrap_servers: str, topics: Sequence[str]) -> int:
         return sum(ends.values())
     finally:
         await consumer.stop()
+
+
+# --- a topic of several days of callbacks, for consume and replay ------------------------------------------
+
+DAY_MS = 86_400_000
+FIRST_DAY_MS = 1_714_521_600_000  # 2024-05-01T00:00:00Z
+ACCOUNTS = ("@TOA#_news", "@TOA#_sports", "@TOA#_weather")
+OA_QUERY = {
+    "SdkAppid": "1400000000",
+    "contenttype": "json",
+    "ClientIP": "127.0.0.1",
+    "OptPlatform": "RESTAPI",
+}
+
+
+@dataclass(frozen=True)
+class Posted:
+    """One callback posted to the bridge, and what it must look like when read back."""
+
+    command: str
+    body: dict[str, Any]
+    key: str | None
+
+    @property
+    def account(self) -> str:
+        account: str = self.body["Official_Account"]
+        return account
+
+    @property
+    def event_time(self) -> int:
+        event_time: int = self.body["EventTime"]
+        return event_time
+
+    @property
+    def query(self) -> dict[str, str]:
+        return {**OA_QUERY, "CallbackCommand": self.command}
+
+
+def message(day: int, minute: int, account: str, number: int) -> Posted:
+    command = "OfficialAccount.CallbackAfterSendMsg"
+    key = f"d{day}-{account[6:]}-{number}"
+    body = {
+        "CallbackCommand": command,
+        "Official_Account": account,
+        "MsgKey": key,
+        "MsgTime": (FIRST_DAY_MS + day * DAY_MS) // 1000 + minute * 60,
+        "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": f"message {number}\nof day {day}"}}],
+        "EventTime": FIRST_DAY_MS + day * DAY_MS + minute * 60_000,
+    }
+    return Posted(command, body, key)
+
+
+def subscription(day: int, minute: int, account: str) -> Posted:
+    command = "OfficialAccount.CallbackAfterAddSubscriber"
+    body = {
+        "CallbackCommand": command,
+        "Official_Account": account,
+        "SubscribeAccountList": [f"user-{day}-{minute}"],
+        "EventTime": FIRST_DAY_MS + day * DAY_MS + minute * 60_000,
+    }
+    return Posted(command, body, None)
+
+
+def three_days() -> list[Posted]:
+    """Callbacks of 2024-05-01, -02 and -03 in the order they are posted: each day's messages and a
+    subscription per account; days 0 and 2 posted latest first; a message of day 0 arriving late (at 23:50,
+    posted after day 1's first messages at 00:30); and two messages delivered twice."""
+    late = message(0, 1430, ACCOUNTS[0], 99)
+    posted: list[Posted] = []
+    for day in range(3):
+        day_posts = [
+            message(day, minute, account, number)
+            for number, (minute, account) in enumerate((m, a) for m in (30, 400, 900, 1200) for a in ACCOUNTS)
+        ]
+        day_posts += [subscription(day, 600 + n, account) for n, account in enumerate(ACCOUNTS)]
+        if day == 1:
+            day_posts[3:3] = [late, day_posts[0]]  # the late one, and Tencent's retry of a day-1 message
+        else:
+            day_posts.reverse()  # later event times written first
+        posted += day_posts
+    posted.append(posted[-5])  # a day-2 message that landed twice
+    return posted
+
+
+async def post_all(client: TestClient[web.Request, web.Application], callbacks: Sequence[Posted]) -> None:
+    for callback in callbacks:
+        response = await client.post("/callback", params=callback.query, data=orjson.dumps(callback.body))
+        assert response.status == 200, await response.text()

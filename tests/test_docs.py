@@ -29,14 +29,46 @@ def test_the_readmes_run_command_starts_bridge_dev_in_a_virtualenv() -> None:
     assert run_command.endswith(".venv/bin/bridge dev")
 
 
+def table_row(heading: str, flag: str) -> list[str] | None:
+    """The cells of `flag`'s row in the first table after `heading`."""
+    section = README.split(heading, 1)[1].split("\n#", 1)[0]
+    row = next((line for line in section.splitlines() if line.startswith(f"| `{flag}`")), None)
+    return None if row is None else [cell.strip() for cell in row.strip("|").split("|")]
+
+
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.flag)
-def test_the_configuration_table_gives_each_options_environment_and_defaults(option: Option) -> None:
-    row = next((line for line in README.splitlines() if line.startswith(f"| `{option.flag}`")), None)
-    assert row is not None, f"no README row for {option.flag}"
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[1] == f"`{option.env}`"
-    assert cells[2] == describe_default(default(option, "serve"))
-    assert cells[3] == (describe_default(default(option, "dev")) if "dev" in option.commands else "-")
+def test_the_configuration_tables_give_each_options_environment_and_defaults(option: Option) -> None:
+    server = option.commands & {"serve", "dev"}
+    readers = sorted(option.commands & {"consume", "replay"})
+    assert server or readers, option.flag
+    if server:
+        cells = table_row("## Configuration", option.flag)
+        assert cells is not None, f"no README row for {option.flag} in the configuration table"
+        assert cells[1] == f"`{option.env}`"
+        assert cells[2] == describe_default(default(option, "serve"), option.unset)
+        expected_dev = describe_default(default(option, "dev"), option.unset) if "dev" in server else "-"
+        assert cells[3] == expected_dev
+    if readers:
+        cells = table_row("### Options of `consume` and `replay`", option.flag)
+        assert cells is not None, f"no README row for {option.flag} in the consume and replay table"
+        assert cells[1] == f"`{option.env}`"
+        assert cells[2] == describe_default(default(option, readers[0]), option.unset)
+        assert cells[3] == ", ".join(readers)
+
+
+def test_the_readmes_backfill_is_one_replay_command_of_one_day() -> None:
+    backfill = next(block.strip() for block in shell_blocks() if block.startswith("bridge replay"))
+    assert "\n" not in backfill
+    assert "--since 2024-05-02 --until 2024-05-03" in backfill
+
+
+def python_example() -> str:
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+    return next(block for block in blocks if "EventReader" in block)
+
+
+def test_the_readmes_analytics_job_is_under_30_lines() -> None:
+    assert len(python_example().strip().splitlines()) < 30
 
 
 def test_the_partition_example_is_right() -> None:

@@ -1,0 +1,89 @@
+"""`bridge consume`: print a topic's callbacks as JSON Lines, one envelope per line, for jq, pandas, duckdb.
+
+With `--group`, an event is committed only after its line is written and flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import IO
+
+from bridge.consumer import EventReader, ReaderError
+from bridge.events import BadRecord
+from bridge.replay import select_of
+from bridge.settings import Settings
+
+
+def run_consume(settings: Settings) -> int:
+    """0 when done or stopped with Ctrl-C; 1 when the topic cannot be read; 2 on bad usage."""
+    if not settings.bootstrap_servers:
+        print(
+            "bridge consume: no Kafka brokers given: "
+            "pass --bootstrap-servers or set BRIDGE_BOOTSTRAP_SERVERS",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.output == "-":
+        return asyncio.run(_consume(settings, sys.stdout.buffer))
+    with open(settings.output, "ab") as output:
+        return asyncio.run(_consume(settings, output))
+
+
+def _report_bad(bad: BadRecord) -> None:
+    print(f"consume: {bad}", file=sys.stderr)
+
+
+async def _consume(settings: Settings, output: IO[bytes]) -> int:
+    from_start = settings.from_beginning or settings.since is not None
+    reader = EventReader(
+        settings.bootstrap_servers,
+        settings.topic,
+        select=select_of(settings),
+        group=settings.group,
+        start="beginning" if from_start else "end",
+        follow=settings.follow,
+        lateness_s=settings.lateness,
+        manual_done=True,
+        on_bad_record=_report_bad,
+        client_id=settings.client_id,
+    )
+    # Line by line when someone watches or a group commits what was written; else in blocks, for speed.
+    flush_each = settings.follow or settings.group is not None or output.isatty()
+    loop = asyncio.get_running_loop()
+    written = 0
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, reader.stop_reading)
+        async with reader, contextlib.aclosing(reader.events()) as events:
+            if not (from_start or settings.follow or settings.group):
+                print(
+                    "consume: reading from the end of the topic; give --from-beginning, --since, "
+                    "--group or --follow to see events",
+                    file=sys.stderr,
+                )
+            async for event in events:
+                output.write(event.json_line())
+                if flush_each:
+                    output.flush()
+                reader.done(event)
+                written += 1
+                if settings.max is not None and written >= settings.max:
+                    break
+            output.flush()
+    except ReaderError as exc:
+        print(f"bridge consume: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `bridge consume | head`
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    stats = reader.stats
+    print(
+        f"consume: {written} events written, {stats.filtered_out} filtered out, {stats.bad} bad records",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,290 @@
+"""Reading a topic back as events, for analytics jobs, `bridge consume` and `bridge replay`.
+
+An `EventReader` assigns the topic's partitions itself (only the partitions of the filter's entities, found
+with the bridge's partitioner, when the filter names entities), finds where to start, decodes and filters
+every record, and stops by itself when every partition has reached the end offset it had at start or
+passed the window's end (unless it follows the topic).
+
+Commits: with a `group`, an event is committed only once the job has finished it. By default an event is
+finished when the job asks for the next one (a job that raises inside `async for` never commits the event
+it failed on); with `manual_done=True` the job calls `done(event)`, in any order, and the committed offset
+of a partition is its lowest event not yet done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+
+from bridge.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of, decode
+from bridge.partitioner import partition_for
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 250
+
+
+class ReaderError(RuntimeError):
+    """The topic cannot be read (it does not exist, the brokers do not answer)."""
+
+
+@dataclass(slots=True)
+class PartitionState:
+    """How far one partition is read: `read_to` is the next offset to read, `end` the end seen at start."""
+
+    start: int
+    end: int
+    read_to: int
+    outstanding: set[int] = field(default_factory=set)
+    finished: bool = False
+    committed: int | None = None
+
+    @property
+    def committable(self) -> int:
+        """The offset to commit: every event below it is done."""
+        return min(self.outstanding) if self.outstanding else self.read_to
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    events: int = 0
+    filtered_out: int = 0
+    bad: int = 0
+
+
+def log_bad_record(bad: BadRecord) -> None:
+    log.warning("%s", bad)
+
+
+class EventReader:
+    """Async iteration over the events of a topic: `async with EventReader(...) as r: async for e in r`."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        topic: str,
+        *,
+        select: EventFilter | None = None,
+        group: str | None = None,
+        start: Literal["beginning", "end"] = "beginning",
+        start_offsets: Mapping[int, int] | int | None = None,
+        stop_offset: int | None = None,
+        partitions: Iterable[int] | None = None,
+        follow: bool = False,
+        lateness_s: float = 3600.0,
+        manual_done: bool = False,
+        on_bad_record: Callable[[BadRecord], None] = log_bad_record,
+        commit_interval_s: float = 5.0,
+        client_id: str = "tencent-chat-kafka-bridge-reader",
+        kafka_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`start_offsets` (per partition, or one offset for all) win over committed offsets, which win over
+        `select.since_ms`, which wins over `start`. `stop_offset` ends every partition before that offset.
+        `lateness_s` is how late (in event time) a callback may land after later ones in its partition."""
+        servers = bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else bootstrap_servers
+        self.topic = topic
+        self.select = select or EventFilter()
+        self.stats = ReaderStats()
+        self._group, self._start, self._start_offsets = group, start, start_offsets
+        self._stop_offset, self._follow, self._manual_done = stop_offset, follow, manual_done
+        self._partitions = None if partitions is None else sorted(set(partitions))
+        self._lateness_ms = int(lateness_s * 1000)
+        self._on_bad_record, self._commit_interval_s = on_bad_record, commit_interval_s
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=list(servers),
+            client_id=client_id,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **dict(kafka_options or {}),
+        )
+        self._parts: dict[TopicPartition, PartitionState] = {}
+        self._last_commit = time.monotonic()
+
+    async def __aenter__(self) -> EventReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self.events()
+
+    @property
+    def partitions(self) -> Mapping[int, PartitionState]:
+        return {tp.partition: state for tp, state in self._parts.items()}
+
+    def positions(self) -> dict[int, int]:
+        """Per partition, the offset below which every record is handled: what a checkpoint stores."""
+        return {tp.partition: state.committable for tp, state in self._parts.items()}
+
+    def progress(self) -> float:
+        """The share of the offsets between start and the end seen at start that has been read, 0 to 1."""
+        total = sum(max(s.end - s.start, 0) for s in self._parts.values())
+        read = sum(min(max(s.read_to - s.start, 0), max(s.end - s.start, 0)) for s in self._parts.values())
+        finished = all(s.finished for s in self._parts.values())
+        return 1.0 if finished or total == 0 else read / total
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+            await self._assign()
+        except BaseException:
+            await self._consumer.stop()
+            raise
+
+    async def close(self) -> None:
+        """Commit what the job has finished (with a group), then leave."""
+        try:
+            await self.commit()
+        except KafkaError as exc:
+            log.warning("cannot commit the finished events of %s: %s", self.topic, exc)
+        finally:
+            await self._consumer.stop()
+
+    def stop_reading(self) -> None:
+        """End the iteration at the next record (Ctrl-C): what is not yet read stays unread."""
+        for tp in self._parts:
+            self._finish(tp)
+
+    def done(self, event: Event) -> None:
+        """With `manual_done`: the job has finished `event`, so its offset may be committed."""
+        state = self._parts.get(TopicPartition(event.coordinates.topic, event.coordinates.partition))
+        if state is not None:
+            state.outstanding.discard(event.coordinates.offset)
+
+    async def commit(self) -> None:
+        """Commit, as the group, every partition's offset below which every event is done."""
+        self._last_commit = time.monotonic()
+        if self._group is None:
+            return
+        offsets = {
+            tp: OffsetAndMetadata(state.committable, "")
+            for tp, state in self._parts.items()
+            if state.committable != state.committed
+        }
+        if offsets:
+            await self._consumer.commit(offsets)
+            for tp, meta in offsets.items():
+                self._parts[tp].committed = meta.offset
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        async for record in self._records():
+            state = self._parts[TopicPartition(record.topic, record.partition)]
+            state.read_to = record.offset + 1
+            try:
+                event = decode(record)
+            except InvalidEnvelope as exc:
+                self.stats.bad += 1
+                self._on_bad_record(BadRecord(coordinates_of(record), str(exc)))
+                continue
+            if not self.select.matches(event):
+                self.stats.filtered_out += 1
+                continue
+            self.stats.events += 1
+            state.outstanding.add(record.offset)
+            yield event
+            if not self._manual_done:
+                state.outstanding.discard(record.offset)
+
+    async def _records(self) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+        until = self.select.until_ms
+        while active := [tp for tp, state in self._parts.items() if not state.finished]:
+            batch = await self._consumer.getmany(*active, timeout_ms=_POLL_MS)
+            for tp, records in batch.items():
+                state = self._parts[tp]
+                for record in records:
+                    if state.finished:  # stop_reading() was called while this batch was read
+                        break
+                    past_stop = self._stop_offset is not None and record.offset >= self._stop_offset
+                    # Event times are not monotonic within a partition: only a record later than the
+                    # window's end by more than the lateness means the window is over.
+                    past_window = until is not None and record.timestamp >= until + self._lateness_ms
+                    if past_stop or past_window:
+                        self._finish(tp)
+                        break
+                    yield record
+            for tp in active:
+                state = self._parts[tp]
+                # Not `record.offset >= end`: the whole last batch is read, as some brokers (Tansu) report
+                # the end offset of a multi-record batch as its base offset + 1.
+                if not self._follow and state.read_to >= state.end:
+                    self._finish(tp)
+            if self._group is not None and time.monotonic() - self._last_commit >= self._commit_interval_s:
+                await self.commit()
+
+    def _finish(self, tp: TopicPartition) -> None:
+        self._parts[tp].finished = True
+        self._consumer.pause(tp)
+
+    async def _assign(self) -> None:
+        await self._consumer.topics()  # fetches the metadata of every topic
+        available = self._consumer.partitions_for_topic(self.topic)
+        if not available:
+            raise ReaderError(f"topic {self.topic!r} does not exist (or has no partitions)")
+        chosen = self._partitions
+        if chosen is None and self.select.entities:
+            chosen = sorted({partition_for(entity, len(available)) for entity in self.select.entities})
+        tps = [TopicPartition(self.topic, p) for p in sorted(available) if chosen is None or p in chosen]
+        self._consumer.assign(tps)
+        beginnings = await self._consumer.beginning_offsets(tps)
+        ends = await self._consumer.end_offsets(tps)
+        starts = await self._start_positions(tps, beginnings, ends)
+        for tp in tps:
+            start = max(starts[tp], beginnings[tp])
+            self._consumer.seek(tp, start)
+            end = ends[tp] if self._stop_offset is None else min(ends[tp], self._stop_offset)
+            self._parts[tp] = PartitionState(start=start, end=end, read_to=start, committed=None)
+            if not self._follow and start >= end:
+                self._finish(tp)
+
+    async def _start_positions(
+        self,
+        tps: list[TopicPartition],
+        beginnings: Mapping[TopicPartition, int],
+        ends: Mapping[TopicPartition, int],
+    ) -> dict[TopicPartition, int]:
+        fallback = beginnings if self._start == "beginning" else ends
+        starts = {tp: fallback[tp] for tp in tps}
+        since = self.select.since_ms
+        if since is not None:
+            starts.update(await self._offsets_for_time(tps, since - self._lateness_ms, beginnings, ends))
+        if self._group is not None:
+            for tp in tps:
+                committed = await self._consumer.committed(tp)
+                if committed is not None and committed >= 0:
+                    starts[tp] = committed
+        for tp in tps:
+            if isinstance(self._start_offsets, int):
+                starts[tp] = self._start_offsets
+            elif self._start_offsets is not None and tp.partition in self._start_offsets:
+                starts[tp] = self._start_offsets[tp.partition]
+        return starts
+
+    async def _offsets_for_time(
+        self,
+        tps: list[TopicPartition],
+        timestamp_ms: int,
+        beginnings: Mapping[TopicPartition, int],
+        ends: Mapping[TopicPartition, int],
+    ) -> dict[TopicPartition, int]:
+        """The first offset at or after `timestamp_ms` per partition; the beginning when the broker cannot
+        say. An early answer is harmless (events are filtered by time here too), a late one would lose
+        events: brokers that answer wrongly (Tansu) answer 0."""
+        try:
+            found = await self._consumer.offsets_for_times({tp: max(timestamp_ms, 0) for tp in tps})
+        except (KafkaError, ValueError) as exc:
+            log.info("the broker cannot look offsets up by time (%s); reading from the beginning", exc)
+            return dict(beginnings)
+        return {
+            tp: ends[tp] if found.get(tp) is None else min(max(found[tp].offset, beginnings[tp]), ends[tp])
+            for tp in tps
+        }

@@ -1,0 +1,256 @@
+"""Callbacks read back from Kafka as typed events: the envelope checked and decoded, filters, duplicates.
+
+`decode(record)` turns one Kafka record the bridge wrote into an `Event`, or raises `InvalidEnvelope` saying
+what is wrong (a foreign producer wrote to the topic). `EventFilter` selects events by command or family,
+owning entity and event-time window; `Deduplicator` and `unique()` drop a callback delivered twice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from bridge.commands import route
+from bridge.envelope import SCHEMA
+from bridge.errors import InvalidField
+
+_SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
+_EPOCH_MS = re.compile(r"[0-9]{1,16}")
+
+
+class KafkaRecord(Protocol):
+    """What is read from a record: aiokafka's `ConsumerRecord[bytes, bytes]` fits."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Coordinates:
+    """Where a record is in Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One callback as the bridge wrote it, decoded."""
+
+    command: str
+    sdk_app_id: str
+    family: str
+    """The command family, the word before the first dot (`OfficialAccount`), or `unknown`."""
+    entity: str
+    """The owning entity that picked the partition (the official account, the conversation, the group...)."""
+    key: str
+    event_time_ms: int
+    """`EventTime` when usable, else when the bridge received the callback: the record timestamp."""
+    received_at_ms: int
+    callback: dict[str, Any]
+    query: dict[str, str]
+    coordinates: Coordinates
+    headers: tuple[tuple[str, bytes], ...]
+    value: bytes = field(repr=False)
+    """The record value exactly as stored: the envelope."""
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "received_at": self.received_at_ms,
+            "query": self.query,
+            "callback": self.callback,
+        }
+
+    def json_line(self) -> bytes:
+        """The envelope on one line (a posted body may hold line breaks, so it is re-serialized then)."""
+        if b"\n" in self.value or b"\r" in self.value:
+            return orjson.dumps(self.envelope) + b"\n"
+        return self.value + b"\n"
+
+    def raw_callback(self) -> bytes:
+        """The callback body as Tencent posted it, cut out of the envelope; re-serialized if that fails."""
+        head = orjson.dumps({"schema": SCHEMA, "received_at": self.received_at_ms, "query": self.query})
+        prefix = head[:-1] + b',"callback":'
+        if self.value.startswith(prefix) and self.value.endswith(b"}"):
+            return self.value[len(prefix) : -1]
+        return orjson.dumps(self.callback)
+
+
+class InvalidEnvelope(ValueError):
+    """A record that is not an envelope of this version; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record that failed the envelope check, with where it is and why."""
+
+    coordinates: Coordinates
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.coordinates}: not a callback envelope: {self.reason}"
+
+
+def coordinates_of(record: KafkaRecord) -> Coordinates:
+    return Coordinates(record.topic, record.partition, record.offset, record.timestamp)
+
+
+def decode(record: KafkaRecord) -> Event:
+    """The event in `record`; raises `InvalidEnvelope` when the value is not a valid envelope."""
+    if record.value is None:
+        raise InvalidEnvelope("the record has no value")
+    try:
+        envelope = orjson.loads(record.value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEnvelope(f"the value is not UTF-8 JSON: {exc}") from None
+    received_at, query, callback = _check_envelope(envelope)
+    command = query.get("CallbackCommand") or callback.get("CallbackCommand")
+    if not isinstance(command, str) or not command:
+        raise InvalidEnvelope("no CallbackCommand in the query or the callback")
+    if callback.get("CallbackCommand", command) != command:
+        raise InvalidEnvelope("the query's and the callback's CallbackCommand differ")
+    try:
+        routed = route(command, query["SdkAppid"], callback)
+    except InvalidField as exc:
+        raise InvalidEnvelope(f"the callback fails its command's checks: {exc.info}") from None
+    key = record.key.decode("utf-8", "replace") if record.key is not None else routed.key
+    return Event(
+        command=command,
+        sdk_app_id=query["SdkAppid"],
+        family=routed.family,
+        entity=routed.entity,
+        key=key,
+        event_time_ms=routed.event_time_ms if routed.event_time_ms is not None else received_at,
+        received_at_ms=received_at,
+        callback=callback,
+        query=query,
+        coordinates=coordinates_of(record),
+        headers=tuple(record.headers),
+        value=record.value,
+    )
+
+
+def _check_envelope(envelope: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """The checks of `schemas/envelope.schema.json`, by hand: the package does not depend on jsonschema."""
+    if not isinstance(envelope, dict):
+        raise InvalidEnvelope("the value is not a JSON object")
+    if envelope.get("schema") != SCHEMA:
+        raise InvalidEnvelope(f"'schema' is {envelope.get('schema')!r}, not {SCHEMA!r}")
+    extra = set(envelope) - {"schema", "received_at", "query", "callback"}
+    missing = {"received_at", "query", "callback"} - set(envelope)
+    if extra or missing:
+        raise InvalidEnvelope(f"unexpected fields {sorted(extra)}, missing fields {sorted(missing)}")
+    received_at, query, callback = envelope["received_at"], envelope["query"], envelope["callback"]
+    if not isinstance(received_at, int) or isinstance(received_at, bool) or received_at < 0:
+        raise InvalidEnvelope("'received_at' is not a non-negative integer")
+    if not isinstance(query, dict) or not all(isinstance(v, str) for v in query.values()):
+        raise InvalidEnvelope("'query' is not an object of strings")
+    if not _SDK_APP_ID.fullmatch(query.get("SdkAppid", "")) or "Sign" in query:
+        raise InvalidEnvelope("'query' lacks a valid SdkAppid, or holds Sign")
+    if not isinstance(callback, dict):
+        raise InvalidEnvelope("'callback' is not an object")
+    return received_at, query, callback
+
+
+def parse_instant(text: str) -> int:
+    """Milliseconds since the epoch from epoch milliseconds or ISO 8601 (UTC when no offset is given)."""
+    text = text.strip()
+    if _EPOCH_MS.fullmatch(text):
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("must be ISO 8601 (2024-05-01, 2024-05-01T08:00:00+08:00) or epoch ms") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events a job wants; an empty selection selects everything.
+
+    `commands` holds full command names (`OfficialAccount.CallbackAfterSendMsg`) or families
+    (`OfficialAccount`, or `OfficialAccount.*`). The window is `since_ms <= event_time_ms < until_ms`.
+    """
+
+    commands: frozenset[str] = frozenset()
+    entities: frozenset[str] = frozenset()
+    since_ms: int | None = None
+    until_ms: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        commands: Iterable[str] = (),
+        entities: Iterable[str] = (),
+        since: int | str | None = None,
+        until: int | str | None = None,
+    ) -> EventFilter:
+        """A filter from command or family names, entities, and instants as epoch ms or ISO 8601 text."""
+        return cls(
+            frozenset(name.removesuffix(".*") for name in commands),
+            frozenset(entities),
+            parse_instant(since) if isinstance(since, str) else since,
+            parse_instant(until) if isinstance(until, str) else until,
+        )
+
+    def in_window(self, event_time_ms: int) -> bool:
+        return (self.since_ms is None or event_time_ms >= self.since_ms) and (
+            self.until_ms is None or event_time_ms < self.until_ms
+        )
+
+    def matches(self, event: Event) -> bool:
+        if self.commands and not ({event.command, event.family} & self.commands):
+            return False
+        if self.entities and event.entity not in self.entities:
+            return False
+        return self.in_window(event.event_time_ms)
+
+
+class Deduplicator:
+    """Remembers keys seen, the most recent `max_keys` of them, to drop a callback delivered twice."""
+
+    def __init__(self, max_keys: int = 1_000_000) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._max_keys = max_keys
+        self.duplicates = 0
+
+    def first_time(self, key: str) -> bool:
+        """True the first time `key` is seen, False (and counted as a duplicate) after that."""
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            self.duplicates += 1
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self._max_keys:
+            self._seen.popitem(last=False)
+        return True
+
+
+async def unique(
+    events: AsyncIterable[Event], deduplicator: Deduplicator | None = None
+) -> AsyncIterator[Event]:
+    """`events` without the repeats of a key already seen (Tencent's retries, a 503'd write that landed)."""
+    deduplicator = deduplicator or Deduplicator()
+    async for event in events:
+        if deduplicator.first_time(event.key):
+            yield event

@@ -1,0 +1,119 @@
+"""Reading the topic back: `bridge consume`'s filters are exact, commits cover only finished events, and the
+README's analytics job runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bridge.consumer import EventReader
+from bridge.events import Event, EventFilter
+from bridge.settings import Settings
+from tests.support import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=False, env={**clean, **(env or {})}
+    )
+
+
+def normalized(body: object) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+async def test_consume_prints_exactly_the_events_of_a_command_an_account_and_a_day(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    result = await asyncio.to_thread(
+        run,
+        *(sys.executable, "-m", "bridge", "consume", "--bootstrap-servers", kafka, "--topic", settings.topic),
+        *("--since", "2024-05-02T00:00:00Z", "--until", str(FIRST_DAY_MS + 2 * DAY_MS)),
+        *("--command", "OfficialAccount.CallbackAfterSendMsg", "--account", ACCOUNTS[0]),
+    )
+    assert result.returncode == 0, result.stderr
+    day_1 = range(FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
+    expected = [
+        p
+        for p in posted
+        if p.event_time in day_1 and p.account == ACCOUNTS[0] and p.command.endswith("AfterSendMsg")
+    ]
+    assert len(expected) == 5  # four messages, one of them delivered twice
+    lines = result.stdout.splitlines()
+    assert Counter(normalized(orjson.loads(line)["callback"]) for line in lines) == Counter(
+        normalized(p.body) for p in expected
+    )
+    assert re.search(r"consume: 5 events written, \d+ filtered out, 0 bad records", result.stderr)
+
+
+async def test_consume_by_family_from_the_beginning_with_max_stops_after_max_events(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    result = await asyncio.to_thread(
+        run,
+        *(sys.executable, "-m", "bridge", "consume", "--from-beginning", "--command", "OfficialAccount"),
+        *("--max", "7"),
+        env={"BRIDGE_BOOTSTRAP_SERVERS": kafka, "BRIDGE_TOPIC": settings.topic},
+    )
+    assert result.returncode == 0, result.stderr
+    envelopes = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert len(envelopes) == 7
+    assert {normalized(e["callback"]) for e in envelopes} <= {normalized(p.body) for p in posted}
+
+
+class JobFailed(Exception):
+    def __init__(self, event: Event) -> None:
+        super().__init__(str(event.coordinates))
+        self.event = event
+
+
+async def job_failing_on_its_fourth_event(reader: EventReader, finished: list[Event]) -> None:
+    async for event in reader:
+        if len(finished) == 3:
+            raise JobFailed(event)
+        finished.append(event)
+
+
+async def test_a_group_commits_the_events_a_job_finished_and_not_the_one_it_failed_on(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    one_account = EventFilter.of(entities=[ACCOUNTS[1]])
+    finished: list[Event] = []
+    async with asyncio.timeout(60):
+        async with EventReader(kafka, settings.topic, select=one_account, group="job") as reader:
+            with pytest.raises(JobFailed) as failure:
+                await job_failing_on_its_fourth_event(reader, finished)
+        async with EventReader(kafka, settings.topic, select=one_account, group="job") as again:
+            rest = [event async for event in again]
+    assert rest[0].coordinates == failure.value.event.coordinates
+    everything = [*finished, *rest]
+    assert len(everything) == sum(p.account == ACCOUNTS[1] for p in posted)
+    assert len({e.coordinates for e in everything}) == len(everything)
+
+
+async def test_the_readmes_analytics_job_counts_each_accounts_messages_of_the_day_once(
+    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    job = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL) if "EventReader" in b)
+    (tmp_path / "job.py").write_text(job)
+    result = await asyncio.to_thread(
+        run,
+        sys.executable,
+        str(tmp_path / "job.py"),
+        env={"BRIDGE_BOOTSTRAP_SERVERS": kafka, "BRIDGE_TOPIC": settings.topic},
+    )
+    assert result.returncode == 0, result.stderr
+    # Four messages per account on 2024-05-02; the one delivered twice counts once.
+    assert result.stdout.splitlines() == [f"{account} 4" for account in sorted(ACCOUNTS)]
+    assert len(posted) == 48

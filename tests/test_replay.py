@@ -1,0 +1,224 @@
+"""`bridge replay` copies exactly a window of callbacks to a file, a topic or an HTTP receiver, resumably."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
+
+from bridge.partitioner import partition_for
+from bridge.replay import Replay
+from bridge.settings import Settings
+from bridge.sinks import FileSink, TopicSink, UrlSink
+from tests.support import DAY_MS, FIRST_DAY_MS, Posted, read_records
+
+DAY_1 = (FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
+
+
+def in_day(posted: list[Posted], day: int) -> list[Posted]:
+    start = FIRST_DAY_MS + day * DAY_MS
+    return [p for p in posted if start <= p.event_time < start + DAY_MS]
+
+
+def bodies(callbacks: list[Posted]) -> Counter[bytes]:
+    return Counter(orjson.dumps(c.body, option=orjson.OPT_SORT_KEYS) for c in callbacks)
+
+
+def normalized(body: object) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+async def replay_to(settings: Settings, sink: FileSink | TopicSink | UrlSink) -> Replay:
+    replay = Replay(settings, sink, report=io.StringIO())
+    async with asyncio.timeout(60):
+        await replay.run()
+    return replay
+
+
+async def test_a_day_replayed_to_a_file_holds_that_days_callbacks_late_and_repeated_ones_included(
+    posted: list[Posted], settings: Settings, tmp_path: Path
+) -> None:
+    out = tmp_path / "day1.jsonl"
+    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_file=str(out))
+    replay = await replay_to(window, FileSink(str(out)))
+
+    lines = out.read_bytes().splitlines()
+    envelopes = [orjson.loads(line) for line in lines]
+    assert Counter(normalized(e["callback"]) for e in envelopes) == bodies(in_day(posted, 1))
+    assert all(e["schema"] == "tencent-chat-callback/1" for e in envelopes)
+    assert replay.tally.copied == 16
+    # What is filtered out depends on the broker's time lookup and on where the reader stops.
+    assert replay.tally.filtered_out <= len(posted) - 16
+    assert (replay.tally.duplicates, replay.tally.errors) == (0, 0)
+
+
+async def test_the_late_callback_of_a_day_is_copied_within_the_lateness_and_missed_without_it(
+    posted: list[Posted], settings: Settings, tmp_path: Path
+) -> None:
+    """Day 0's 23:50 message lands after day 1's 00:30 ones: 1 h of lateness catches it, 0 s stops before."""
+    day_0 = in_day(posted, 0)
+    on_time = [p for p in day_0 if p.key != "d0-news-99"]
+    assert len(on_time) == len(day_0) - 1
+    for lateness, expected in ((3600.0, day_0), (0.0, on_time)):
+        out = tmp_path / f"day0-{lateness}.jsonl"
+        window = replace(
+            settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, lateness=lateness, to_file=str(out)
+        )
+        await replay_to(window, FileSink(str(out)))
+        copied = [orjson.loads(line)["callback"] for line in out.read_bytes().splitlines()]
+        assert Counter(normalized(c) for c in copied) == bodies(expected), lateness
+
+
+async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_and_the_partition_rule(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    destination = f"{settings.topic}.backfill"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(destination, 3, 1)])
+    finally:
+        await admin.close()
+    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True)
+    replay = await replay_to(window, TopicSink(window, destination))
+
+    expected = {normalized(p.body): p for p in in_day(posted, 1)}  # each callback once
+    assert replay.tally.copied == len(expected) == 15
+    assert replay.tally.duplicates == 1
+    source: dict[bytes, list[ConsumerRecord[bytes, bytes]]] = {}
+    for record in await read_records(kafka, [settings.topic], expect=len(posted)):
+        source.setdefault(normalized(orjson.loads(record.value or b"")["callback"]), []).append(record)
+    copies = await read_records(kafka, [destination], expect=len(expected))
+    assert len(copies) == len(expected)
+    for copy in copies:
+        body = normalized(orjson.loads(copy.value or b"")["callback"])
+        original = next(r for r in source[body] if r.value == copy.value)
+        assert copy.key == original.key
+        assert copy.timestamp == original.timestamp == expected[body].event_time
+        assert copy.headers == original.headers
+        assert copy.partition == partition_for(expected[body].account, 3)
+    assert {normalized(orjson.loads(c.value or b"")["callback"]) for c in copies} == set(expected)
+
+
+class Receiver:
+    """A local HTTP endpoint standing in for a second bridge: records what is posted, can fail on demand."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.fail_first: set[bytes] = set()
+        self.after_each: Callable[[], None] | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if body in self.fail_first:
+            self.fail_first.discard(body)
+            return web.Response(status=503)
+        self.received.append((dict(request.query), body))
+        if self.after_each is not None:
+            self.after_each()
+        return web.json_response({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    target = Receiver()
+    app = web.Application()
+    app.router.add_post("/callback", target.handle)
+    async with TestServer(app) as server:
+        yield target, str(server.make_url("/callback"))
+
+
+async def test_a_day_reposted_to_a_url_arrives_with_its_original_query_and_bytes_despite_a_503(
+    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, str]
+) -> None:
+    target, url = receiver
+    first = in_day(posted, 1)[0]
+    target.fail_first.add(orjson.dumps(first.body))  # the bridge posted orjson.dumps(body): same bytes
+    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=4, rate=500.0)
+    replay = await replay_to(window, UrlSink(url))
+
+    assert replay.tally.copied == 16
+    assert Counter(body for _, body in target.received) == Counter(
+        orjson.dumps(p.body) for p in in_day(posted, 1)
+    )
+    for query, body in target.received:
+        assert query == next(p.query for p in posted if orjson.dumps(p.body) == body)
+
+
+async def test_an_interrupted_replay_resumed_from_its_checkpoint_copies_each_record_once(
+    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    target, url = receiver
+    checkpoint = tmp_path / "checkpoint.json"
+    everything = replace(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
+    first = Replay(everything, UrlSink(url), report=io.StringIO())
+
+    def interrupt_after_ten() -> None:
+        if len(target.received) == 10:
+            first.interrupt()
+
+    target.after_each = interrupt_after_ten
+    async with asyncio.timeout(60):
+        await first.run()
+    assert first.interrupted
+    assert 10 <= first.tally.copied < len(posted)
+    assert checkpoint.exists()
+
+    second = Replay(everything, UrlSink(url), report=io.StringIO())
+    async with asyncio.timeout(60):
+        await second.run()
+    assert not second.interrupted
+    assert first.tally.copied + second.tally.copied == len(posted)
+    assert Counter(body for _, body in target.received) == Counter(orjson.dumps(p.body) for p in posted)
+
+
+async def test_a_foreign_record_is_reported_with_its_coordinates_and_the_replay_goes_on(
+    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=False)
+    await producer.start()
+    try:
+        foreign = await producer.send_and_wait(settings.topic, b'{"hello":"world"}', partition=2)
+    finally:
+        await producer.stop()
+    report = io.StringIO()
+    out = tmp_path / "all.jsonl"
+    replay = Replay(replace(settings, to_file=str(out)), FileSink(str(out)), report=report)
+    async with asyncio.timeout(60):
+        await replay.run()
+    assert replay.tally.errors == 1
+    assert replay.tally.copied == len(posted)
+    assert f"{settings.topic}/2@{foreign.offset}: not a callback envelope" in report.getvalue()
+
+
+async def test_the_readmes_backfill_command_copies_that_day_each_callback_once(
+    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    backfill = next(line for line in readme.splitlines() if line.startswith("bridge replay "))
+    arguments = [*shlex.split(backfill.replace("kafka:9092", kafka))[1:], "--topic", settings.topic]
+    command = [sys.executable, "-m", "bridge", *arguments]
+    result = await asyncio.to_thread(
+        subprocess.run, command, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"replay: copied 15, skipped as duplicates 1, filtered out \d+, errors 0", result.stderr)
+    out = tmp_path / "2024-05-02.jsonl"
+    copied = Counter(normalized(orjson.loads(line)["callback"]) for line in out.read_bytes().splitlines())
+    assert copied == Counter(set(bodies(in_day(posted, 1))))
+    assert (tmp_path / "2024-05-02.ckpt").exists()
