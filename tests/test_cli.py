@@ -41,9 +41,13 @@ def test_top_level_help_lists_every_option_with_its_environment_variable() -> No
         assert re.search(rf"{option.flag}\s+{option.env}\s+\S", result.stdout), option.flag
 
 
-@pytest.mark.parametrize("command", ["serve", "dev"])
-def test_subcommand_help_gives_every_option_its_default_and_environment_variable(command: str) -> None:
-    result = run_bridge(command, "--help")
+@pytest.mark.parametrize(
+    ("command", "argv"), [("serve", ["serve"]), ("dev", ["dev"]), ("topics", ["topics", "ensure"])]
+)
+def test_subcommand_help_gives_every_option_its_default_and_environment_variable(
+    command: str, argv: list[str]
+) -> None:
+    result = run_bridge(*argv, "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for option in OPTIONS:

@@ -37,6 +37,12 @@ def test_the_configuration_table_gives_each_options_environment_and_defaults(opt
     assert cells[1] == f"`{option.env}`"
     assert cells[2] == describe_default(default(option, "serve"))
     assert cells[3] == (describe_default(default(option, "dev")) if "dev" in option.commands else "-")
+    assert cells[4] == ("yes" if "topics" in option.commands else "-"), "the `topics ensure` column"
+
+
+def test_the_configuration_table_has_a_row_for_each_option_and_no_other() -> None:
+    flags = re.findall(r"^\| `(--[a-z0-9-]+)`", README, flags=re.MULTILINE)
+    assert flags == [option.flag for option in OPTIONS]
 
 
 def test_the_partition_example_is_right() -> None:
