@@ -71,12 +71,17 @@ def wants_json(log_format: str, stream: TextIO) -> bool:
     return log_format == "json"
 
 
-def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
-    """Send every log line to `stream` (stderr), formatted as `log_format` says, at `level` and above."""
-    stream = sys.stderr if stream is None else stream
+def log_handler(log_format: str, stream: TextIO) -> logging.Handler:
+    """A handler writing to `stream` as `log_format` says, each line with its request id."""
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if wants_json(log_format, stream) else TextFormatter())
+    return handler
+
+
+def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
+    """Send every log line to `stream` (stderr), formatted as `log_format` says, at `level` and above."""
+    handler = log_handler(log_format, sys.stderr if stream is None else stream)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

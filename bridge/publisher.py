@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -48,8 +49,13 @@ class Publisher(Protocol):
 
 
 class KafkaPublisher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_queued: Callable[[asyncio.Future[Any]], None] | None = None,  # issue 6: metrics hook
+    ) -> None:
         self._settings = settings
+        self._on_queued = on_queued
         self._producer: AIOKafkaProducer | None = None
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
@@ -101,6 +107,8 @@ class KafkaPublisher:
                 )
                 # The deadline must not cancel aiokafka's own future: the batch may still be in flight.
                 delivery.add_done_callback(_retrieve_exception)
+                if self._on_queued is not None:  # issue 6: counts the record as queued until it is done
+                    self._on_queued(delivery)
                 await asyncio.shield(delivery)
         except TimeoutError:
             raise DeliveryTimeout(

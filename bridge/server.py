@@ -16,6 +16,14 @@ from aiohttp import web
 from bridge.commands import route
 from bridge.envelope import build_record
 from bridge.errors import BodyTooLarge, BridgeError, BrokerNotReady, MethodNotAllowed, NotFound
+from bridge.metrics import (  # issue 6
+    METRICS,
+    install_metrics,
+    note_command,
+    note_failure,
+    observe_publish,
+    observe_requests,
+)
 from bridge.partitioner import partition_for
 from bridge.protocol import OK_BODY, decode_body, fail_body, parse_query, resolve_command
 from bridge.publisher import KafkaPublisher, Publisher
@@ -32,8 +40,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Application:
     """The bridge's application; with no `publisher`, a `KafkaPublisher` lives and dies with the app."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[tencent_errors])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[observe_requests, tencent_errors],  # issue 6: metrics and request id, outermost
+    )
     app[SETTINGS] = settings
+    install_metrics(app, is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready)  # issue 6: /metrics
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
     else:
@@ -46,7 +58,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
-    publisher = KafkaPublisher(app[SETTINGS])
+    publisher = KafkaPublisher(app[SETTINGS], on_queued=app[METRICS].track_delivery)  # issue 6: queue gauge
     await publisher.start()
     app[PUBLISHER] = publisher
     yield
@@ -63,6 +75,7 @@ async def handle_callback(request: web.Request) -> web.Response:
     received_at_ms = time.time_ns() // 1_000_000
     body = decode_body(raw_body)
     command = resolve_command(query, body)
+    note_command(request, command)  # issue 6: the family labels this request's metrics
     routed = route(command, query.sdk_app_id, body)
     topic = settings.topic_for(routed.topic_group)
     partitions = publisher.partition_count(topic)
@@ -77,7 +90,8 @@ async def handle_callback(request: web.Request) -> web.Response:
         topic=topic,
         partition=partition_for(routed.entity, partitions),
     )
-    await publisher.publish(record)
+    async with observe_publish(request, record):  # issue 6: ack latency, records, bytes, errors by kind
+        await publisher.publish(record)
     return web.Response(body=OK_BODY, content_type=_JSON)
 
 
@@ -120,8 +134,18 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
         # A bug, not an input problem: keep the traceback in the log and out of the answer.
         log.exception("%s %s failed unexpectedly", request.method, request.path)
         error = BridgeError("internal error in the bridge; the callback is not acknowledged")
+    note_failure(request, error)  # issue 6: publish errors by kind, ambiguous outcomes
     level = logging.INFO if error.status < 500 else logging.WARNING
-    log.log(level, "%s %s -> %d: %s", request.method, request.path, error.status, error.info)
+    log.log(
+        level,
+        "%s %s -> %d: %s",
+        request.method,
+        request.path,
+        error.status,
+        error.info,
+        # issue 6: fields of the JSON log line
+        extra={"status": error.status, "error_code": error.error_code, "reason": error.info},
+    )
     response = web.Response(status=error.status, body=fail_body(error), content_type=_JSON)
     if isinstance(error, MethodNotAllowed):
         response.headers["Allow"] = allow
