@@ -374,3 +374,24 @@ def test_queries_name_the_scrape_job_prometheus_has() -> None:
 )
 def test_an_alert_covers(concern: str, pattern: str) -> None:
     assert any(re.search(pattern, " ".join(rule["expr"].split())) for rule in alert_rules()), concern
+
+
+# --- the README's deployment sections ----------------------------------------------------------------------
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_the_readme_curl_reaches_the_compose_bridge() -> None:
+    settings = build("serve", {}, env_of("bridge"))
+    assert "docker compose up" in README
+    assert f"http://127.0.0.1:{settings.port}{settings.path}?" in README
+
+
+async def test_the_readmes_metrics_table_lists_exactly_the_bridge_metrics() -> None:
+    exported = {name for name in await exported_sample_names() if name.startswith("bridge_")}
+    listed = set(re.findall(r"^\| `(bridge_[a-z_]+)`", README, flags=re.MULTILINE))
+    families = {
+        re.sub(r"_(bucket|sum|count)$", "", name) for name in exported if not name.endswith("_created")
+    }
+    assert listed == families
