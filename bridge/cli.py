@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bridge import __version__
+from bridge.logs import configure_logging
 from bridge.settings import OPTIONS, Option, Settings, SettingsError, build, default, describe_default
 
 _DESCRIPTION = """\
@@ -25,6 +26,12 @@ _DEV_HELP = "run the bridge against an embedded in-memory broker, for trying it 
 _CONSUME_HELP = "print a topic's callbacks as JSON Lines, filtered, optionally as a consumer group"
 _REPLAY_HELP = "copy a window of a topic's callbacks to another topic, a JSON Lines file or a URL"
 _COMMANDS = (("serve", _SERVE_HELP), ("dev", _DEV_HELP), ("consume", _CONSUME_HELP), ("replay", _REPLAY_HELP))
+_TOPICS_HELP = "manage the bridge's topics on a Kafka cluster"
+_ENSURE_HELP = (
+    "create the bridge's missing topics and check the existing ones against the intended partitions, "
+    "replication factor and configs; report any drift and change nothing that exists "
+    "(exit status 0: all as intended, 1: drift, 3: the cluster could not be reached or refused)"
+)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -38,12 +45,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         settings = build(args.subcommand, vars(args), environ)
     except SettingsError as exc:
         parser.exit(2, f"bridge {args.subcommand}: {exc}\n")
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     runners: dict[str, Callable[[Settings], int]] = {
         "serve": _serve,
         "dev": _dev,
         "consume": _consume,
         "replay": _replay,
+        "topics": _topics,
     }
     return runners[args.subcommand](settings)
 
@@ -99,6 +107,31 @@ def _dev(settings: Settings) -> int:
     return 0
 
 
+def _topics(settings: Settings) -> int:
+    if not settings.bootstrap_servers:
+        print(
+            "bridge topics ensure: no Kafka brokers given. Pass --bootstrap-servers HOST:PORT[,HOST:PORT...] "
+            "or set BRIDGE_BOOTSTRAP_SERVERS.",
+            file=sys.stderr,
+        )
+        return 2
+    from aiokafka.errors import KafkaError  # noqa: PLC0415 - keeps `--help` fast
+
+    from bridge.topics import describe_reports, ensure_topics  # noqa: PLC0415
+
+    try:
+        reports = asyncio.run(ensure_topics(settings))
+    except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+        print(
+            f"bridge topics ensure: {_describe(exc)} (brokers: {','.join(settings.bootstrap_servers)})",
+            file=sys.stderr,
+        )
+        return 3
+    for line in describe_reports(settings, reports):
+        print(line)
+    return 1 if any(report.drifts for report in reports) else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bridge",
@@ -111,10 +144,20 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name, summary in _COMMANDS:
         sub = commands.add_parser(name, help=summary, description=f"bridge {name}: {summary}.")
-        for option in OPTIONS:
-            if name in option.commands:
-                _add_option(sub, option, name)
+        _add_options(sub, name)
+    topics = commands.add_parser("topics", help=_TOPICS_HELP, description=f"bridge topics: {_TOPICS_HELP}.")
+    actions = topics.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _add_options(
+        actions.add_parser("ensure", help=_ENSURE_HELP, description=f"bridge topics ensure: {_ENSURE_HELP}."),
+        "topics",
+    )
     return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    for option in OPTIONS:
+        if command in option.commands:
+            _add_option(parser, option, command)
 
 
 def _add_option(parser: argparse.ArgumentParser, option: Option, command: str) -> None:
@@ -147,7 +190,7 @@ def _argparse_type(option: Option) -> Callable[[str], Any]:
 def _options_table() -> str:
     rows = [("option", "environment", "commands", "default (dev's where it differs)")]
     for option in OPTIONS:
-        names = [name for name, _ in _COMMANDS if name in option.commands]
+        names = [name for name in (*(name for name, _ in _COMMANDS), "topics") if name in option.commands]
         shown = describe_default(default(option, names[0]), option.unset)
         dev = describe_default(default(option, "dev"), option.unset) if "dev" in names else shown
         rows.append((option.flag, option.env, ",".join(names), shown if shown == dev else f"{shown} / {dev}"))
@@ -159,12 +202,6 @@ def _options_table() -> str:
     return "options of the commands (see `bridge COMMAND --help`):\n" + "\n".join(lines)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiokafka logs every failed connection attempt at ERROR; the bridge reports broker trouble itself, in
-    # words, so aiokafka's own lines are kept for debugging.
-    logging.getLogger("aiokafka").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+def _describe(exc: BaseException) -> str:
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from enum import StrEnum
 
+from aiohttp import web
+
 
 class Outcome(StrEnum):
     CONFIRMED = "confirmed"
@@ -22,6 +24,10 @@ class Outcome(StrEnum):
     AMBIGUOUS = "ambiguous"
     AMBIGUOUS_LANDED = "ambiguous_landed"
     AMBIGUOUS_LOST = "ambiguous_lost"
+
+
+OUTCOME = web.RequestKey("outcome", Outcome)
+"""Where a request's outcome is left: by the handler for a 200, by the error middleware otherwise."""
 
 
 class Outcomes:

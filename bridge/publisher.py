@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -79,9 +80,16 @@ class Publisher(Protocol):
 
 
 class KafkaPublisher:
-    def __init__(self, settings: Settings, outcomes: Outcomes) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        outcomes: Outcomes,
+        on_queued: Callable[[asyncio.Future[Any]], None] | None = None,
+    ) -> None:
+        """`on_queued` is told of every record handed to the producer (the metrics' queue gauge)."""
         self._settings = settings
         self._outcomes = outcomes
+        self._on_queued = on_queued
         self._producer: AIOKafkaProducer | None = None
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
@@ -138,6 +146,8 @@ class KafkaPublisher:
                     headers=list(record.headers),
                 )
                 # The deadline must not cancel aiokafka's own future: the batch may be in flight.
+                if self._on_queued is not None:
+                    self._on_queued(delivery)
                 await asyncio.shield(delivery)
         except TimeoutError:
             queued = delivery is not None

@@ -31,7 +31,15 @@ from bridge.errors import (
     PublishError,
     UnreadableBody,
 )
-from bridge.outcomes import Outcome, Outcomes
+from bridge.metrics import (
+    METRICS,
+    install_metrics,
+    note_command,
+    note_failure,
+    observe_publish,
+    observe_requests,
+)
+from bridge.outcomes import OUTCOME, Outcome, Outcomes
 from bridge.partitioner import partition_for
 from bridge.protocol import OK_BODY, decode_body, fail_body, parse_query, resolve_command
 from bridge.publisher import KafkaPublisher, Publisher
@@ -44,8 +52,6 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 OUTCOMES = web.AppKey("outcomes", Outcomes)
 ADMISSION = web.AppKey("admission", Admission)
 DEDUP = web.AppKey("dedup", EdgeDedup)
-# Where the handler leaves what became of a callback that was answered 200.
-_OUTCOME = web.RequestKey("outcome", Outcome)
 
 _JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,11 +59,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Application:
     """The bridge's application; with no `publisher`, a `KafkaPublisher` lives and dies with the app."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[tencent_errors])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[observe_requests, tencent_errors],  # metrics and the request id outermost
+    )
     app[SETTINGS] = settings
     app[OUTCOMES] = Outcomes()
     app[ADMISSION] = Admission(settings.max_in_flight)
     app[DEDUP] = EdgeDedup(settings.dedup_window, settings.dedup_max_keys)
+    install_metrics(app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready)
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
     else:
@@ -71,7 +81,7 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
-    publisher = KafkaPublisher(app[SETTINGS], app[OUTCOMES])
+    publisher = KafkaPublisher(app[SETTINGS], app[OUTCOMES], on_queued=app[METRICS].track_delivery)
     await publisher.start()
     app[PUBLISHER] = publisher
     yield
@@ -90,6 +100,7 @@ async def handle_callback(request: web.Request) -> web.Response:
         received_at_ms = time.time_ns() // 1_000_000
         body = decode_body(raw_body)
         command = resolve_command(query, body)
+        note_command(request, command)
         routed = route(command, query.sdk_app_id, body)
         topic = settings.topic_for(routed.topic_group)
         partitions = publisher.partition_count(topic)
@@ -106,9 +117,10 @@ async def handle_callback(request: web.Request) -> web.Response:
         )
 
         async def publish(timeout: float) -> None:
-            await publisher.publish(record, timeout)
+            async with observe_publish(request, record):
+                await publisher.publish(record, timeout)
 
-        request[_OUTCOME] = await app[DEDUP].publish_once((query.sdk_app_id, routed.key), publish, deadline)
+        request[OUTCOME] = await app[DEDUP].publish_once((query.sdk_app_id, routed.key), publish, deadline)
     return web.Response(body=OK_BODY, content_type=_JSON)
 
 
@@ -175,13 +187,24 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
         log.exception("%s %s failed unexpectedly", request.method, request.path)
         error = InternalError()
     else:
-        outcome = request.get(_OUTCOME)
+        outcome = request.get(OUTCOME)
         if outcome is not None:
             request.app[OUTCOMES].record(outcome)
         return response
-    request.app[OUTCOMES].record(_outcome_of(error))
+    request[OUTCOME] = _outcome_of(error)
+    request.app[OUTCOMES].record(request[OUTCOME])
+    note_failure(request, error)
     level = logging.INFO if error.status < 500 else logging.WARNING
-    log.log(level, "%s %s -> %d: %s", request.method, request.path, error.status, error.info)
+    log.log(
+        level,
+        "%s %s -> %d: %s",
+        request.method,
+        request.path,
+        error.status,
+        error.info,
+        # fields of the JSON log line
+        extra={"status": error.status, "error_code": error.error_code, "reason": error.info},
+    )
     response = web.Response(status=error.status, body=fail_body(error), content_type=_JSON)
     if isinstance(error, MethodNotAllowed):
         response.headers["Allow"] = allow

@@ -18,6 +18,9 @@ from bridge.events import parse_instant
 ENV_PREFIX = "BRIDGE_"
 COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "text")
+# Paths the bridge serves itself; the callback path must be another one.
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _SERVER = re.compile(r"[^\s,:/]+:[0-9]{1,5}")
 
@@ -41,6 +44,8 @@ class Settings:
     create_topics: bool = False
     partitions: int = 12
     replication_factor: int | None = None
+    min_insync_replicas: int | None = None
+    retention_hours: int = 14 * 24
     delivery_timeout: float = 5.0
     max_in_flight: int = 512
     dedup_window: float = 300.0
@@ -53,6 +58,7 @@ class Settings:
     linger_ms: int = 0
     client_id: str = "tencent-chat-kafka-bridge"
     log_level: str = "info"
+    log_format: str = "auto"
     # `bridge consume` and `bridge replay`
     from_beginning: bool = False
     since: int | None = None
@@ -128,8 +134,11 @@ def _seconds_or_zero(text: str) -> float:
     return value
 
 
-def _replication_factor(text: str) -> int | None:
-    return None if text.strip().lower() == "auto" else _int_between(1, 32)(text)
+def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    def parse_or_auto(text: str) -> int | None:
+        return None if text.strip().lower() == "auto" else parse(text)
+
+    return parse_or_auto
 
 
 def _boolean(text: str) -> bool:
@@ -142,8 +151,10 @@ def _boolean(text: str) -> bool:
 
 
 def _path(text: str) -> str:
-    if not text.startswith("/") or text in {"/healthz", "/readyz"} or any(c in text for c in "?# "):
-        raise ValueError("must be a URL path such as /callback, other than /healthz and /readyz")
+    if not text.startswith("/") or text in RESERVED_PATHS or any(c in text for c in "?# "):
+        raise ValueError(
+            "must be a URL path such as /callback, other than " + ", ".join(sorted(RESERVED_PATHS))
+        )
     return text
 
 
@@ -205,7 +216,7 @@ class Option:
     help: str
     parse: Callable[[str], Any]
     metavar: str | None = None
-    commands: frozenset[str] = frozenset({"serve", "dev"})
+    commands: frozenset[str] = frozenset({"serve", "dev", "topics"})
     unset: str = "auto"
     """What a default of None means, in `--help` and the README."""
 
@@ -224,6 +235,10 @@ class Option:
 
 
 SERVE_ONLY = frozenset({"serve"})
+# `topics` is `bridge topics ensure`: it needs the brokers, the topic names and what a topic should look
+# like, not the HTTP or producer settings.
+TOPICS = frozenset({"topics"})
+SERVING = frozenset({"serve", "dev"})
 CONSUME = frozenset({"consume"})
 REPLAY = frozenset({"replay"})
 READERS = CONSUME | REPLAY
@@ -334,18 +349,18 @@ OPTIONS: tuple[Option, ...] = (
         "Kafka brokers to connect to (required).",
         _servers,
         "HOST:PORT[,...]",
-        SERVE_ONLY | READERS,
+        SERVE_ONLY | READERS | TOPICS,
     ),
-    Option("host", "Address to listen on.", _text, "ADDRESS"),
-    Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT"),
-    Option("path", "URL path Tencent posts callbacks to.", _path, "PATH"),
+    Option("host", "Address to listen on.", _text, "ADDRESS", SERVING),
+    Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT", SERVING),
+    Option("path", "URL path Tencent posts callbacks to.", _path, "PATH", SERVING),
     Option(
         "topic",
         _TOPIC_HELP.format(what="official-account (OfficialAccount.*)")
         + " consume and replay read this topic.",
         _topic,
         "NAME",
-        frozenset({"serve", "dev"}) | READERS,
+        SERVING | READERS | TOPICS,
     ),
     Option("c2c_topic", _TOPIC_HELP.format(what="one-to-one message (C2C.*)"), _topic, "NAME"),
     Option("group_topic", _TOPIC_HELP.format(what="group (Group.*)"), _topic, "NAME"),
@@ -368,25 +383,40 @@ OPTIONS: tuple[Option, ...] = (
         "create_topics",
         "Create missing topics at start; without it a missing topic keeps the bridge not ready.",
         _boolean,
+        commands=SERVING,
     ),
     Option("partitions", "Partitions of topics the bridge creates.", _int_between(1, 10000), "N"),
     Option(
         "replication_factor",
         "Replication factor of topics the bridge creates; auto is min(3, brokers in the cluster).",
-        _replication_factor,
+        _auto_or(_int_between(1, 32)),
         "N|auto",
+    ),
+    Option(
+        "min_insync_replicas",
+        "min.insync.replicas of topics the bridge creates; auto is 2 with 3 or more replicas, else 1.",
+        _auto_or(_int_between(1, 32)),
+        "N|auto",
+    ),
+    Option(
+        "retention_hours",
+        "retention.ms of topics the bridge creates, in hours: how far back a replay or backfill can go.",
+        _int_between(1, 24 * 3650),
+        "HOURS",
     ),
     Option(
         "delivery_timeout",
         "Longest wait, in seconds, for the broker to confirm a write before answering 503.",
         _seconds,
         "SECONDS",
+        SERVING,
     ),
     Option(
         "max_in_flight",
         "Callbacks waiting for the broker at once; more get 503 at once, so memory stays bounded.",
         _int_between(1, 100_000),
         "N",
+        SERVING,
     ),
     Option(
         "dedup_window",
@@ -394,24 +424,28 @@ OPTIONS: tuple[Option, ...] = (
         "(0 turns it off).",
         _seconds_or_zero,
         "SECONDS",
+        SERVING,
     ),
     Option(
         "dedup_max_keys",
         "Most confirmed callbacks remembered for the dedup window.",
         _int_between(0, 10_000_000),
         "N",
+        SERVING,
     ),
     Option(
         "shutdown_delay",
         "Seconds to keep serving after SIGTERM while /readyz says 503, so a load balancer can notice.",
         _seconds_or_zero,
         "SECONDS",
+        SERVING,
     ),
     Option(
         "shutdown_timeout",
         "Longest time, in seconds, to flush and close the producer on shutdown.",
         _seconds,
         "SECONDS",
+        SERVING,
     ),
     Option(
         "max_body_bytes",
@@ -424,16 +458,26 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds a client has to send the whole body; a slower one gets 408 and frees its slot.",
         _seconds,
         "SECONDS",
+        SERVING,
     ),
     Option(
         "compression",
         "Producer compression: " + ", ".join(COMPRESSION_TYPES) + ".",
         _one_of(COMPRESSION_TYPES),
         "CODEC",
+        SERVING,
     ),
-    Option("linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS"),
+    Option(
+        "linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS", SERVING
+    ),
     Option("client_id", "Kafka client id.", _text, "ID"),
     Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS), "LEVEL"),
+    Option(
+        "log_format",
+        "Log format: json, text, or auto (JSON unless stderr is a terminal).",
+        _one_of(LOG_FORMATS),
+        "FORMAT",
+    ),
     *READER_OPTIONS,
 )
 

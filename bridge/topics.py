@@ -1,12 +1,21 @@
-"""The bridge's topics on the cluster: which exist, and creating the missing ones when asked to."""
+"""The bridge's topics on the cluster: what they should look like, creating them, and reporting drift.
+
+`intended_topic` is the one description of a bridge topic: partitions, replication factor and configs.
+`bridge serve --create-topics` creates missing topics from it; `bridge topics ensure` creates missing ones
+and checks existing ones against it, reporting every difference and changing nothing that exists: adding
+partitions remaps entities to partitions, and a config change may delete data, so that is an operator's call.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
 
 from bridge.settings import Settings
 
@@ -14,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Room for the envelope's query and fields, and the record's headers.
 ENVELOPE_HEADROOM_BYTES = 64 * 1024
+_ADMIN_CALL_TIMEOUT_S = 30.0
+_MS_PER_HOUR = 3_600_000
 
 
 def max_record_bytes(settings: Settings) -> int:
@@ -21,44 +32,223 @@ def max_record_bytes(settings: Settings) -> int:
     return 2 * settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
 
 
+@dataclass(frozen=True, slots=True)
+class IntendedTopic:
+    partitions: int
+    replication_factor: int
+    configs: Mapping[str, str]
+
+
+def intended_topic(settings: Settings, broker_count: int) -> IntendedTopic:
+    """What every bridge topic should look like on a cluster of `broker_count` brokers."""
+    replication = settings.replication_factor or min(3, max(broker_count, 1))
+    # With 3 replicas, 2 in sync: a write survives one broker down, and acks=all means two copies.
+    min_insync = settings.min_insync_replicas or (2 if replication >= 3 else 1)
+    return IntendedTopic(
+        partitions=settings.partitions,
+        replication_factor=replication,
+        configs={
+            # Delete, not compact: replays need every record, and compaction would keep only the last
+            # record of each key, which is what deduplication is for on the consumer side, not here.
+            "cleanup.policy": "delete",
+            "retention.ms": str(settings.retention_hours * _MS_PER_HOUR),
+            # Retention by time only: a size limit would cut the replay window short under a burst.
+            "retention.bytes": "-1",
+            "min.insync.replicas": str(min_insync),
+            # Keep the batches as the producer compressed them (--compression); no recompression.
+            "compression.type": "producer",
+            "max.message.bytes": str(max_record_bytes(settings)),
+        },
+    )
+
+
 def how_to_create(settings: Settings, topics: Iterable[str]) -> str:
     """A hint a user can act on when topics are missing."""
     names = " ".join(topics)
     return (
-        f"create them (kafka-topics.sh --create --topic NAME --partitions {settings.partitions} ...) for: "
-        f"{names}; or restart the bridge with --create-topics (BRIDGE_CREATE_TOPICS=true)"
+        f"create them with `bridge topics ensure` (or kafka-topics.sh --create --topic NAME --partitions "
+        f"{settings.partitions} ...) for: {names}; or restart the bridge with --create-topics "
+        "(BRIDGE_CREATE_TOPICS=true)"
     )
 
 
-async def create_topics(settings: Settings, topics: list[str], broker_count: int) -> None:
-    """Create `topics` with the configured partitions and replication factor; existing ones are left alone."""
-    replication = settings.replication_factor or min(3, max(broker_count, 1))
-    admin = AIOKafkaAdminClient(
+def _admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
         bootstrap_servers=list(settings.bootstrap_servers),
         client_id=settings.client_id,
+        request_timeout_ms=int(_ADMIN_CALL_TIMEOUT_S * 1000),
     )
-    await admin.start()
-    try:
-        response = await admin.create_topics(
-            [
-                NewTopic(
-                    name,
-                    settings.partitions,
-                    replication,
-                    topic_configs={"max.message.bytes": str(max_record_bytes(settings))},
-                )
-                for name in topics
-            ]
+
+
+async def _create(admin: AIOKafkaAdminClient, topics: list[str], intended: IntendedTopic) -> list[str]:
+    """Create `topics`; return those created (not those that already existed)."""
+    if intended.replication_factor < int(intended.configs["min.insync.replicas"]):
+        raise ValueError(
+            f"min.insync.replicas {intended.configs['min.insync.replicas']} is above the replication factor "
+            f"{intended.replication_factor}: no write could ever be confirmed"
         )
-    finally:
-        await admin.close()
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                name, intended.partitions, intended.replication_factor, topic_configs=dict(intended.configs)
+            )
+            for name in topics
+        ]
+    )
+    created = []
     for name, code, message in (error[:3] for error in response.topic_errors):
         if code == 0:
+            created.append(name)
             log.info(
                 "created topic %s with %d partitions, replication factor %d",
                 name,
-                settings.partitions,
-                replication,
+                intended.partitions,
+                intended.replication_factor,
             )
         elif code != TopicAlreadyExistsError.errno:
             raise for_code(code)(f"cannot create topic {name}: {message}")
+    return created
+
+
+async def create_topics(settings: Settings, topics: list[str], broker_count: int) -> None:
+    """Create `topics` as `intended_topic` says; existing ones are left alone."""
+    admin = _admin(settings)
+    await admin.start()
+    try:
+        await _create(admin, topics, intended_topic(settings, broker_count))
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    setting: str
+    actual: str
+    intended: str
+
+
+@dataclass(slots=True)
+class TopicReport:
+    """What `ensure_topics` found or did for one topic."""
+
+    topic: str
+    intended: IntendedTopic
+    created: bool = False
+    drifts: list[Drift] = field(default_factory=list)
+    unchecked: str | None = None
+    """Why the configs could not be checked, when the broker cannot describe them."""
+
+
+async def ensure_topics(settings: Settings) -> list[TopicReport]:
+    """Create the missing topics; compare the existing ones with `intended_topic`, changing nothing."""
+    admin = _admin(settings)
+    async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
+        await admin.start()
+    try:
+        async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
+            cluster = await admin.describe_cluster()
+            intended = intended_topic(settings, len(cluster["brokers"]))
+            existing = set(await admin.list_topics())
+            missing = [topic for topic in settings.topics if topic not in existing]
+            created = set(await _create(admin, missing, intended)) if missing else set()
+            reports = [TopicReport(topic, intended, created=topic in created) for topic in settings.topics]
+            to_check = [report for report in reports if not report.created]
+            if to_check:
+                await _check(admin, to_check)
+        return reports
+    finally:
+        await admin.close()
+
+
+async def _check(admin: AIOKafkaAdminClient, reports: list[TopicReport]) -> None:
+    names = [report.topic for report in reports]
+    described = {topic["topic"]: topic for topic in await admin.describe_topics(names)}
+    configs, unchecked = await _describe_configs(admin, names)
+    for report in reports:
+        intended = report.intended
+        partitions = described[report.topic]["partitions"]
+        if len(partitions) != intended.partitions:
+            report.drifts.append(Drift("partitions", str(len(partitions)), str(intended.partitions)))
+        replication = min((len(partition["replicas"]) for partition in partitions), default=0)
+        if replication != intended.replication_factor:
+            report.drifts.append(
+                Drift("replication factor", str(replication), str(intended.replication_factor))
+            )
+        if unchecked is not None:
+            report.unchecked = unchecked
+            continue
+        actual = configs.get(report.topic, {})
+        for name, value in intended.configs.items():
+            # A broker that lists only the configs set on a topic (Tansu) omits the others.
+            found = actual.get(name, "(not set)")
+            if found != value:
+                report.drifts.append(Drift(name, found, value))
+
+
+async def _describe_configs(
+    admin: AIOKafkaAdminClient, topics: list[str]
+) -> tuple[dict[str, dict[str, str]], str | None]:
+    """Every config of `topics`, or why the broker could not say.
+
+    All configs are asked for, not the few compared: some Kafka-compatible brokers drop the connection when
+    asked for named configs.
+    """
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
+        )
+    except IncompatibleBrokerVersion:
+        return {}, "the broker does not support DescribeConfigs"
+    except KafkaError as exc:
+        return {}, f"DescribeConfigs failed: {type(exc).__name__}"
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for error_code, error_message, _type, name, entries in (r[:5] for r in response.resources):
+            if error_code != 0:
+                return {}, f"DescribeConfigs failed for {name}: {error_message}"
+            configs[name] = {entry[0]: entry[1] for entry in entries}
+    return configs, None
+
+
+def fix_hint(settings: Settings, topic: str, drift: Drift) -> str:
+    """The command an operator would run to bring `topic` in line, with what it costs."""
+    servers = ",".join(settings.bootstrap_servers)
+    if drift.setting == "partitions":
+        if int(drift.actual) > int(drift.intended):
+            return "partitions cannot be removed; keep --partitions at the topic's count"
+        return (
+            f"kafka-topics.sh --bootstrap-server {servers} --alter --topic {topic} --partitions "
+            f"{drift.intended} (remaps entities to partitions: per-entity order breaks across the change)"
+        )
+    if drift.setting == "replication factor":
+        return "kafka-reassign-partitions.sh with a plan of the intended replicas"
+    return (
+        f"kafka-configs.sh --bootstrap-server {servers} --alter --entity-type topics --entity-name {topic} "
+        f"--add-config {drift.setting}={drift.intended}"
+    )
+
+
+def describe_reports(settings: Settings, reports: list[TopicReport]) -> list[str]:
+    """The lines `bridge topics ensure` prints: one per topic, one more per drift."""
+    lines = []
+    for report in reports:
+        if report.created:
+            intended = report.intended
+            configs = ", ".join(f"{name}={value}" for name, value in intended.configs.items())
+            lines.append(
+                f"{report.topic}: created with {intended.partitions} partitions, replication factor "
+                f"{intended.replication_factor}, {configs}"
+            )
+        elif not report.drifts:
+            lines.append(
+                f"{report.topic}: ok"
+                + (f" (configs not checked: {report.unchecked})" if report.unchecked else "")
+            )
+        else:
+            lines.append(f"{report.topic}: DRIFT, left unchanged")
+            lines.extend(
+                f"  {drift.setting} is {drift.actual}, intended {drift.intended}; fix: "
+                f"{fix_hint(settings, report.topic, drift)}"
+                for drift in report.drifts
+            )
+    return lines

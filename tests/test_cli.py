@@ -41,9 +41,20 @@ def test_top_level_help_lists_every_option_with_its_environment_variable() -> No
         assert re.search(rf"{option.flag}\s+{option.env}\s+\S", result.stdout), option.flag
 
 
-@pytest.mark.parametrize("command", ["serve", "dev", "consume", "replay"])
-def test_subcommand_help_gives_every_option_its_default_and_environment_variable(command: str) -> None:
-    result = run_bridge(command, "--help")
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        ("serve", ["serve"]),
+        ("dev", ["dev"]),
+        ("consume", ["consume"]),
+        ("replay", ["replay"]),
+        ("topics", ["topics", "ensure"]),
+    ],
+)
+def test_subcommand_help_gives_every_option_its_default_and_environment_variable(
+    command: str, argv: list[str]
+) -> None:
+    result = run_bridge(*argv, "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for option in OPTIONS:
@@ -106,6 +117,9 @@ def test_dev_defaults_to_loopback_and_creating_topics() -> None:
         ("BRIDGE_BOOTSTRAP_SERVERS", "kafka"),
         ("BRIDGE_CREATE_TOPICS", "maybe"),
         ("BRIDGE_PATH", "/healthz"),
+        ("BRIDGE_PATH", "/metrics"),
+        ("BRIDGE_LOG_FORMAT", "xml"),
+        ("BRIDGE_RETENTION_HOURS", "0"),
         ("BRIDGE_TOPIC", "bad topic"),
         ("BRIDGE_COMPRESSION", "brotli"),
         ("BRIDGE_PARTITIONS", "0"),

@@ -38,22 +38,29 @@ def table_row(heading: str, flag: str) -> list[str] | None:
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.flag)
 def test_the_configuration_tables_give_each_options_environment_and_defaults(option: Option) -> None:
-    server = option.commands & {"serve", "dev"}
+    main = option.commands & {"serve", "dev", "topics"}
     readers = sorted(option.commands & {"consume", "replay"})
-    assert server or readers, option.flag
-    if server:
+    assert main or readers, option.flag
+    if main:
         cells = table_row("## Configuration", option.flag)
         assert cells is not None, f"no README row for {option.flag} in the configuration table"
         assert cells[1] == f"`{option.env}`"
-        assert cells[2] == describe_default(default(option, "serve"), option.unset)
-        expected_dev = describe_default(default(option, "dev"), option.unset) if "dev" in server else "-"
-        assert cells[3] == expected_dev
+        for cell, command in ((cells[2], "serve"), (cells[3], "dev")):
+            expected = describe_default(default(option, command), option.unset) if command in main else "-"
+            assert cell == expected, f"{option.flag}: the {command} default"
+        assert cells[4] == ("yes" if "topics" in main else "-"), "the `topics ensure` column"
     if readers:
         cells = table_row("### Options of `consume` and `replay`", option.flag)
         assert cells is not None, f"no README row for {option.flag} in the consume and replay table"
         assert cells[1] == f"`{option.env}`"
         assert cells[2] == describe_default(default(option, readers[0]), option.unset)
         assert cells[3] == ", ".join(readers)
+
+
+def test_the_configuration_table_has_a_row_for_each_option_and_no_other() -> None:
+    section = README.split("## Configuration", 1)[1].split("\n#", 1)[0]
+    flags = re.findall(r"^\| `(--[a-z0-9-]+)`", section, flags=re.MULTILINE)
+    assert flags == [option.flag for option in OPTIONS if option.commands & {"serve", "dev", "topics"}]
 
 
 def test_the_readmes_backfill_is_one_replay_command_of_one_day() -> None:

@@ -1,0 +1,92 @@
+"""Logging: one JSON object per line when stderr is not a terminal (a container, a service), else text.
+
+Every line logged while a request is handled carries that request's id (`request_id`), which is also the
+`X-Request-Id` of the answer, so a log line and a caller's report of a failure can be matched. Successful
+callbacks are logged only at debug level; a failed one is logged once, by the error middleware, with its
+status and reason.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import logging
+import sys
+from typing import Any, TextIO
+
+import orjson
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+# Attributes every LogRecord has; anything else on a record came through `extra=` and is worth a field.
+_STANDARD_ATTRIBUTES = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "request_id"}
+)
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being handled, if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, request id and any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            line["request_id"] = request_id
+        for name, value in vars(record).items():
+            if name not in _STANDARD_ATTRIBUTES and not name.startswith("_"):
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return text if request_id is None else f"{text} [request {request_id}]"
+
+
+def wants_json(log_format: str, stream: TextIO) -> bool:
+    if log_format == "auto":
+        return not stream.isatty()
+    return log_format == "json"
+
+
+def log_handler(log_format: str, stream: TextIO) -> logging.Handler:
+    """A handler writing to `stream` as `log_format` says, each line with its request id."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if wants_json(log_format, stream) else TextFormatter())
+    return handler
+
+
+def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
+    """Send every log line to `stream` (stderr), formatted as `log_format` says, at `level` and above."""
+    handler = log_handler(log_format, sys.stderr if stream is None else stream)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiokafka logs every failed connection attempt at ERROR; the bridge reports broker trouble itself, in
+    # words, so aiokafka's own lines are kept for debugging.
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
