@@ -59,6 +59,7 @@ class KafkaProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._connections: set[_Connection] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
     @property
@@ -73,7 +74,8 @@ class KafkaProxy:
         if self._server is not None:
             self._server.close()
         self.reset_all()
-        await asyncio.sleep(0)
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
 
     def set_blackhole(self, on: bool) -> None:
         self.faults.blackhole = on
@@ -88,6 +90,15 @@ class KafkaProxy:
             _reset(connection)
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            await self._relay(client_reader, client_writer)
+        finally:
+            self._handlers.discard(handler)
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
             broker_reader, broker_writer = await asyncio.open_connection(self.host, self.upstream_port)
         except OSError:
@@ -126,16 +137,30 @@ class KafkaProxy:
                     return
 
     async def _responses(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        """Forward the broker's answers, each `response_delay_s` after it arrived: latency, not a queue."""
+        loop = asyncio.get_running_loop()
+        due: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        writer = asyncio.create_task(self._deliver(connection, due))
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while not writer.done():
+                    frame = await _read_frame(reader)
+                    await self._flowing.wait()
+                    (correlation_id,) = _LENGTH.unpack_from(frame, 4)
+                    api_key, api_version = connection.requests.pop(correlation_id, (-1, -1))
+                    if api_key == PRODUCE_API_KEY:
+                        frame = self._maybe_rewrite_produce(frame, api_version)
+                    due.put_nowait((loop.time() + self.faults.response_delay_s, frame))
+        finally:
+            writer.cancel()
+            await asyncio.wait({writer})
+
+    async def _deliver(self, connection: _Connection, due: asyncio.Queue[tuple[float, bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
             while True:
-                frame = await _read_frame(reader)
-                await self._flowing.wait()
-                (correlation_id,) = _LENGTH.unpack_from(frame, 4)
-                api_key, api_version = connection.requests.pop(correlation_id, (-1, -1))
-                if api_key == PRODUCE_API_KEY:
-                    frame = self._maybe_rewrite_produce(frame, api_version)
-                if self.faults.response_delay_s:
-                    await asyncio.sleep(self.faults.response_delay_s)
+                at, frame = await due.get()
+                await asyncio.sleep(max(0.0, at - loop.time()))
                 connection.client.write(frame)
                 await connection.client.drain()
 

@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from bridge.embedded import EmbeddedBroker
+from bridge.embedded import EmbeddedBroker, free_port
 from bridge.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -262,3 +263,30 @@ async def post_all(client: TestClient[web.Request, web.Application], callbacks: 
     for callback in callbacks:
         response = await client.post("/callback", params=callback.query, data=orjson.dumps(callback.body))
         assert response.status == 200, await response.text()
+
+
+@contextlib.contextmanager
+def s3_storage() -> Iterator[tuple[str, dict[str, str]]]:
+    """An in-process S3 server (moto) with one bucket: Tansu's storage URL and the environment it needs."""
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415 - only the restart test needs it
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        request = urllib.request.Request(f"{endpoint}/tansu", method="PUT")  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10):  # noqa: S310
+            pass
+        yield (
+            "s3://tansu/",
+            {
+                "AWS_ENDPOINT": endpoint,
+                "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
+    finally:
+        server.stop()
