@@ -21,6 +21,8 @@ Tencent only after the broker has confirmed the write (acks=all).
 Every option can also be set through the environment variable named beside it; a flag wins over the
 environment, the environment over the default."""
 
+# Every command but `dev`, which starts its own broker.
+_NEED_BROKERS = frozenset({"serve", "consume", "replay", "topics"})
 _SERVE_HELP = "run the bridge against a Kafka cluster"
 _DEV_HELP = "run the bridge against an embedded in-memory broker, for trying it out"
 _CONSUME_HELP = "print a topic's callbacks as JSON Lines, filtered, optionally as a consumer group"
@@ -45,6 +47,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         settings = build(args.subcommand, vars(args), environ)
     except SettingsError as exc:
         parser.exit(2, f"bridge {args.subcommand}: {exc}\n")
+    if args.subcommand in _NEED_BROKERS and not settings.bootstrap_servers:
+        name = "topics ensure" if args.subcommand == "topics" else args.subcommand
+        hint = " To try the bridge without Kafka, run `bridge dev`, which starts an in-memory broker."
+        print(
+            f"bridge {name}: no Kafka brokers given. Pass --bootstrap-servers HOST:PORT[,HOST:PORT...] "
+            f"or set BRIDGE_BOOTSTRAP_SERVERS.{hint if args.subcommand == 'serve' else ''}",
+            file=sys.stderr,
+        )
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     runners: dict[str, Callable[[Settings], int]] = {
         "serve": _serve,
@@ -69,14 +80,6 @@ def _replay(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    if not settings.bootstrap_servers:
-        print(
-            "bridge serve: no Kafka brokers given. Pass --bootstrap-servers HOST:PORT[,HOST:PORT...] "
-            "or set BRIDGE_BOOTSTRAP_SERVERS. To try the bridge without Kafka, run `bridge dev`, "
-            "which starts an in-memory broker.",
-            file=sys.stderr,
-        )
-        return 2
     from bridge.runner import ListenError, run_server  # noqa: PLC0415 - keeps `--help` fast
 
     try:
@@ -108,13 +111,6 @@ def _dev(settings: Settings) -> int:
 
 
 def _topics(settings: Settings) -> int:
-    if not settings.bootstrap_servers:
-        print(
-            "bridge topics ensure: no Kafka brokers given. Pass --bootstrap-servers HOST:PORT[,HOST:PORT...] "
-            "or set BRIDGE_BOOTSTRAP_SERVERS.",
-            file=sys.stderr,
-        )
-        return 2
     from aiokafka.errors import KafkaError  # noqa: PLC0415 - keeps `--help` fast
 
     from bridge.topics import describe_reports, ensure_topics  # noqa: PLC0415

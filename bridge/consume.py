@@ -19,13 +19,6 @@ from bridge.settings import Settings
 
 def run_consume(settings: Settings) -> int:
     """0 when done or stopped with Ctrl-C; 1 when the topic cannot be read; 2 on bad usage."""
-    if not settings.bootstrap_servers:
-        print(
-            "bridge consume: no Kafka brokers given: "
-            "pass --bootstrap-servers or set BRIDGE_BOOTSTRAP_SERVERS",
-            file=sys.stderr,
-        )
-        return 2
     if settings.output == "-":
         return asyncio.run(_consume(settings, sys.stdout.buffer))
     with open(settings.output, "ab") as output:

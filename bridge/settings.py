@@ -120,18 +120,22 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 3600:
-        raise ValueError("must be a number of seconds above 0 and at most 3600")
-    return value
+def _number(low: float, high: float, *, zero: bool, what: str) -> Callable[[str], float]:
+    """A parser of numbers from `low` (excluded unless `zero`) to `high`; `what` completes the message."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low <= value if zero else low < value) or not value <= high:
+            raise ValueError(f"must be {what}")
+        return value
+
+    return parse
 
 
-def _seconds_or_zero(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 86400:
-        raise ValueError("must be a number of seconds from 0 to 86400")
-    return value
+_seconds = _number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600")
+_seconds_or_zero = _number(0, 86400, zero=True, what="a number of seconds from 0 to 86400")
+_rate = _number(0, 1_000_000, zero=False, what="a number of records per second above 0")
+_lateness = _number(0, 30 * 86400, zero=True, what="a number of seconds from 0 to 2592000 (30 days)")
 
 
 def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
@@ -182,20 +186,6 @@ def _names(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("no name given")
     return names
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1_000_000:
-        raise ValueError("must be a number of records per second above 0")
-    return value
-
-
-def _lateness(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 30 * 86400:
-        raise ValueError("must be a number of seconds from 0 to 2592000 (30 days)")
-    return value
 
 
 def _url(text: str) -> str:

@@ -233,3 +233,11 @@ def test_a_port_in_use_is_reported_in_one_line_not_a_traceback(command: str) -> 
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["consume"], ["replay", "--to-file", "out.jsonl"], ["topics", "ensure"]])
+def test_every_command_that_needs_kafka_says_how_to_name_it(argv: list[str]) -> None:
+    result = run_bridge(*argv)
+    assert result.returncode == 2
+    assert "no Kafka brokers given" in result.stderr
+    assert "BRIDGE_BOOTSTRAP_SERVERS" in result.stderr
