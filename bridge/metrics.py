@@ -35,12 +35,13 @@ from bridge.envelope import Record
 from bridge.errors import BridgeError, BrokerNotReady, DeliveryTimeout, PublishError
 from bridge.logs import REQUEST_ID
 from bridge.outcomes import OUTCOME, Outcome, Outcomes
+from bridge.settings import RESERVED_PATHS
 
 log = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
 # Requests that are not callbacks: probes and scrapes would drown the callback counts.
-_NOT_CALLBACKS = frozenset({"/healthz", "/readyz", METRICS_PATH})
+_NOT_CALLBACKS = RESERVED_PATHS
 NO_FAMILY = "none"
 UNKNOWN_FAMILY = "unknown"
 # Tencent waits 2 s; the delivery deadline is 5 s by default: buckets around both.
@@ -122,7 +123,8 @@ class Metrics:
         )
         self.last_request = Gauge(
             "bridge_last_request_timestamp_seconds",
-            "When the last callback request arrived (Unix time); the start time until one does.",
+            "When the last callback arrived (Unix time): a request whose command could be read; the start "
+            "time until one does.",
             registry=r,
         )
         self.last_request.set(time.time())
@@ -170,8 +172,12 @@ def family_of(command: str) -> str:
 
 
 def note_command(request: web.Request, command: str) -> None:
-    """Hook: the callback's command is known; its family labels the request's metrics."""
+    """Hook: the callback's command is known; its family labels the request's metrics.
+
+    Only then does the request count as a callback received: a scanner's 404 or garbage does not.
+    """
     request[_FAMILY] = family_of(command)
+    request.app[METRICS].last_request.set(time.time())
 
 
 def publish_error_kind(error: BaseException) -> str:
@@ -235,7 +241,6 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
 async def _observe_callback(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
     started = time.perf_counter()
-    metrics.last_request.set(time.time())
     metrics.in_flight.inc()
     status = BridgeError.status  # if the handler is cancelled (the caller hung up), a 500 is what it got
     try:

@@ -55,6 +55,7 @@ async def test_metrics_count_good_and_bad_callbacks_by_family_status_and_outcome
     bad_field = {**OA.body, "MsgTime": "yesterday"}
     assert (await bridge.post("/callback", params=OA.query, data=orjson.dumps(bad_field))).status == 400
     await bridge.get("/readyz")
+    await bridge.get("/stats")
 
     samples = await scrape(bridge)
 
@@ -70,7 +71,7 @@ async def test_metrics_count_good_and_bad_callbacks_by_family_status_and_outcome
     assert value(samples, "bridge_callbacks_total", family="OfficialAccount", outcome="confirmed") == 1
     assert value(samples, "bridge_callbacks_total", family="OfficialAccount", outcome="rejected") == 1
     assert sum(v for (name, _), v in samples.items() if name == "bridge_requests_total") == 6, (
-        "probes counted"
+        "probes or /stats counted"
     )
     assert value(samples, "bridge_request_duration_seconds_count", family="OfficialAccount") == 3
     assert value(samples, "bridge_records_published_total", family="OfficialAccount") == 1
@@ -171,3 +172,14 @@ async def test_a_request_id_that_could_forge_log_lines_is_replaced(client: Bridg
     assert response.status == 404
     assert response.headers["X-Request-Id"] != 'x"\\ninjected'
     assert len(response.headers["X-Request-Id"]) == 16
+
+
+async def test_only_a_callback_moves_the_last_received_time(client: BridgeClient) -> None:
+    """Scanners, probes and /stats must not hide the "nothing received" alert."""
+    before = value(await scrape(client), "bridge_last_request_timestamp_seconds")
+    await client.get("/stats")
+    await client.post("/wp-login.php", data=b"x")
+    await client.post("/callback", params=OA.query, data=b"garbage")
+    assert value(await scrape(client), "bridge_last_request_timestamp_seconds") == before
+    assert (await client.post("/callback", params=OA.query, data=OA.raw_body)).status == 200
+    assert value(await scrape(client), "bridge_last_request_timestamp_seconds") > before
