@@ -93,11 +93,12 @@ async def handle_callback(request: web.Request) -> web.Response:
         raise MethodNotAllowed(f"{request.method} is not allowed here; Tencent callbacks are POSTed")
     app = request.app
     settings, publisher = app[SETTINGS], app[PUBLISHER]
-    deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
     with app[ADMISSION].admit(publisher.abandoned):
         query = parse_query(request.query.items())
         raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
         received_at_ms = time.time_ns() // 1_000_000
+        # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.
+        deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
         body = decode_body(raw_body)
         command = resolve_command(query, body)
         note_command(request, command)
