@@ -264,8 +264,8 @@ READER_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "lateness",
-        "Seconds of event time a callback may land after later ones; a partition is past --until once it "
-        "holds an event this much later, and the --since lookup starts this much earlier.",
+        "Seconds of event time a callback may land after later ones: the --since lookup by time starts "
+        "this much earlier (a partition is always read to its end offset, whatever the event times).",
         _lateness,
         "SECONDS",
         READERS,

@@ -117,3 +117,26 @@ async def test_the_readmes_analytics_job_counts_each_accounts_messages_of_the_da
     # Four messages per account on 2024-05-02; the one delivered twice counts once.
     assert result.stdout.splitlines() == [f"{account} 4" for account in sorted(ACCOUNTS)]
     assert len(posted) == 48
+
+
+def consume_day(kafka: str, topic: str, group: str, day: int) -> subprocess.CompletedProcess[str]:
+    start = FIRST_DAY_MS + day * DAY_MS
+    return run(
+        *(sys.executable, "-m", "bridge", "consume", "--bootstrap-servers", kafka, "--topic", topic),
+        *("--group", group, "--since", str(start), "--until", str(start + DAY_MS)),
+    )
+
+
+async def test_a_group_reading_one_day_after_another_gets_every_event_of_the_next_day(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    """The first day's run reads past its --until but commits nothing from there on, so the next day's
+    run of the same group starts before that day's first events."""
+    first = await asyncio.to_thread(consume_day, kafka, settings.topic, "daily", 0)
+    second = await asyncio.to_thread(consume_day, kafka, settings.topic, "daily", 1)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    for result, day in ((first, 0), (second, 1)):
+        start = FIRST_DAY_MS + day * DAY_MS
+        expected = [p for p in posted if start <= p.event_time < start + DAY_MS]
+        got = Counter(normalized(orjson.loads(line)["callback"]) for line in result.stdout.splitlines())
+        assert got == Counter(normalized(p.body) for p in expected), day
