@@ -308,7 +308,8 @@ READER_OPTIONS: tuple[Option, ...] = (
     Option("to_file", "Copy to this JSON Lines file, appending.", _text, "FILE", REPLAY, "(none)"),
     Option(
         "to_url",
-        "Re-post each callback to this URL with its original query, as Tencent would.",
+        "Re-post each callback body to this URL with its stored query (without Sign: run the receiver "
+        "without a token).",
         _url,
         "URL",
         REPLAY,
