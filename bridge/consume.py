@@ -11,17 +11,30 @@ import signal
 import sys
 from typing import IO
 
+from aiokafka.errors import KafkaError
+
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord
-from bridge.replay import select_of
+from bridge.replay import cluster_failure, plural, select_of, window_problem
 from bridge.settings import Settings
 
 
 def run_consume(settings: Settings) -> int:
-    """0 when done or stopped with Ctrl-C; 1 when the topic cannot be read; 2 on bad usage."""
+    """0 when done or stopped with Ctrl-C; 1 when the topic cannot be read or the output written; 2 on bad
+    usage (a window that ends before it starts, an --output that cannot be opened); 3 when the Kafka
+    cluster cannot be reached or refuses."""
+    problem = window_problem(settings)
+    if problem is not None:
+        print(f"bridge consume: {problem}", file=sys.stderr)
+        return 2
     if settings.output == "-":
         return asyncio.run(_consume(settings, sys.stdout.buffer))
-    with open(settings.output, "ab") as output:
+    try:
+        output = open(settings.output, "ab")  # noqa: SIM115 - opened before the loop, to fail early; closed below
+    except OSError as exc:
+        print(f"bridge consume: cannot write --output {settings.output}: {exc.strerror}", file=sys.stderr)
+        return 2
+    with output:
         return asyncio.run(_consume(settings, output))
 
 
@@ -69,14 +82,21 @@ async def _consume(settings: Settings, output: IO[bytes]) -> int:
     except ReaderError as exc:
         print(f"bridge consume: {exc}", file=sys.stderr)
         return 1
+    except KafkaError as exc:
+        print(f"bridge consume: {cluster_failure(exc, settings)}", file=sys.stderr)
+        return 3
     except BrokenPipeError:  # `bridge consume | head`
         return 0
+    except OSError as exc:
+        print(f"bridge consume: cannot write --output {settings.output}: {exc}", file=sys.stderr)
+        return 1
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     stats = reader.stats
     print(
-        f"consume: {written} events written, {stats.filtered_out} filtered out, {stats.bad} bad records",
+        f"consume: {plural(written, 'event')} written, {stats.filtered_out} filtered out, "
+        f"{plural(stats.bad, 'bad record')}",
         file=sys.stderr,
     )
     return 0

@@ -2,13 +2,17 @@
 
 An `EventReader` assigns the topic's partitions itself (only the partitions of the filter's entities, found
 with the bridge's partitioner, when the filter names entities), finds where to start, decodes and filters
-every record, and stops by itself when every partition has reached the end offset it had at start or
-passed the window's end (unless it follows the topic).
+every record, and stops by itself when every partition has reached the end offset it had at start (or
+`stop_offset`), unless it follows the topic. Event times say nothing about where a window ends in a
+partition: a backfill writes old event times after newer ones, and a foreign record may carry any
+timestamp. So "past the window's end" is judged by offsets only, and a window is read to that end.
 
 Commits: with a `group`, an event is committed only once the job has finished it. By default an event is
 finished when the job asks for the next one (a job that raises inside `async for` never commits the event
 it failed on); with `manual_done=True` the job calls `done(event)`, in any order, and the committed offset
-of a partition is its lowest event not yet done.
+of a partition is its lowest event not yet done. A group's commit also never passes a partition's first
+event at or after `until` (the window's end): the same group's next window starts there, not after it.
+The events of this window read after that one are read again if this window is run again.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class ReaderError(RuntimeError):
 
 @dataclass(slots=True)
 class PartitionState:
-    """How far one partition is read: `read_to` is the next offset to read, `end` the end seen at start."""
+    """How far one partition is read: `read_to` is the next offset to read, `end` the end seen at start,
+    `held` the first offset left to a later window (an event at or after `until`)."""
 
     start: int
     end: int
@@ -45,11 +50,17 @@ class PartitionState:
     outstanding: set[int] = field(default_factory=set)
     finished: bool = False
     committed: int | None = None
+    held: int | None = None
 
     @property
     def committable(self) -> int:
-        """The offset to commit: every event below it is done."""
+        """The offset below which every record is handled for this window: what a checkpoint stores."""
         return min(self.outstanding) if self.outstanding else self.read_to
+
+    @property
+    def group_offset(self) -> int:
+        """The offset a group commits: `committable`, but never past an event a later window wants."""
+        return self.committable if self.held is None else min(self.committable, self.held)
 
 
 @dataclass(slots=True)
@@ -87,7 +98,8 @@ class EventReader:
     ) -> None:
         """`start_offsets` (per partition, or one offset for all) win over committed offsets, which win over
         `select.since_ms`, which wins over `start`. `stop_offset` ends every partition before that offset.
-        `lateness_s` is how late (in event time) a callback may land after later ones in its partition."""
+        `lateness_s` is how late (in event time) a callback may land after later ones in its partition: the
+        `since` lookup starts that much earlier."""
         servers = bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else bootstrap_servers
         self.topic = topic
         self.select = select or EventFilter()
@@ -167,9 +179,9 @@ class EventReader:
         if self._group is None:
             return
         offsets = {
-            tp: OffsetAndMetadata(state.committable, "")
+            tp: OffsetAndMetadata(state.group_offset, "")
             for tp, state in self._parts.items()
-            if state.committable != state.committed
+            if state.group_offset != state.committed
         }
         if offsets:
             await self._consumer.commit(offsets)
@@ -188,6 +200,9 @@ class EventReader:
                 continue
             if not self.select.matches(event):
                 self.stats.filtered_out += 1
+                until = self.select.until_ms
+                if state.held is None and until is not None and event.event_time_ms >= until:
+                    state.held = record.offset
                 continue
             self.stats.events += 1
             state.outstanding.add(record.offset)
@@ -196,7 +211,6 @@ class EventReader:
                 state.outstanding.discard(record.offset)
 
     async def _records(self) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
-        until = self.select.until_ms
         while active := [tp for tp, state in self._parts.items() if not state.finished]:
             batch = await self._consumer.getmany(*active, timeout_ms=_POLL_MS)
             for tp, records in batch.items():
@@ -204,11 +218,7 @@ class EventReader:
                 for record in records:
                     if state.finished:  # stop_reading() was called while this batch was read
                         break
-                    past_stop = self._stop_offset is not None and record.offset >= self._stop_offset
-                    # Event times are not monotonic within a partition: only a record later than the
-                    # window's end by more than the lateness means the window is over.
-                    past_window = until is not None and record.timestamp >= until + self._lateness_ms
-                    if past_stop or past_window:
+                    if self._stop_offset is not None and record.offset >= self._stop_offset:
                         self._finish(tp)
                         break
                     yield record

@@ -8,7 +8,11 @@ coordinates and counted as an error; one that still fails after its retries stop
 `--checkpoint FILE` holds, per partition, the offset below which every record is handled (copied, dropped
 as a duplicate, filtered out or reported). It is written every second and at the end, after the
 destination has confirmed or flushed what it covers, so a replay stopped with Ctrl-C and run again copies
-every record once. After a crash, records copied since the last write are copied again.
+every record once. After a crash, records copied since the last write are copied again. The checkpoint
+names the replay it belongs to (topic, window, offsets, filters, destination): a different replay refuses
+it rather than skip what it never copied.
+
+Before reading anything, the destination file and the checkpoint are checked to be writable.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
+from aiokafka.errors import KafkaError
 
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord, Deduplicator, Event, EventFilter
@@ -40,31 +45,69 @@ class ReplayError(RuntimeError):
     """The replay cannot start or cannot go on; the message says why."""
 
 
+def replay_identity(settings: Settings) -> dict[str, Any]:
+    """What makes two runs the same replay: a checkpoint is only valid for the replay that wrote it."""
+    if settings.to_file is not None:
+        destination = f"file:{os.path.abspath(settings.to_file)}"
+    elif settings.to_topic is not None:
+        destination = f"topic:{settings.to_topic}"
+    else:
+        destination = f"url:{settings.to_url}"
+    return {
+        "topic": settings.topic,
+        "since": settings.since,
+        "until": settings.until,
+        "from_offset": settings.from_offset,
+        "to_offset": settings.to_offset,
+        "command": sorted(settings.command),
+        "account": settings.account,
+        "destination": destination,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """Per-partition progress of a replay of one topic, in a JSON file replaced atomically."""
+    """Per-partition progress of one replay (`replay_identity`), in a JSON file replaced atomically."""
 
     path: Path
-    topic: str
+    replay: Mapping[str, Any]
 
     def load(self) -> dict[int, int]:
         if not self.path.exists():
             return {}
         try:
             data = orjson.loads(self.path.read_bytes())
-            topic, positions = data["topic"], data["positions"]
+            replay, positions = data["replay"], data["positions"]
             loaded = {int(partition): int(offset) for partition, offset in positions.items()}
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ReplayError(f"checkpoint {self.path} cannot be read: {exc}") from None
-        if topic != self.topic:
-            raise ReplayError(f"checkpoint {self.path} is for topic {topic!r}, not {self.topic!r}")
+            raise ReplayError(f"checkpoint {self.path} cannot be read: {exc!r}") from None
+        if replay != self.replay:
+            names = sorted(k for k in {*replay, *self.replay} if replay.get(k) != self.replay.get(k))
+            raise ReplayError(
+                f"checkpoint {self.path} is for another replay (its {', '.join(names)} differ); "
+                "give the same options to resume it, or another --checkpoint file"
+            )
         return loaded
 
-    def save(self, positions: Mapping[int, int]) -> None:
-        data = {"topic": self.topic, "positions": {str(p): o for p, o in sorted(positions.items())}}
+    def check_writable(self) -> None:
+        """Raise `ReplayError` now if the checkpoint could not be saved later."""
+        if self.path.is_dir():
+            raise ReplayError(f"cannot write --checkpoint {self.path}: it is a directory")
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-        os.replace(temporary, self.path)
+        try:
+            temporary.write_bytes(b"")
+            temporary.unlink()
+        except OSError as exc:
+            raise ReplayError(f"cannot write --checkpoint {self.path}: {exc.strerror}") from None
+
+    def save(self, positions: Mapping[int, int]) -> None:
+        data = {"replay": self.replay, "positions": {str(p): o for p, o in sorted(positions.items())}}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            temporary.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise ReplayError(f"cannot write --checkpoint {self.path}: {exc.strerror}") from None
 
 
 class RateLimit:
@@ -93,7 +136,7 @@ class Replay:
         self.interrupted = False
         self.failure: str | None = None
         self._checkpoint = (
-            Checkpoint(Path(settings.checkpoint), settings.topic) if settings.checkpoint else None
+            Checkpoint(Path(settings.checkpoint), replay_identity(settings)) if settings.checkpoint else None
         )
         self._dedup = Deduplicator() if settings.dedup else None
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -110,6 +153,8 @@ class Replay:
     async def run(self, progress: Progress | None = None) -> Tally:
         settings = self._settings
         saved = self._checkpoint.load() if self._checkpoint else {}
+        # The destination first: the reader's consumer exists only once it can be started and stopped.
+        await self._sink.open()
         reader = EventReader(
             settings.bootstrap_servers,
             settings.topic,
@@ -123,7 +168,6 @@ class Replay:
             client_id=settings.client_id,
         )
         self._reader = reader
-        await self._sink.open()
         try:
             async with reader:
                 await self._copy(reader, progress)
@@ -178,6 +222,7 @@ class Replay:
                         return
                     if attempt == self._settings.retries:
                         # Not done: the checkpoint stays before this record, so a re-run tries it again.
+                        self.tally.errors += 1
                         self.failure = f"{event.coordinates}: {exc.reason} (after {attempt} retries)"
                         self.interrupt()
                         return
@@ -213,18 +258,61 @@ def select_of(settings: Settings) -> EventFilter:
     )
 
 
+def window_problem(settings: Settings) -> str | None:
+    """What is wrong with `--since` and `--until` together, if anything."""
+    if settings.since is not None and settings.until is not None and settings.since >= settings.until:
+        return "--since must be earlier than --until"
+    return None
+
+
+def cluster_failure(exc: KafkaError, settings: Settings) -> str:
+    """One line for a Kafka error at the command's boundary: the cluster is unreachable or refused."""
+    text, name = str(exc), type(exc).__name__
+    described = text if text.startswith(name) else f"{name}: {text}"
+    brokers = ",".join(settings.bootstrap_servers)
+    return f"cannot reach the Kafka cluster, or it refused: {described} (brokers: {brokers})"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def run_replay(settings: Settings) -> int:
-    """`bridge replay`: 0 when all was copied, 1 on errors or failure, 2 on bad usage, 130 on Ctrl-C."""
+    """`bridge replay`: 0 when all was copied, 1 on errors or failure, 2 on bad usage (including a
+    destination file or checkpoint that cannot be written, or a checkpoint of another replay), 3 when the
+    Kafka cluster cannot be reached or refuses, 130 on Ctrl-C."""
     destinations = [d for d in (settings.to_topic, settings.to_file, settings.to_url) if d is not None]
-    problem = None
+    problem = window_problem(settings)
     if len(destinations) != 1:
         problem = "give exactly one destination: --to-topic, --to-file or --to-url"
     elif settings.to_topic == settings.topic:
         problem = "--to-topic must differ from --topic"
+    if problem is None:
+        try:
+            _check_files(settings)
+        except ReplayError as exc:
+            problem = str(exc)
     if problem is not None:
         print(f"bridge replay: {problem}", file=sys.stderr)
         return 2
     return asyncio.run(_main(settings))
+
+
+def _check_files(settings: Settings) -> None:
+    """Before reading: the destination file and the checkpoint can be written, the checkpoint is ours."""
+    if settings.to_file is not None:
+        path = Path(settings.to_file)
+        existed = path.exists()
+        try:
+            path.open("ab").close()
+        except OSError as exc:
+            raise ReplayError(f"cannot write --to-file {settings.to_file}: {exc.strerror}") from None
+        if not existed:
+            path.unlink()
+    if settings.checkpoint is not None:
+        checkpoint = Checkpoint(Path(settings.checkpoint), replay_identity(settings))
+        checkpoint.check_writable()
+        checkpoint.load()
 
 
 async def _main(settings: Settings) -> int:
@@ -236,6 +324,12 @@ async def _main(settings: Settings) -> int:
     try:
         tally = await replay.run(progress)
     except (ReplayError, ReaderError, DeliveryFailed) as exc:
+        print(f"bridge replay: {exc}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        print(f"bridge replay: {cluster_failure(exc, settings)}", file=sys.stderr)
+        return 3
+    except OSError as exc:
         print(f"bridge replay: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -264,8 +264,8 @@ READER_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "lateness",
-        "Seconds of event time a callback may land after later ones; a partition is past --until once it "
-        "holds an event this much later, and the --since lookup starts this much earlier.",
+        "Seconds of event time a callback may land after later ones: the --since lookup by time starts "
+        "this much earlier (a partition is always read to its end offset, whatever the event times).",
         _lateness,
         "SECONDS",
         READERS,
@@ -308,7 +308,8 @@ READER_OPTIONS: tuple[Option, ...] = (
     Option("to_file", "Copy to this JSON Lines file, appending.", _text, "FILE", REPLAY, "(none)"),
     Option(
         "to_url",
-        "Re-post each callback to this URL with its original query, as Tencent would.",
+        "Re-post each callback body to this URL with its stored query (without Sign: run the receiver "
+        "without a token).",
         _url,
         "URL",
         REPLAY,

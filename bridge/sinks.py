@@ -90,7 +90,11 @@ class TopicSink:
         )
 
     async def open(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # a producer that failed to start still holds its client
+            raise
         try:
             partitions = await self._producer.partitions_for(self._topic)
         except KafkaError as exc:
@@ -122,7 +126,8 @@ class TopicSink:
 
 
 class UrlSink:
-    """POSTs each callback body, as Tencent posted it, with its original query string."""
+    """POSTs each callback body, as Tencent posted it, with the query stored in the envelope (without `Sign`,
+    which the bridge never stores: a receiver that verifies signatures refuses these posts)."""
 
     def __init__(self, url: str) -> None:
         self.name = url

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -175,6 +177,31 @@ async def count_records(bootstrap_servers: str, topics: Sequence[str]) -> int:
         return sum(ends.values())
     finally:
         await consumer.stop()
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+
+def run_bridge(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m bridge ARGUMENTS` with no BRIDGE_ variable from the environment."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=clean,
+        cwd=cwd,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a command wrote to stderr; fails on a traceback or more lines."""
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 # --- a topic of several days of callbacks, for consume and replay ------------------------------------------

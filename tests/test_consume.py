@@ -15,9 +15,10 @@ import orjson
 import pytest
 
 from bridge.consumer import EventReader
+from bridge.embedded import free_port
 from bridge.events import Event, EventFilter
 from bridge.settings import Settings
-from tests.support import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted
+from tests.support import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, one_line_error, run_bridge
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -117,3 +118,67 @@ async def test_the_readmes_analytics_job_counts_each_accounts_messages_of_the_da
     # Four messages per account on 2024-05-02; the one delivered twice counts once.
     assert result.stdout.splitlines() == [f"{account} 4" for account in sorted(ACCOUNTS)]
     assert len(posted) == 48
+
+
+def consume_day(kafka: str, topic: str, group: str, day: int) -> subprocess.CompletedProcess[str]:
+    start = FIRST_DAY_MS + day * DAY_MS
+    return run(
+        *(sys.executable, "-m", "bridge", "consume", "--bootstrap-servers", kafka, "--topic", topic),
+        *("--group", group, "--since", str(start), "--until", str(start + DAY_MS)),
+    )
+
+
+async def test_a_group_reading_one_day_after_another_gets_every_event_of_the_next_day(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    """The first day's run reads past its --until but commits nothing from there on, so the next day's
+    run of the same group starts before that day's first events."""
+    first = await asyncio.to_thread(consume_day, kafka, settings.topic, "daily", 0)
+    second = await asyncio.to_thread(consume_day, kafka, settings.topic, "daily", 1)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    for result, day in ((first, 0), (second, 1)):
+        start = FIRST_DAY_MS + day * DAY_MS
+        expected = [p for p in posted if start <= p.event_time < start + DAY_MS]
+        got = Counter(normalized(orjson.loads(line)["callback"]) for line in result.stdout.splitlines())
+        assert got == Counter(normalized(p.body) for p in expected), day
+
+
+async def test_consume_with_no_broker_answering_exits_3_with_a_one_line_error() -> None:
+    result = await asyncio.to_thread(
+        run_bridge, "consume", "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--from-beginning"
+    )
+    assert result.returncode == 3
+    assert "cannot reach the Kafka cluster" in one_line_error(result)
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+async def test_consume_refuses_an_output_it_cannot_write_with_a_one_line_usage_error(
+    where: str, posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    output = str(tmp_path / "missing" / "out.jsonl") if where == "missing directory" else str(tmp_path)
+    result = await asyncio.to_thread(
+        run_bridge, "consume", "--bootstrap-servers", kafka, "--topic", settings.topic, "--from-beginning",
+        "--output", output,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot write --output {output}" in one_line_error(result)
+
+
+async def test_consume_with_since_later_than_until_is_a_usage_error(settings: Settings, kafka: str) -> None:
+    result = await asyncio.to_thread(
+        run_bridge, "consume", "--bootstrap-servers", kafka, "--topic", settings.topic,
+        "--since", "2024-05-03", "--until", "2024-05-02",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--since must be earlier than --until" in one_line_error(result)
+
+
+async def test_consume_says_1_event_in_the_singular(
+    posted: list[Posted], settings: Settings, kafka: str
+) -> None:
+    result = await asyncio.to_thread(
+        run_bridge, "consume", "--bootstrap-servers", kafka, "--topic", settings.topic, "--from-beginning",
+        "--max", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "consume: 1 event written, " in result.stderr

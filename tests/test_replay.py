@@ -21,11 +21,23 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
+from bridge.embedded import free_port
 from bridge.partitioner import partition_for
 from bridge.replay import Replay
 from bridge.settings import Settings
 from bridge.sinks import FileSink, TopicSink, UrlSink
-from tests.support import DAY_MS, FIRST_DAY_MS, Posted, read_records
+from tests.conftest import BridgeClient
+from tests.support import (
+    ACCOUNTS,
+    DAY_MS,
+    FIRST_DAY_MS,
+    Posted,
+    message,
+    one_line_error,
+    post_all,
+    read_records,
+    run_bridge,
+)
 
 DAY_1 = (FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
 
@@ -67,21 +79,20 @@ async def test_a_day_replayed_to_a_file_holds_that_days_callbacks_late_and_repea
     assert (replay.tally.duplicates, replay.tally.errors) == (0, 0)
 
 
-async def test_the_late_callback_of_a_day_is_copied_within_the_lateness_and_missed_without_it(
+async def test_the_late_callback_of_a_day_is_copied_even_with_no_lateness_allowed(
     posted: list[Posted], settings: Settings, tmp_path: Path
 ) -> None:
-    """Day 0's 23:50 message lands after day 1's 00:30 ones: 1 h of lateness catches it, 0 s stops before."""
+    """Day 0's 23:50 message lands after day 1's 00:30 ones: the lateness only moves the start lookup, it
+    never ends a partition's read before the end offset."""
     day_0 = in_day(posted, 0)
-    on_time = [p for p in day_0 if p.key != "d0-news-99"]
-    assert len(on_time) == len(day_0) - 1
-    for lateness, expected in ((3600.0, day_0), (0.0, on_time)):
-        out = tmp_path / f"day0-{lateness}.jsonl"
-        window = replace(
-            settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, lateness=lateness, to_file=str(out)
-        )
-        await replay_to(window, FileSink(str(out)))
-        copied = [orjson.loads(line)["callback"] for line in out.read_bytes().splitlines()]
-        assert Counter(normalized(c) for c in copied) == bodies(expected), lateness
+    assert "d0-news-99" in {p.key for p in day_0}
+    out = tmp_path / "day0.jsonl"
+    window = replace(
+        settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, lateness=0.0, to_file=str(out)
+    )
+    await replay_to(window, FileSink(str(out)))
+    copied = [orjson.loads(line)["callback"] for line in out.read_bytes().splitlines()]
+    assert Counter(normalized(c) for c in copied) == bodies(day_0)
 
 
 async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_and_the_partition_rule(
@@ -222,3 +233,100 @@ async def test_the_readmes_backfill_command_copies_that_day_each_callback_once(
     copied = Counter(normalized(orjson.loads(line)["callback"]) for line in out.read_bytes().splitlines())
     assert copied == Counter(set(bodies(in_day(posted, 1))))
     assert (tmp_path / "2024-05-02.ckpt").exists()
+
+
+async def test_a_replay_copies_a_backfilled_callback_written_after_later_days_and_a_foreign_record(
+    posted: list[Posted], settings: Settings, kafka: str, bridge: BridgeClient, tmp_path: Path
+) -> None:
+    """Backfills write old event times after newer ones, and a foreign record may be stamped now: neither
+    ends the partition; only the end offset seen at start does."""
+    partition = partition_for(ACCOUNTS[0], settings.partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic, b'{"hello":"now"}', partition=partition)
+    finally:
+        await producer.stop()
+    backfilled = message(0, 720, ACCOUNTS[0], 77)
+    await post_all(bridge, [backfilled])
+    out = tmp_path / "day0.jsonl"
+    window = replace(settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, to_file=str(out))
+    replay = await replay_to(window, FileSink(str(out)))
+
+    copied = Counter(normalized(orjson.loads(line)["callback"]) for line in out.read_bytes().splitlines())
+    assert copied == bodies([*in_day(posted, 0), backfilled])
+    assert replay.tally.errors == 1  # the foreign record, reported
+
+
+async def test_replay_with_no_broker_answering_exits_3_with_a_one_line_error(tmp_path: Path) -> None:
+    result = await asyncio.to_thread(
+        run_bridge, "replay", "--bootstrap-servers", f"127.0.0.1:{free_port()}",
+        "--to-file", str(tmp_path / "out.jsonl"),
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert "cannot reach the Kafka cluster" in one_line_error(result)
+
+
+@pytest.mark.parametrize("option", ["--to-file", "--checkpoint"])
+async def test_replay_refuses_a_file_it_cannot_write_before_copying_anything(
+    option: str, posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    unwritable = str(tmp_path / "missing" / "file")
+    files = {
+        "--to-file": str(tmp_path / "out.jsonl"),
+        "--checkpoint": str(tmp_path / "c.ckpt"),
+        option: unwritable,
+    }
+    result = await asyncio.to_thread(
+        run_bridge, "replay", "--bootstrap-servers", kafka, "--topic", settings.topic,
+        *(part for pair in files.items() for part in pair),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot write {option} {unwritable}" in one_line_error(result)
+    assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_bytes()
+
+
+async def test_replay_with_since_later_than_until_is_a_usage_error(
+    settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    result = await asyncio.to_thread(
+        run_bridge, "replay", "--bootstrap-servers", kafka, "--topic", settings.topic,
+        "--since", "2024-05-03", "--until", "2024-05-02", "--to-file", "never-written.jsonl",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--since must be earlier than --until" in one_line_error(result)
+    assert not (tmp_path / "never-written.jsonl").exists()
+
+
+@pytest.mark.parametrize("change", ["window", "destination"])
+async def test_a_checkpoint_refuses_to_resume_a_replay_of_another_window_or_destination(
+    change: str, posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+) -> None:
+    common = ("replay", "--bootstrap-servers", kafka, "--topic", settings.topic, "--checkpoint", "day.ckpt")
+    first = await asyncio.to_thread(
+        run_bridge, *common, "--since", "2024-05-02", "--until", "2024-05-03", "--to-file", "day.jsonl",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    other = (
+        ("--since", "2024-05-03", "--until", "2024-05-04", "--to-file", "day.jsonl")
+        if change == "window"
+        else ("--since", "2024-05-02", "--until", "2024-05-03", "--to-file", "other.jsonl")
+    )
+    second = await asyncio.to_thread(run_bridge, *common, *other, cwd=tmp_path)
+    assert second.returncode == 2
+    assert "checkpoint day.ckpt is for another replay" in one_line_error(second)
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+async def test_a_delivery_that_stops_the_replay_after_its_retries_counts_as_an_error(
+    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, str]
+) -> None:
+    target, url = receiver
+    first = in_day(posted, 1)[0]
+    target.fail_first.add(orjson.dumps(first.body))
+    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=1, retries=0)
+    replay = await replay_to(window, UrlSink(url))
+    assert replay.failure is not None
+    assert replay.tally.errors == 1
