@@ -13,6 +13,7 @@ from typing import IO
 
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord
+from bridge.kafka_security import kafka_connection_options
 from bridge.replay import select_of
 from bridge.settings import Settings
 
@@ -49,6 +50,7 @@ async def _consume(settings: Settings, output: IO[bytes]) -> int:
         manual_done=True,
         on_bad_record=_report_bad,
         client_id=settings.client_id,
+        kafka_options=kafka_connection_options(settings),
     )
     # Line by line when someone watches or a group commits what was written; else in blocks, for speed.
     flush_each = settings.follow or settings.group is not None or output.isatty()

@@ -28,6 +28,7 @@ import orjson
 
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord, Deduplicator, Event, EventFilter
+from bridge.kafka_security import kafka_connection_options
 from bridge.progress import Progress, Tally
 from bridge.settings import Settings
 from bridge.sinks import DeliveryFailed, Sink, sink_for
@@ -121,6 +122,7 @@ class Replay:
             manual_done=True,
             on_bad_record=self._bad_record,
             client_id=settings.client_id,
+            kafka_options=kafka_connection_options(settings),
         )
         self._reader = reader
         await self._sink.open()
