@@ -284,7 +284,7 @@ def _existing_file(path: str) -> str:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise ValueError(f"cannot read the file: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot read the file {path}: {exc.strerror or exc}") from None
     return path
 
 
