@@ -56,7 +56,6 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=None,
         shutdown_timeout=settings.delivery_timeout + 1,
         **request_handler_options(settings),
     )

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlencode
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge.cli import _parser
 from bridge.runner import request_handler_options
 from bridge.secret import Secret
 from bridge.server import PUBLISHER, create_app
-from bridge.settings import Settings
+from bridge.settings import Settings, SettingsError, build
 from bridge.signature import expected_sign
 from tests.conftest import BridgeClient
 from tests.support import fixture, unique_settings
@@ -75,18 +77,20 @@ async def test_a_callback_signed_with_any_configured_token_is_written_without_it
 
 
 @pytest.mark.parametrize(
-    ("query", "phrase"),
+    ("make_query", "phrase"),
+    # Signed when the test runs, not when it is collected, so "fresh" stays fresh.
     [
-        (SEED.query, "signature missing"),
-        ({**signed(SEED.query), "Sign": "not-hex"}, "signature malformed"),
-        (signed(SEED.query, at=int(time.time()) - 3600), "signature stale"),
-        (signed(SEED.query, GUESS), "signature mismatch"),
+        (lambda: SEED.query, "signature missing"),
+        (lambda: {**signed(SEED.query), "Sign": "not-hex"}, "signature malformed"),
+        (lambda: signed(SEED.query, at=int(time.time()) - 3600), "signature stale"),
+        (lambda: signed(SEED.query, GUESS), "signature mismatch"),
     ],
     ids=["missing", "malformed", "stale", "mismatch"],
 )
 async def test_a_callback_failing_a_signature_check_gets_401_naming_the_check_and_nothing_is_written(
-    secured: BridgeClient, publisher: FakePublisher, query: dict[str, str], phrase: str
+    secured: BridgeClient, publisher: FakePublisher, make_query: Callable[[], dict[str, str]], phrase: str
 ) -> None:
+    query = make_query()
     info = await fail_info(await secured.post("/callback", params=query, data=SEED.raw_body), 401)
     assert info.startswith(phrase)
     request_time = query.get("RequestTime", "0")
@@ -187,12 +191,46 @@ async def test_tokens_and_kafka_passwords_reach_no_log_metric_or_answer_even_at_
             # Until the producer has tried the broker and said so; there is no event to wait on.
             while publisher.status == "connecting to Kafka":
                 await asyncio.sleep(0.05)
-        for query in (signed(SEED.query), signed(SEED.query, "wrong"), SEED.query):
+        good = signed(SEED.query)
+        for query in (good, signed(SEED.query, "wrong"), SEED.query):
             answers.append(await (await client.post("/callback", params=query, data=SEED.raw_body)).text())
         answers.append(await (await client.get("/metrics")).text())
         answers.append(await (await client.get("/stats")).text())
         answers.append(await (await client.get("/readyz")).text())
     text = everything_logged(caplog) + "\n".join(answers)
     assert any(r.name.startswith("aiokafka") for r in caplog.records), "aiokafka logged nothing at debug"
-    for secret in (OLD_TOKEN, PASSWORD, expected_sign(OLD_TOKEN, signed(SEED.query)["RequestTime"])):
+    for secret in (OLD_TOKEN, PASSWORD, good["Sign"]):
         assert secret not in text
+
+
+def test_sdk_app_ids_add_up_across_repeated_flags_and_commas_and_come_comma_separated_from_the_env() -> None:
+    args = _parser().parse_args(
+        ["serve", "--sdk-app-id", "1400000000", "--sdk-app-id", "1400000001,1400000002"]
+    )
+    assert build("serve", vars(args), {}).sdk_app_id == ("1400000000", "1400000001", "1400000002")
+    assert build("serve", {}, {"BRIDGE_SDK_APP_ID": "1400000000, 1400000001"}).sdk_app_id == (
+        "1400000000",
+        "1400000001",
+    )
+    with pytest.raises(SettingsError, match="not an SDKAppID"):
+        build("serve", {}, {"BRIDGE_SDK_APP_ID": "14000x"})
+
+
+def test_tokens_from_flags_and_a_file_one_a_line_are_all_accepted(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("from-file-1\n\n  from-file-2  \n")
+    args = _parser().parse_args(
+        [
+            "serve",
+            "--callback-token",
+            "a,b",
+            "--callback-token",
+            "c",
+            "--callback-token-file",
+            str(token_file),
+        ]
+    )
+    tokens = build("serve", vars(args), {}).callback_tokens
+    assert [t.reveal() for t in tokens] == ["a", "b", "c", "from-file-1", "from-file-2"]
+    env_tokens = build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": "old,new"}).callback_tokens
+    assert [t.reveal() for t in env_tokens] == ["old", "new"]
