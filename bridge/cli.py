@@ -12,7 +12,16 @@ from typing import Any
 
 from bridge import __version__
 from bridge.logs import configure_logging
-from bridge.settings import OPTIONS, Option, Settings, SettingsError, build, default, describe_default
+from bridge.settings import (
+    KAFKA_CLIENTS,
+    OPTIONS,
+    Option,
+    Settings,
+    SettingsError,
+    build,
+    default,
+    describe_default,
+)
 
 _DESCRIPTION = """\
 Receive Tencent Cloud Chat webhook callbacks over HTTP and publish each one to Kafka, answering
@@ -45,6 +54,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 2
     try:
         settings = build(args.subcommand, vars(args), environ)
+        if args.subcommand in KAFKA_CLIENTS:
+            from bridge.kafka_security import kafka_connection_options  # noqa: PLC0415 - keeps `--help` fast
+
+            kafka_connection_options(settings)  # TLS and SASL settings that do not fit fail here, at once
     except SettingsError as exc:
         parser.exit(2, f"bridge {args.subcommand}: {exc}\n")
     if args.subcommand in _NEED_BROKERS and not settings.bootstrap_servers:
@@ -168,8 +181,22 @@ def _add_option(parser: argparse.ArgumentParser, option: Option, command: str) -
         metavar=option.metavar,
         default=None,
         type=_argparse_type(option),
-        help=help_text,
+        action=_Extend if option.repeatable else "store",
+        help=help_text + (" (repeatable)" if option.repeatable else ""),
     )
+
+
+class _Extend(argparse.Action):
+    """A repeatable flag whose values (each parsed to a tuple) add up: `--sdk-app-id 1 --sdk-app-id 2,3`."""
+
+    def __call__(
+        self,
+        _parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        _option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, (getattr(namespace, self.dest, None) or ()) + tuple(values))
 
 
 def _argparse_type(option: Option) -> Callable[[str], Any]:

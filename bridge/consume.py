@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaError
 
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord
+from bridge.kafka_security import kafka_connection_options
 from bridge.replay import cluster_failure, plural, select_of, window_problem
 from bridge.settings import Settings
 
@@ -55,6 +56,7 @@ async def _consume(settings: Settings, output: IO[bytes]) -> int:
         manual_done=True,
         on_bad_record=_report_bad,
         client_id=settings.client_id,
+        kafka_options=kafka_connection_options(settings),
     )
     # Line by line when someone watches or a group commits what was written; else in blocks, for speed.
     flush_each = settings.follow or settings.group is not None or output.isatty()

@@ -56,6 +56,38 @@ class BodyTimeout(BridgeError):
     error_code = 40800
 
 
+class Unauthorized(BridgeError):
+    """Webhook authentication is on and the callback's signature failed a check; the subclass says which."""
+
+    status = 401
+    error_code = 40100
+
+
+class MissingSignature(Unauthorized):
+    error_code = 40101
+
+
+class MalformedSignature(Unauthorized):
+    error_code = 40102
+
+
+class StaleSignature(Unauthorized):
+    """`RequestTime` is further from the bridge's clock than `--max-clock-skew`: a replay, or a bad clock."""
+
+    error_code = 40103
+
+
+class SignatureMismatch(Unauthorized):
+    error_code = 40104
+
+
+class ForbiddenApp(BridgeError):
+    """The callback's `SdkAppid` is not one of the apps in `--sdk-app-id`."""
+
+    status = 403
+    error_code = 40300
+
+
 class NotFound(BridgeError):
     status = 404
     error_code = 40400

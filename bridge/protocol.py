@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -59,6 +59,8 @@ class CallbackQuery:
     command: str | None
     params: dict[str, str]
     """Every parameter as received, except those in `EXCLUDED_FROM_ENVELOPE`."""
+    sign: str | None = field(default=None, repr=False)
+    """`Sign`, for the signature check only: it never reaches Kafka or a log."""
 
 
 def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
@@ -79,7 +81,7 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
     if command is not None:
         _check_command(command, "query parameter 'CallbackCommand'")
     params = {name: value for name, value in query.items() if name not in EXCLUDED_FROM_ENVELOPE}
-    return CallbackQuery(sdk_app_id=sdk_app_id, command=command, params=params)
+    return CallbackQuery(sdk_app_id=sdk_app_id, command=command, params=params, sign=query.get("Sign"))
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:

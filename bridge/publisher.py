@@ -29,6 +29,7 @@ from aiokafka.errors import (
 
 from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout
+from bridge.kafka_security import kafka_connection_options
 from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
 from bridge.topics import create_topics, how_to_create, max_record_bytes
@@ -88,6 +89,8 @@ class KafkaPublisher:
     ) -> None:
         """`on_queued` is told of every record handed to the producer (the metrics' queue gauge)."""
         self._settings = settings
+        # Built once, here: a bad TLS file or a SASL setting missing fails the start, not every reconnect.
+        self._connection_options = kafka_connection_options(settings)
         self._outcomes = outcomes
         self._on_queued = on_queued
         self._producer: AIOKafkaProducer | None = None
@@ -289,6 +292,7 @@ class KafkaPublisher:
             max_request_size=max_record_bytes(settings),
             # A produce request outliving the delivery deadline only delays noticing a dead connection.
             request_timeout_ms=max(1000, math.ceil(settings.delivery_timeout * 1000)),
+            **self._connection_options,
         )
 
     async def _stop(self, producer: AIOKafkaProducer) -> None:

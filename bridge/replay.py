@@ -33,6 +33,7 @@ from aiokafka.errors import KafkaError
 
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord, Deduplicator, Event, EventFilter
+from bridge.kafka_security import kafka_connection_options
 from bridge.progress import Progress, Tally
 from bridge.settings import Settings
 from bridge.sinks import DeliveryFailed, Sink, sink_for
@@ -166,6 +167,7 @@ class Replay:
             manual_done=True,
             on_bad_record=self._bad_record,
             client_id=settings.client_id,
+            kafka_options=kafka_connection_options(settings),
         )
         self._reader = reader
         try:

@@ -31,13 +31,33 @@ class ListenError(OSError):
     """The bridge cannot listen on its address and port."""
 
 
+def request_handler_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp's request-handler arguments: no access log, and bounds on what a connection may send and when.
+
+    No access log: it would repeat every query string, `Sign` included, which replays within the skew.
+
+    aiohttp closes a connection `keepalive_timeout` after it opened or after its last answer unless a whole
+    request head has arrived by then: the one timeout covers idle keep-alive connections and clients that
+    trickle their headers. A trickled body is bounded by `--body-timeout`, in the handler.
+    """
+    return {
+        "access_log": None,
+        "max_line_size": settings.max_url_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        "keepalive_timeout": settings.idle_timeout,
+    }
+
+
 async def run_server(settings: Settings, on_started: OnStarted | None = None) -> None:
     """Serve until a stop signal; `on_started` gets the application and the bound port."""
     app = create_app(settings)
-    # No access log: it would repeat every query string, Sign included. In-flight callbacks end within the
-    # delivery timeout, so aiohttp's wait for them needs no more.
+    # In-flight callbacks end within the delivery timeout, so aiohttp's wait for them needs no more.
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.delivery_timeout + 1
+        app,
+        handle_signals=False,
+        shutdown_timeout=settings.delivery_timeout + 1,
+        **request_handler_options(settings),
     )
     await runner.setup()
     stop = asyncio.Event()

@@ -1,6 +1,7 @@
 """The HTTP side: the aiohttp application, the callback handler and the probes.
 
-The path of a callback: query (`protocol`) -> body (`protocol`) -> command (`commands`) -> record
+The path of a callback: query (`protocol`) -> signature and app (`signature`, before the body is read, so
+an unauthenticated request costs next to nothing) -> body (`protocol`) -> command (`commands`) -> record
 (`envelope`, `partitioner`) -> Kafka (`publisher`) -> the answer. Every failure is a `BridgeError`, turned
 into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so.
 """
@@ -24,6 +25,7 @@ from bridge.errors import (
     BodyTooLarge,
     BridgeError,
     BrokerNotReady,
+    ForbiddenApp,
     InternalError,
     MethodNotAllowed,
     NotFound,
@@ -44,6 +46,7 @@ from bridge.partitioner import partition_for
 from bridge.protocol import OK_BODY, decode_body, fail_body, parse_query, resolve_command
 from bridge.publisher import KafkaPublisher, Publisher
 from bridge.settings import Settings
+from bridge.signature import SignatureCheck
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 OUTCOMES = web.AppKey("outcomes", Outcomes)
 ADMISSION = web.AppKey("admission", Admission)
 DEDUP = web.AppKey("dedup", EdgeDedup)
+SIGNATURE = web.AppKey("signature", SignatureCheck)
 
 _JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,6 +71,9 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     app[OUTCOMES] = Outcomes()
     app[ADMISSION] = Admission(settings.max_in_flight)
     app[DEDUP] = EdgeDedup(settings.dedup_window, settings.dedup_max_keys)
+    if settings.callback_tokens:
+        app[SIGNATURE] = SignatureCheck(settings.callback_tokens, settings.max_clock_skew)
+    app.on_startup.append(_warn_if_open)
     install_metrics(app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready)
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
@@ -77,6 +84,14 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/stats", stats)
     return app
+
+
+async def _warn_if_open(app: web.Application) -> None:
+    if SIGNATURE not in app:
+        log.warning(
+            "callbacks are NOT authenticated: anyone who knows the URL can write to Kafka; set "
+            "--callback-token (BRIDGE_CALLBACK_TOKEN) to the Tencent console's webhook authentication token"
+        )
 
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
@@ -95,6 +110,10 @@ async def handle_callback(request: web.Request) -> web.Response:
     settings, publisher = app[SETTINGS], app[PUBLISHER]
     with app[ADMISSION].admit(publisher.abandoned):
         query = parse_query(request.query.items())
+        if SIGNATURE in app:
+            app[SIGNATURE].verify(query.sign, query.params.get("RequestTime"))
+        if settings.sdk_app_id and query.sdk_app_id not in settings.sdk_app_id:
+            raise ForbiddenApp(f"SdkAppid {query.sdk_app_id} is not an app of this bridge (--sdk-app-id)")
         raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
         received_at_ms = time.time_ns() // 1_000_000
         # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.

@@ -14,11 +14,14 @@ from typing import Any
 
 from bridge.commands import TopicGroup
 from bridge.events import parse_instant
+from bridge.secret import Secret
 
 ENV_PREFIX = "BRIDGE_"
 COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 # Paths the bridge serves itself; the callback path must be another one.
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -54,6 +57,27 @@ class Settings:
     shutdown_timeout: float = 10.0
     max_body_bytes: int = 1024 * 1024
     body_timeout: float = 5.0
+    # security: who may post (issue 4)
+    callback_token: tuple[Secret, ...] = ()
+    callback_token_file: tuple[Secret, ...] = ()
+    """The tokens read from `--callback-token-file`, one a line."""
+    max_clock_skew: float = 60.0
+    sdk_app_id: tuple[str, ...] = ()
+    # what a connection may send and how long it may take (aiohttp's request handler)
+    max_url_bytes: int = 4096
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    idle_timeout: float = 75.0
+    # the connection to Kafka
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    sasl_password_file: Secret | None = None
+    """The password read from `--sasl-password-file`."""
     compression: str = "none"
     linger_ms: int = 0
     client_id: str = "tencent-chat-kafka-bridge"
@@ -90,6 +114,11 @@ class Settings:
             TopicGroup.APP: self.app_topic,
             TopicGroup.UNKNOWN: self.unknown_topic,
         }[group]
+
+    @property
+    def callback_tokens(self) -> tuple[Secret, ...]:
+        """Every token a callback may be signed with, from the flags, the environment and the file."""
+        return self.callback_token + self.callback_token_file
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -194,6 +223,70 @@ def _url(text: str) -> str:
     return text
 
 
+def _tokens(text: str) -> tuple[Secret, ...]:
+    tokens = tuple(Secret(part.strip()) for part in text.split(",") if part.strip())
+    if not tokens:
+        raise ValueError("no token given")
+    return tokens
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        # The message names the file and why, never its content.
+        raise ValueError(
+            f"cannot read the file: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+        ) from None
+
+
+def _token_file(path: str) -> tuple[Secret, ...]:
+    tokens = tuple(Secret(line.strip()) for line in _read_secret_file(path).splitlines() if line.strip())
+    if not tokens:
+        raise ValueError("the file holds no token (one a line)")
+    return tokens
+
+
+def _password(text: str) -> Secret:
+    if not text:
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def _password_file(path: str) -> Secret:
+    # Only the final line break goes: a password may begin or end with spaces.
+    return _password(_read_secret_file(path).removesuffix("\n").removesuffix("\r"))
+
+
+def _sdk_app_ids(text: str) -> tuple[str, ...]:
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    for app_id in ids:
+        if not re.fullmatch(r"[1-9][0-9]{0,18}", app_id):
+            raise ValueError(f"{app_id!r} is not an SDKAppID (a positive decimal integer)")
+    if not ids:
+        raise ValueError("no SDKAppID given")
+    return ids
+
+
+def _existing_file(path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read the file {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _upper_one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip().upper() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.strip().upper()
+
+    return parse
+
+
 def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -209,6 +302,8 @@ class Option:
     commands: frozenset[str] = frozenset({"serve", "dev", "topics"})
     unset: str = "auto"
     """What a default of None means, in `--help` and the README."""
+    repeatable: bool = False
+    """A flag that may be given several times, each adding to the list (the variable is comma-separated)."""
 
     @property
     def flag(self) -> str:
@@ -232,6 +327,8 @@ SERVING = frozenset({"serve", "dev"})
 CONSUME = frozenset({"consume"})
 REPLAY = frozenset({"replay"})
 READERS = CONSUME | REPLAY
+# Every command that talks to a real cluster; `dev`'s embedded broker is plain and local.
+KAFKA_CLIENTS = SERVE_ONLY | TOPICS | READERS
 _TOPIC_HELP = "Topic for {what} callbacks."
 _INSTANT = "ISO 8601 (UTC unless an offset is given) or epoch ms"
 READER_OPTIONS: tuple[Option, ...] = (
@@ -452,6 +549,69 @@ OPTIONS: tuple[Option, ...] = (
         SERVING,
     ),
     Option(
+        "callback_token",
+        "Tencent webhook authentication token: a callback is accepted only when signed with one of "
+        "these. Repeat the flag, or separate with commas, to accept the old and the new token in a rotation.",
+        _tokens,
+        "TOKEN",
+        SERVING,
+        "(none)",
+        repeatable=True,
+    ),
+    Option(
+        "callback_token_file",
+        "File holding more tokens, one a line (a container secret).",
+        _token_file,
+        "FILE",
+        SERVING,
+        "(none)",
+    ),
+    Option(
+        "max_clock_skew",
+        "Most seconds a signed callback's RequestTime may be from the bridge's clock, either way.",
+        _seconds,
+        "SECONDS",
+        SERVING,
+    ),
+    Option(
+        "sdk_app_id",
+        "Accept callbacks of these SDKAppIDs only; others get 403. Repeatable, or comma-separated.",
+        _sdk_app_ids,
+        "ID[,...]",
+        SERVING,
+        "(any)",
+        repeatable=True,
+    ),
+    Option(
+        "max_url_bytes",
+        "Longest request line (method, path and query); longer gets 400 and the connection is closed.",
+        _int_between(256, 1 << 20),
+        "BYTES",
+        SERVING,
+    ),
+    Option(
+        "max_header_bytes",
+        "Longest header line; longer gets 400 and the connection is closed.",
+        _int_between(256, 1 << 20),
+        "BYTES",
+        SERVING,
+    ),
+    Option(
+        "max_headers",
+        "Most header lines in a request; more get 400 and the connection is closed.",
+        _int_between(8, 10_000),
+        "N",
+        SERVING,
+    ),
+    Option(
+        "idle_timeout",
+        "Seconds a connection may stay idle between requests, or take to send a request's headers, "
+        "before the bridge closes it.",
+        _seconds,
+        "SECONDS",
+        SERVING,
+    ),
+    Option(
         "compression",
         "Producer compression: " + ", ".join(COMPRESSION_TYPES) + ".",
         _one_of(COMPRESSION_TYPES),
@@ -462,6 +622,55 @@ OPTIONS: tuple[Option, ...] = (
         "linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS", SERVING
     ),
     Option("client_id", "Kafka client id.", _text, "ID"),
+    Option(
+        "security_protocol",
+        "How to connect to Kafka: " + ", ".join(SECURITY_PROTOCOLS) + ".",
+        _upper_one_of(SECURITY_PROTOCOLS),
+        "PROTOCOL",
+        KAFKA_CLIENTS,
+    ),
+    Option(
+        "ssl_cafile",
+        "PEM file of the CAs that sign the brokers' certificates (SSL, SASL_SSL); default: the system's.",
+        _existing_file,
+        "FILE",
+        KAFKA_CLIENTS,
+        "(none)",
+    ),
+    Option(
+        "ssl_certfile",
+        "PEM client certificate, for brokers that require one (mutual TLS).",
+        _existing_file,
+        "FILE",
+        KAFKA_CLIENTS,
+        "(none)",
+    ),
+    Option(
+        "ssl_keyfile",
+        "PEM private key of the client certificate, if not in the certificate file.",
+        _existing_file,
+        "FILE",
+        KAFKA_CLIENTS,
+        "(none)",
+    ),
+    Option(
+        "sasl_mechanism",
+        "SASL mechanism (SASL_PLAINTEXT, SASL_SSL): " + ", ".join(SASL_MECHANISMS) + ".",
+        _upper_one_of(SASL_MECHANISMS),
+        "MECHANISM",
+        KAFKA_CLIENTS,
+        "(none)",
+    ),
+    Option("sasl_username", "SASL user name.", _text, "USER", KAFKA_CLIENTS, "(none)"),
+    Option("sasl_password", "SASL password.", _password, "PASSWORD", KAFKA_CLIENTS, "(none)"),
+    Option(
+        "sasl_password_file",
+        "File holding the SASL password (a container secret); one final line break is ignored.",
+        _password_file,
+        "FILE",
+        KAFKA_CLIENTS,
+        "(none)",
+    ),
     Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS), "LEVEL"),
     Option(
         "log_format",

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from bridge.events import Event
+from bridge.kafka_security import kafka_connection_options
 from bridge.partitioner import partition_for
 from bridge.settings import Settings
 from bridge.topics import max_record_bytes
@@ -87,6 +88,7 @@ class TopicSink:
             enable_idempotence=False,  # broken on some brokers, and duplicates are handled by key
             compression_type=None if settings.compression == "none" else settings.compression,
             max_request_size=max_record_bytes(settings),
+            **kafka_connection_options(settings),
         )
 
     async def open(self) -> None:

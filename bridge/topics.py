@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
 
+from bridge.kafka_security import kafka_connection_options
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def _admin(settings: Settings) -> AIOKafkaAdminClient:
         bootstrap_servers=list(settings.bootstrap_servers),
         client_id=settings.client_id,
         request_timeout_ms=int(_ADMIN_CALL_TIMEOUT_S * 1000),
+        **kafka_connection_options(settings),
     )
 
 

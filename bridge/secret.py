@@ -1,0 +1,43 @@
+"""`Secret`: a setting that must never be printed: a callback token, a SASL password.
+
+Its `repr` and `str` hide the value, so a secret inside `Settings`, a log argument, an exception message or
+an f-string shows `********`. The value leaves only through `reveal()`, called where it is used: the
+signature check and the Kafka client's arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+HIDDEN: Final = "********"
+
+
+class Secret:
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not value:
+            raise ValueError("a secret must not be empty")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({HIDDEN!r})"
+
+    def __str__(self) -> str:
+        return HIDDEN
+
+    def __format__(self, _spec: str) -> str:
+        return HIDDEN
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # Pickling would copy the value somewhere it is not hidden.
+        raise TypeError("a Secret cannot be pickled")

@@ -1,0 +1,122 @@
+"""What one connection may send, and for how long, is bounded: shown with raw sockets.
+
+aiohttp's parser enforces the URL and header limits (a 400 from aiohttp itself, then the connection is
+closed); the bridge's handler the body limit (413) and the body timeout (408, see test_hostile_clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from bridge.runner import request_handler_options
+from bridge.server import create_app
+from bridge.settings import Settings
+from tests.support import fixture
+from tests.test_server import FakePublisher
+
+SEED = fixture("oa-after-send-text")
+LIMITS = Settings(
+    max_url_bytes=1024, max_header_bytes=512, max_headers=16, idle_timeout=1.0, max_body_bytes=4096
+)
+TARGET = f"/callback?{urlencode(SEED.query)}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TestServer]:
+    publisher = FakePublisher()
+    publisher.confirm.set()
+    test_server = TestServer(create_app(LIMITS, publisher=publisher))
+    await test_server.start_server(**request_handler_options(LIMITS))
+    async with test_server:
+        yield test_server
+
+
+async def answer_to(server: TestServer, data: bytes) -> bytes:
+    """Send `data` on a new connection; everything answered until the server closes it."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read()  # to EOF: the server closes the connection
+    finally:
+        writer.close()
+
+
+def head(target: str = TARGET, *headers: str) -> bytes:
+    return "\r\n".join([f"POST {target} HTTP/1.1", "Host: bridge", *headers, "", ""]).encode()
+
+
+async def test_a_url_longer_than_the_limit_gets_400_and_the_connection_is_closed(server: TestServer) -> None:
+    answer = await answer_to(server, head(TARGET + "&pad=" + "a" * 1100, "Content-Length: 0"))
+    assert answer.startswith(b"HTTP/1.0 400 ")
+
+
+async def test_a_header_longer_than_the_limit_gets_400_and_the_connection_is_closed(
+    server: TestServer,
+) -> None:
+    answer = await answer_to(server, head(TARGET, "X-Padding: " + "a" * 600, "Content-Length: 0"))
+    assert answer.startswith(b"HTTP/1.0 400 ")
+
+
+async def test_more_headers_than_the_limit_get_400_and_the_connection_is_closed(server: TestServer) -> None:
+    answer = await answer_to(server, head(TARGET, *(f"X-H{i}: 1" for i in range(20)), "Content-Length: 0"))
+    assert answer.startswith(b"HTTP/1.0 400 ")
+
+
+async def test_headers_just_within_the_limits_are_served(server: TestServer) -> None:
+    headers = (*(f"X-H{i}: 1" for i in range(12)), "X-Padding: " + "a" * 400, "Connection: close")
+    data = head(TARGET, *headers, f"Content-Length: {len(SEED.raw_body)}") + SEED.raw_body
+    assert (await answer_to(server, data)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_declared_body_over_the_limit_gets_413_before_any_of_it_is_sent(server: TestServer) -> None:
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(head(TARGET, "Content-Length: 100000000"))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 413 ")
+    finally:
+        writer.close()
+
+
+async def test_a_client_trickling_its_headers_is_cut_off_after_the_idle_timeout(server: TestServer) -> None:
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        writer.write(f"POST {TARGET} HTTP/1.1\r\n".encode())
+        async with asyncio.timeout(10):
+            for i in range(1000):  # a header byte every 0.1 s, never the end of the headers
+                writer.write(b"X-Slow: 1\r\n"[i % 11 : i % 11 + 1])
+                try:
+                    await writer.drain()
+                    closed = await asyncio.wait_for(reader.read(1), 0.1) == b""
+                except TimeoutError:
+                    continue
+                except ConnectionError:
+                    closed = True
+                if closed:
+                    break
+    finally:
+        writer.close()
+    assert loop.time() - started < 5, "cut off within a few seconds of the 1 s idle timeout"
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(server: TestServer) -> None:
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(head(TARGET, f"Content-Length: {len(SEED.raw_body)}") + SEED.raw_body)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+            await reader.read()  # the rest of the answer, then EOF once the idle connection is closed
+        assert reader.at_eof()
+    finally:
+        writer.close()

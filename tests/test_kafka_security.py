@@ -1,0 +1,185 @@
+"""Kafka TLS and SASL settings become the same aiokafka arguments for every client, and bad ones fail early.
+
+The test broker cannot speak TLS or SASL, so these tests check the mapping, not a secured connection.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import kafka_security
+from bridge.cli import main
+from bridge.kafka_security import kafka_connection_options
+from bridge.outcomes import Outcomes
+from bridge.publisher import KafkaPublisher
+from bridge.secret import Secret
+from bridge.settings import Settings, SettingsError, build
+from bridge.topics import _admin
+
+SERVERS = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9093"}
+
+
+def test_by_default_the_connection_is_plaintext_without_tls_or_sasl() -> None:
+    assert kafka_connection_options(Settings()) == {"security_protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_sasl_settings_become_aiokafkas_sasl_arguments(mechanism: str) -> None:
+    env = {
+        **SERVERS,
+        "BRIDGE_SECURITY_PROTOCOL": "sasl_plaintext",
+        "BRIDGE_SASL_MECHANISM": mechanism.lower(),
+        "BRIDGE_SASL_USERNAME": "bridge",
+        "BRIDGE_SASL_PASSWORD": "s3cret pass",
+    }
+    assert kafka_connection_options(build("serve", {}, env)) == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": mechanism,
+        "sasl_plain_username": "bridge",
+        "sasl_plain_password": "s3cret pass",
+    }
+
+
+def test_the_sasl_password_can_come_from_a_file_without_its_final_line_break(tmp_path: Path) -> None:
+    secret_file = tmp_path / "password"
+    secret_file.write_text(" pass word \n")
+    env = {
+        **SERVERS,
+        "BRIDGE_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "BRIDGE_SASL_MECHANISM": "PLAIN",
+        "BRIDGE_SASL_USERNAME": "bridge",
+        "BRIDGE_SASL_PASSWORD_FILE": str(secret_file),
+    }
+    password = kafka_connection_options(build("serve", {}, env))["sasl_plain_password"]
+    assert password == " pass word "  # noqa: S105 - the test's own password
+
+
+def test_tls_settings_become_a_verifying_ssl_context_built_from_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("PEM")
+    given: dict[str, Any] = {}
+
+    def fake_context(**kwargs: Any) -> ssl.SSLContext:
+        given.update(kwargs)
+        return ssl.create_default_context()
+
+    monkeypatch.setattr(kafka_security, "create_ssl_context", fake_context)
+    env = {
+        **SERVERS,
+        "BRIDGE_SECURITY_PROTOCOL": "SASL_SSL",
+        "BRIDGE_SSL_CAFILE": str(files["ca"]),
+        "BRIDGE_SSL_CERTFILE": str(files["cert"]),
+        "BRIDGE_SSL_KEYFILE": str(files["key"]),
+        "BRIDGE_SASL_MECHANISM": "SCRAM-SHA-512",
+        "BRIDGE_SASL_USERNAME": "bridge",
+        "BRIDGE_SASL_PASSWORD": "pw",
+    }
+    options = kafka_connection_options(build("topics", {}, env))
+    assert given == {"cafile": str(files["ca"]), "certfile": str(files["cert"]), "keyfile": str(files["key"])}
+    assert options["security_protocol"] == "SASL_SSL"
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+
+
+def test_tls_without_a_ca_file_verifies_brokers_against_the_systems_cas() -> None:
+    context = kafka_connection_options(Settings(security_protocol="SSL"))["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+
+
+def test_a_missing_ca_file_is_refused_at_start_naming_the_variable_and_the_file() -> None:
+    env = {**SERVERS, "BRIDGE_SECURITY_PROTOCOL": "SSL", "BRIDGE_SSL_CAFILE": "/nonexistent/ca.pem"}
+    with pytest.raises(
+        SettingsError,
+        match=r"BRIDGE_SSL_CAFILE='/nonexistent/ca\.pem': cannot read the file /nonexistent/ca\.pem: No such",
+    ):
+        build("serve", {}, env)
+
+
+def test_a_ca_file_that_is_not_pem_is_refused_naming_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(SettingsError, match=r"cannot load TLS files \(.*ca\.pem\)"):
+        kafka_connection_options(Settings(security_protocol="SSL", ssl_cafile=str(bad)))
+
+
+def test_serve_with_a_missing_ca_file_exits_2_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--security-protocol", "SSL", "--ssl-cafile", "/nonexistent/ca.pem"], SERVERS)
+    assert exit_.value.code == 2
+    assert "/nonexistent/ca.pem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "phrase"),
+    [
+        (
+            Settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN"),
+            "needs --sasl-username, --sasl-password",
+        ),
+        (
+            Settings(sasl_username="u", sasl_password=Secret("p")),
+            "is PLAINTEXT: use SASL_PLAINTEXT or SASL_SSL",
+        ),
+        (Settings(ssl_cafile="/etc/hosts"), "is PLAINTEXT: use SSL or SASL_SSL"),
+        (
+            Settings(
+                security_protocol="SASL_PLAINTEXT", sasl_password=Secret("a"), sasl_password_file=Secret("b")
+            ),
+            "not both",
+        ),
+    ],
+    ids=["sasl without user", "sasl settings on plaintext", "tls file on plaintext", "two passwords"],
+)
+def test_settings_that_do_not_fit_together_are_refused_saying_what_to_change(
+    settings: Settings, phrase: str
+) -> None:
+    with pytest.raises(SettingsError, match=phrase):
+        kafka_connection_options(settings)
+
+
+SASL = Settings(
+    bootstrap_servers=("kafka:9093",),
+    security_protocol="SASL_PLAINTEXT",
+    sasl_mechanism="SCRAM-SHA-256",
+    sasl_username="bridge",
+    sasl_password=Secret("pw"),
+)
+
+
+async def test_the_producer_and_the_admin_client_get_the_same_security_arguments() -> None:
+    producer, admin = KafkaPublisher(SASL, Outcomes())._new_producer(), _admin(SASL)
+    try:
+        for client in (producer.client, admin._client):
+            assert client._security_protocol == "SASL_PLAINTEXT"
+            assert client._sasl_mechanism == "SCRAM-SHA-256"
+            assert client._sasl_plain_username == "bridge"
+            assert client._sasl_plain_password == "pw"  # noqa: S105 - the test's own password
+    finally:
+        await producer.stop()
+        await admin.close()
+
+
+async def test_the_readers_get_the_same_security_arguments() -> None:
+    from bridge.consumer import EventReader  # noqa: PLC0415
+
+    reader = EventReader("kafka:9093", "t", kafka_options=kafka_connection_options(SASL))
+    try:
+        assert reader._consumer._client._security_protocol == "SASL_PLAINTEXT"
+        assert reader._consumer._client._sasl_mechanism == "SCRAM-SHA-256"
+    finally:
+        await reader._consumer.stop()
+
+
+def test_secrets_never_show_in_the_settings_repr() -> None:
+    settings = replace(SASL, callback_token=(Secret("tok-en"),))
+    assert "pw" not in repr(settings).replace("password", "")
+    assert "tok-en" not in repr(settings)

@@ -1,0 +1,236 @@
+"""Only signed callbacks of our apps are written, checked before the body; secrets stay secret."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlencode
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.cli import _parser
+from bridge.runner import request_handler_options
+from bridge.secret import Secret
+from bridge.server import PUBLISHER, create_app
+from bridge.settings import Settings, SettingsError, build
+from bridge.signature import expected_sign
+from tests.conftest import BridgeClient
+from tests.support import fixture, unique_settings
+from tests.test_server import FakePublisher
+
+SEED = fixture("oa-after-send-text")
+OLD_TOKEN, NEW_TOKEN = "my_token", "next-token-2024"
+PASSWORD = "kafka-pa55word-xyz"  # noqa: S105 - a test password
+GUESS = "an-attackers-guess"
+SECURED = Settings(
+    callback_token=(Secret(OLD_TOKEN), Secret(NEW_TOKEN)), sdk_app_id=("1400000000", "1400000001")
+)
+
+
+def signed(query: dict[str, str], token: str = OLD_TOKEN, at: int | None = None) -> dict[str, str]:
+    request_time = str(int(time.time()) if at is None else at)
+    return {**query, "RequestTime": request_time, "Sign": expected_sign(token, request_time)}
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    fake = FakePublisher()
+    fake.confirm.set()
+    return fake
+
+
+@pytest.fixture
+async def secured(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
+    server = TestServer(create_app(SECURED, publisher=publisher))
+    await server.start_server(**request_handler_options(SECURED))
+    async with TestClient(server) as client:
+        yield client
+
+
+async def fail_info(response: object, status: int) -> str:
+    assert getattr(response, "status") == status  # noqa: B009 - a ClientResponse
+    body = orjson.loads(await response.read())  # type: ignore[attr-defined]
+    assert body["ActionStatus"] == "FAIL"
+    assert body["ErrorCode"] // 100 == status
+    return str(body["ErrorInfo"])
+
+
+@pytest.mark.parametrize("token", [OLD_TOKEN, NEW_TOKEN])
+async def test_a_callback_signed_with_any_configured_token_is_written_without_its_sign(
+    secured: BridgeClient, publisher: FakePublisher, token: str
+) -> None:
+    query = signed(SEED.query, token)
+    response = await secured.post("/callback", params=query, data=SEED.raw_body)
+    assert response.status == 200
+    (record,) = publisher.records
+    envelope = orjson.loads(record.value)
+    assert envelope["query"]["RequestTime"] == query["RequestTime"]
+    assert "Sign" not in envelope["query"]
+    assert query["Sign"].encode() not in record.value
+    assert token.encode() not in record.value
+
+
+@pytest.mark.parametrize(
+    ("make_query", "phrase"),
+    # Signed when the test runs, not when it is collected, so "fresh" stays fresh.
+    [
+        (lambda: SEED.query, "signature missing"),
+        (lambda: {**signed(SEED.query), "Sign": "not-hex"}, "signature malformed"),
+        (lambda: signed(SEED.query, at=int(time.time()) - 3600), "signature stale"),
+        (lambda: signed(SEED.query, GUESS), "signature mismatch"),
+    ],
+    ids=["missing", "malformed", "stale", "mismatch"],
+)
+async def test_a_callback_failing_a_signature_check_gets_401_naming_the_check_and_nothing_is_written(
+    secured: BridgeClient, publisher: FakePublisher, make_query: Callable[[], dict[str, str]], phrase: str
+) -> None:
+    query = make_query()
+    info = await fail_info(await secured.post("/callback", params=query, data=SEED.raw_body), 401)
+    assert info.startswith(phrase)
+    request_time = query.get("RequestTime", "0")
+    for secret in (OLD_TOKEN, NEW_TOKEN, expected_sign(OLD_TOKEN, request_time)):
+        assert secret not in info
+    assert publisher.records == []
+    stats = await (await secured.get("/stats")).json()
+    assert stats["outcomes"]["rejected"] == 1
+
+
+async def test_a_signed_callback_of_an_app_not_listed_gets_403_and_nothing_is_written(
+    secured: BridgeClient, publisher: FakePublisher
+) -> None:
+    query = signed({**SEED.query, "SdkAppid": "1400999999"})
+    info = await fail_info(await secured.post("/callback", params=query, data=SEED.raw_body), 403)
+    assert "1400999999 is not an app of this bridge" in info
+    assert publisher.records == []
+
+
+async def test_an_unsigned_callback_of_an_unlisted_app_learns_only_that_it_is_unsigned(
+    secured: BridgeClient,
+) -> None:
+    query = {**SEED.query, "SdkAppid": "1400999999"}
+    await fail_info(await secured.post("/callback", params=query, data=SEED.raw_body), 401)
+
+
+async def test_every_listed_app_is_accepted(secured: BridgeClient, publisher: FakePublisher) -> None:
+    for app_id in SECURED.sdk_app_id:
+        query = signed({**SEED.query, "SdkAppid": app_id})
+        assert (await secured.post("/callback", params=query, data=SEED.raw_body)).status == 200
+    assert len(publisher.records) == 2
+
+
+async def test_an_unauthenticated_request_is_answered_before_its_body_is_read(secured: BridgeClient) -> None:
+    """A client that announces a large body and never sends it still gets its 401 at once."""
+    server = secured.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        head = (
+            f"POST /callback?{urlencode(SEED.query)} HTTP/1.1\r\nHost: b\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+    finally:
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 401 ")
+
+
+async def test_without_a_token_the_bridge_warns_once_at_start_that_callbacks_are_not_authenticated(
+    caplog: pytest.LogCaptureFixture, publisher: FakePublisher
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge")
+    async with TestClient(TestServer(create_app(Settings(), publisher=publisher))) as client:
+        await client.post("/callback", params=SEED.query, data=SEED.raw_body)
+        await client.post("/callback", params=SEED.query, data=SEED.raw_body)
+    warnings = [r for r in caplog.records if "NOT authenticated" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_with_a_token_the_bridge_does_not_warn(
+    caplog: pytest.LogCaptureFixture, secured: BridgeClient
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge")
+    await secured.get("/healthz")
+    assert not [r for r in caplog.records if "NOT authenticated" in r.getMessage()]
+
+
+def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
+    parts = []
+    for record in caplog.records:
+        parts += [record.getMessage(), repr(record.args), repr(vars(record))]
+        if record.exc_info:
+            parts.append(logging.Formatter().formatException(record.exc_info))
+    return "\n".join(parts)
+
+
+async def test_tokens_and_kafka_passwords_reach_no_log_metric_or_answer_even_at_debug_level(
+    caplog: pytest.LogCaptureFixture, kafka: str
+) -> None:
+    """A real producer tries SASL against the test broker, which cannot do it, while callbacks arrive."""
+    caplog.set_level(logging.DEBUG)
+    settings = replace(
+        unique_settings(kafka),
+        callback_token=(Secret(OLD_TOKEN),),
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="bridge",
+        sasl_password=Secret(PASSWORD),
+    )
+    answers = []
+    server = TestServer(create_app(settings))
+    await server.start_server(**request_handler_options(settings))
+    async with TestClient(server) as client:
+        publisher = client.app[PUBLISHER]
+        async with asyncio.timeout(20):
+            # Until the producer has tried the broker and said so; there is no event to wait on.
+            while publisher.status == "connecting to Kafka":
+                await asyncio.sleep(0.05)
+        good = signed(SEED.query)
+        for query in (good, signed(SEED.query, "wrong"), SEED.query):
+            answers.append(await (await client.post("/callback", params=query, data=SEED.raw_body)).text())
+        answers.append(await (await client.get("/metrics")).text())
+        answers.append(await (await client.get("/stats")).text())
+        answers.append(await (await client.get("/readyz")).text())
+    text = everything_logged(caplog) + "\n".join(answers)
+    assert any(r.name.startswith("aiokafka") for r in caplog.records), "aiokafka logged nothing at debug"
+    for secret in (OLD_TOKEN, PASSWORD, good["Sign"]):
+        assert secret not in text
+
+
+def test_sdk_app_ids_add_up_across_repeated_flags_and_commas_and_come_comma_separated_from_the_env() -> None:
+    args = _parser().parse_args(
+        ["serve", "--sdk-app-id", "1400000000", "--sdk-app-id", "1400000001,1400000002"]
+    )
+    assert build("serve", vars(args), {}).sdk_app_id == ("1400000000", "1400000001", "1400000002")
+    assert build("serve", {}, {"BRIDGE_SDK_APP_ID": "1400000000, 1400000001"}).sdk_app_id == (
+        "1400000000",
+        "1400000001",
+    )
+    with pytest.raises(SettingsError, match="not an SDKAppID"):
+        build("serve", {}, {"BRIDGE_SDK_APP_ID": "14000x"})
+
+
+def test_tokens_from_flags_and_a_file_one_a_line_are_all_accepted(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("from-file-1\n\n  from-file-2  \n")
+    args = _parser().parse_args(
+        [
+            "serve",
+            "--callback-token",
+            "a,b",
+            "--callback-token",
+            "c",
+            "--callback-token-file",
+            str(token_file),
+        ]
+    )
+    tokens = build("serve", vars(args), {}).callback_tokens
+    assert [t.reveal() for t in tokens] == ["a", "b", "c", "from-file-1", "from-file-2"]
+    env_tokens = build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": "old,new"}).callback_tokens
+    assert [t.reveal() for t in env_tokens] == ["old", "new"]
