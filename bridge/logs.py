@@ -15,6 +15,7 @@ import sys
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -65,6 +66,16 @@ class TextFormatter(logging.Formatter):
         return text if request_id is None else f"{text} [request {request_id}]"
 
 
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if record.levelno >= logging.ERROR and isinstance(error, HttpProcessingError):
+        detail = (error.message or type(error).__name__).splitlines()[0][:200]
+        record.msg, record.args = "malformed request answered 400: %s", (detail,)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def wants_json(log_format: str, stream: TextIO) -> bool:
     if log_format == "auto":
         return not stream.isatty()
@@ -90,3 +101,9 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
     # aiokafka logs every failed connection attempt at ERROR; the bridge reports broker trouble itself, in
     # words, so aiokafka's own lines are kept for debugging.
     logging.getLogger("aiokafka").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    # At DEBUG, aiokafka.conn logs every request it sends, the SASL authentication request and its
+    # password or SCRAM proof included: never below INFO.
+    logging.getLogger("aiokafka.conn").setLevel(logging.INFO if level == "debug" else logging.CRITICAL)
+    # aiohttp logs every malformed request (a line too long, a bad header) at ERROR with a traceback: any
+    # scanner could flood the alerts. One line at INFO says it; the client got its 400.
+    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)

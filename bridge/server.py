@@ -217,7 +217,7 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
     level = logging.INFO if error.status < 500 else logging.WARNING
     log.log(
         level,
-        "%s %s -> %d: %s",
+        "%s %r -> %d: %s",  # %r: a path may hold a newline that would forge a log line
         request.method,
         request.path,
         error.status,

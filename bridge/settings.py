@@ -232,7 +232,7 @@ def _tokens(text: str) -> tuple[Secret, ...]:
 
 def _read_secret_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # a file saved with a BOM holds the same token
             return file.read()
     except (OSError, UnicodeDecodeError) as exc:
         # The message names the file and why, never its content.

@@ -179,7 +179,11 @@ def test_every_generated_request_gets_a_documented_answer_and_only_the_200s_land
                 ("OK", True) if status == 200 else ("FAIL", False)
             )
             if status == 200:
+                assert request.signing == "good", "a request without a valid signature was accepted"
+                assert request.query.get("SdkAppid") == APP, "a request of another app was accepted"
                 accepted.append(request.body)
+            if request.method == "POST" and request.signing in {"none", "wrong", "stale", "malformed"}:
+                assert status in {400, 401}, (status, raw_answer)  # a bad query may be told first
 
         post()
     records = asyncio.run(read_records(kafka, bridge_settings.topics, expect=len(accepted)))
