@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from bridge.errors import DeliveryTimeout
 from bridge.outcomes import Outcome
 
-CallbackId = tuple[str, str]
-"""(SdkAppid, record key): the identity of a callback."""
+CallbackId = tuple[str, str, str]
+"""(SdkAppid, CallbackCommand, record key): the identity of a callback. The command is part of it because
+two families may key alike (an official-account and a one-to-one message can share a MsgKey)."""
 
 
 @dataclass

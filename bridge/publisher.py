@@ -14,18 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    CorruptRecordException,
-    InvalidRequiredAcksError,
-    InvalidTopicError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    NotEnoughReplicasError,
-    NotLeaderForPartitionError,
-    RecordListTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
-)
+from aiokafka.errors import KafkaError
 
 from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout
@@ -39,19 +28,6 @@ log = logging.getLogger(__name__)
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.25, 2.0
 # Bound on connecting, reading metadata and creating topics; the delivery deadline bounds each write.
 _BROKER_CALL_TIMEOUT_S = 10.0
-# Errors with which the broker says it did not append the record. Any other failure of a record handed to
-# the producer may hide an append (a timeout, a lost connection, NOT_ENOUGH_REPLICAS_AFTER_APPEND).
-_NOT_APPENDED = (
-    CorruptRecordException,
-    InvalidRequiredAcksError,
-    InvalidTopicError,
-    MessageSizeTooLargeError,
-    NotEnoughReplicasError,
-    NotLeaderForPartitionError,
-    RecordListTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownTopicOrPartitionError,
-)
 _TOPIC_RECHECK_S = 5.0
 _PROBE_INTERVAL_S = 1.0
 _METADATA_SETTLE_S = 0.05
@@ -162,8 +138,11 @@ class KafkaPublisher:
                 ambiguous=queued,
             ) from None
         except KafkaError as exc:
-            ambiguous = delivery is not None and not isinstance(exc, _NOT_APPENDED)
-            raise BrokerRejected(f"Kafka refused the write: {_describe(exc)}", ambiguous=ambiguous) from None
+            # Once handed to the producer, a record may have been appended by an attempt whose answer was
+            # lost; aiokafka retries and reports only the last attempt's error. So: ambiguous.
+            raise BrokerRejected(
+                f"Kafka refused the write: {_describe(exc)}", ambiguous=delivery is not None
+            ) from None
 
     def _follow_abandoned(self, delivery: asyncio.Future[Any]) -> None:
         """Keep count of a record answered 503 until the producer settles it, and of how it ended."""
@@ -204,7 +183,7 @@ class KafkaPublisher:
             try:
                 async with asyncio.timeout(_PROBE_INTERVAL_S):
                     await producer.client.fetch_all_metadata()
-            except (KafkaError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # noqa: BLE001 - however the probe fails, Kafka did not answer it
                 failures += 1
                 if failures >= 2 and self._answering:
                     self._answering = False
@@ -225,7 +204,9 @@ class KafkaPublisher:
                 async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                     await producer.start()
                 await self._wait_for_topics(producer)
-            except (KafkaError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # whatever failed, the next attempt gets a new producer
+                if not isinstance(exc, KafkaError | OSError | TimeoutError):
+                    log.exception("unexpected failure while connecting to Kafka")
                 if not self._status.startswith("cannot create topics"):
                     self._status = (
                         f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"

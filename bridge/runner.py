@@ -2,9 +2,9 @@
 
 The phases: `/readyz` turns 503 at once; the bridge keeps serving for `--shutdown-delay` so a load balancer
 can notice; then new callbacks get 503 (still answered, on new and kept-alive connections alike) while
-those in flight get their real answer, within the delivery timeout; then aiohttp stops listening and closes
-idle connections, and the producer is flushed and closed within `--shutdown-timeout`. The whole stop takes
-at most the sum of the three, plus a second.
+those in flight get their real answer, within the body timeout and the delivery timeout; then aiohttp stops
+listening and closes idle connections, and the producer is flushed and closed within `--shutdown-timeout`.
+The whole stop takes at most shutdown delay + body timeout + delivery timeout + shutdown timeout + 2 s.
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def request_handler_options(settings: Settings) -> dict[str, Any]:
 async def run_server(settings: Settings, on_started: OnStarted | None = None) -> None:
     """Serve until a stop signal; `on_started` gets the application and the bound port."""
     app = create_app(settings)
-    # In-flight callbacks end within the delivery timeout, so aiohttp's wait for them needs no more.
+    # The bridge drains callbacks in flight itself before cleanup (below); aiohttp's own wait is the last
+    # second for whatever outlived that.
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        shutdown_timeout=settings.delivery_timeout + 1,
+        shutdown_timeout=1.0,
         **request_handler_options(settings),
     )
     await runner.setup()
@@ -85,7 +86,8 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
         admission.closing = True
         log.info("stopping: %d callbacks in flight get their answer; new ones get 503", admission.in_flight)
         # Still listening: a callback arriving now gets its 503 rather than a refused or dropped connection.
-        await admission.drained(timeout=settings.delivery_timeout + 1)
+        # One admitted just before may still be reading its body, then waiting for the broker.
+        await admission.drained(timeout=settings.body_timeout + settings.delivery_timeout + 1)
     finally:
         if started is not None:
             started.cancel()

@@ -58,6 +58,8 @@ DEDUP = web.AppKey("dedup", EdgeDedup)
 SIGNATURE = web.AppKey("signature", SignatureCheck)
 
 _JSON = "application/json"
+# Each answer to a callback says what became of it: confirmed, a duplicate, rejected, failed, ambiguous.
+OUTCOME_HEADER = "X-Bridge-Outcome"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -140,7 +142,8 @@ async def handle_callback(request: web.Request) -> web.Response:
             async with observe_publish(request, record):
                 await publisher.publish(record, timeout)
 
-        request[OUTCOME] = await app[DEDUP].publish_once((query.sdk_app_id, routed.key), publish, deadline)
+        callback_id = (query.sdk_app_id, routed.command, routed.key)
+        request[OUTCOME] = await app[DEDUP].publish_once(callback_id, publish, deadline)
     return web.Response(body=OK_BODY, content_type=_JSON)
 
 
@@ -210,6 +213,7 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
         outcome = request.get(OUTCOME)
         if outcome is not None:
             request.app[OUTCOMES].record(outcome)
+            response.headers[OUTCOME_HEADER] = outcome.value
         return response
     request[OUTCOME] = _outcome_of(error)
     request.app[OUTCOMES].record(request[OUTCOME])
@@ -230,6 +234,7 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
         response.headers["Allow"] = allow
     if error.retriable:
         response.headers["Retry-After"] = "1"
+    response.headers[OUTCOME_HEADER] = request[OUTCOME].value
     return response
 
 

@@ -115,8 +115,8 @@ async def _create(admin: AIOKafkaAdminClient, topics: list[str], intended: Inten
 async def create_topics(settings: Settings, topics: list[str], broker_count: int) -> None:
     """Create `topics` as `intended_topic` says; existing ones are left alone."""
     admin = _admin(settings)
-    await admin.start()
     try:
+        await admin.start()
         await _create(admin, topics, intended_topic(settings, broker_count))
     finally:
         await admin.close()
@@ -144,9 +144,9 @@ class TopicReport:
 async def ensure_topics(settings: Settings) -> list[TopicReport]:
     """Create the missing topics; compare the existing ones with `intended_topic`, changing nothing."""
     admin = _admin(settings)
-    async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
-        await admin.start()
     try:
+        async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
+            await admin.start()
         async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
             cluster = await admin.describe_cluster()
             intended = intended_topic(settings, len(cluster["brokers"]))

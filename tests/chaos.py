@@ -41,11 +41,14 @@ RETRY_SHARE = 0.5
 @dataclass
 class History:
     answers: dict[str, list[int | str]] = field(default_factory=dict)
+    outcomes: dict[str, list[str]] = field(default_factory=dict)
+    """What the bridge said became of each answer (its X-Bridge-Outcome header)."""
     bad: set[str] = field(default_factory=set)
     faults: Counter[str] = field(default_factory=Counter)
 
-    def note(self, key: str, answer: int | str) -> None:
-        self.answers.setdefault(key, []).append(answer)
+    def note(self, key: str, answer: tuple[int | str, str]) -> None:
+        self.answers.setdefault(key, []).append(answer[0])
+        self.outcomes.setdefault(key, []).append(answer[1])
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Report:
     confirmed_keys: int
     missing: list[str]
     rejected_but_present: list[str]
+    failed_but_present: list[str]
     answered_503_landed: int
     answered_503_absent: int
     duplicated_keys: int
@@ -65,7 +69,7 @@ class Report:
 
     @property
     def broken(self) -> bool:
-        return bool(self.missing or self.rejected_but_present)
+        return bool(self.missing or self.rejected_but_present or self.failed_but_present)
 
     def table(self) -> str:
         rows = [
@@ -76,6 +80,7 @@ class Report:
             ("keys confirmed (a 200)", str(self.confirmed_keys)),
             ("200'd keys missing from Kafka", str(len(self.missing))),
             ("4xx'd keys present in Kafka", str(len(self.rejected_but_present))),
+            ("keys only answered 'failed' present", str(len(self.failed_but_present))),
             ("503'd keys in Kafka anyway", str(self.answered_503_landed)),
             ("503'd keys absent", str(self.answered_503_absent)),
             ("keys in Kafka more than once", f"{self.duplicated_keys} ({self.extra_copies} extra copies)"),
@@ -134,6 +139,9 @@ def _judge(history: History, records: list[Any], outcomes: dict[str, int], elaps
     copies = Counter(record.key.decode() for record in records if record.key is not None)
     confirmed = {key for key, answers in history.answers.items() if 200 in answers}
     refused = {key for key, answers in history.answers.items() if 200 not in answers and 503 in answers}
+    # Answered 503 and each time told that nothing was handed to Kafka: such a key must be absent.
+    not_written = {"failed", "overloaded"}
+    never_written = {key for key in refused if set(history.outcomes[key]) <= not_written}
     return Report(
         duration_s=elapsed,
         requests=sum(len(answers) for answers in history.answers.values()),
@@ -142,6 +150,7 @@ def _judge(history: History, records: list[Any], outcomes: dict[str, int], elaps
         confirmed_keys=len(confirmed),
         missing=sorted(confirmed - set(copies)),
         rejected_but_present=sorted(history.bad & set(copies)),
+        failed_but_present=sorted(never_written & set(copies)),
         answered_503_landed=len(refused & set(copies)),
         answered_503_absent=len(refused - set(copies)),
         duplicated_keys=sum(1 for count in copies.values() if count > 1),
@@ -172,17 +181,18 @@ async def _client(
             history.bad.add(key)
         answer = await _post(session, url, orjson.dumps(body))
         history.note(key, answer)
-        if answer == 503 and rng.random() < RETRY_SHARE:  # Tencent's retry after a timeout
+        if answer[0] == 503 and rng.random() < RETRY_SHARE:  # Tencent's retry after a timeout
             history.note(key, await _post(session, url, orjson.dumps(body)))
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> int | str:
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int | str, str]:
+    """The status (or the client error) and the outcome the bridge reported."""
     try:
         async with session.post(f"{url}/callback", params=SEED.query, data=body) as response:
             await response.read()
-            return response.status
+            return response.status, response.headers.get("X-Bridge-Outcome", "none")
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__
+        return type(exc).__name__, "none"
 
 
 async def _fault_loop(
@@ -256,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MISSING: {key} was answered 200", file=sys.stderr)
     for key in report.rejected_but_present[:20]:
         print(f"PRESENT: {key} was answered 4xx", file=sys.stderr)
+    for key in report.failed_but_present[:20]:
+        print(f"PRESENT: {key} was answered 503 'failed' (nothing written)", file=sys.stderr)
     return 1 if report.broken else 0
 
 

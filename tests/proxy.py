@@ -48,6 +48,8 @@ class _Connection:
     broker: asyncio.StreamWriter
     requests: dict[int, tuple[int, int]] = field(default_factory=dict)
     """correlation id -> (api key, api version) of requests awaiting an answer."""
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once a Produce request went through that must never be answered: the connection is reset."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -129,11 +131,14 @@ class KafkaProxy:
                     if self.faults.reset_before_produce > 0:
                         self.faults.reset_before_produce -= 1
                         return
+                cut = api_key == PRODUCE_API_KEY and self.faults.reset_after_produce > 0
+                if cut:
+                    self.faults.reset_after_produce -= 1
+                    connection.cut.set()  # from now on this connection's answers are dropped
                 connection.broker.write(frame)
                 await connection.broker.drain()
-                if api_key == PRODUCE_API_KEY and self.faults.reset_after_produce > 0:
-                    self.faults.reset_after_produce -= 1
-                    await asyncio.sleep(0.05)  # the broker reads and appends it; the answer never arrives
+                if cut:
+                    await asyncio.sleep(0.2)  # the broker reads and appends it; the answer never arrives
                     return
 
     async def _responses(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
@@ -148,6 +153,8 @@ class KafkaProxy:
                     await self._flowing.wait()
                     (correlation_id,) = _LENGTH.unpack_from(frame, 4)
                     api_key, api_version = connection.requests.pop(correlation_id, (-1, -1))
+                    if connection.cut.is_set():
+                        continue
                     if api_key == PRODUCE_API_KEY:
                         frame = self._maybe_rewrite_produce(frame, api_version)
                     due.put_nowait((loop.time() + self.faults.response_delay_s, frame))

@@ -53,8 +53,14 @@ def env_of(service: str) -> dict[str, str]:
 
 
 def drain_seconds(settings: Settings) -> float:
-    """The longest a bridge takes to stop: the shutdown delay, the drain of in-flight callbacks, the flush."""
-    return settings.shutdown_delay + settings.delivery_timeout + 1 + settings.shutdown_timeout
+    """The longest a bridge takes to stop (README, Guarantees): delay, drain, flush, and two seconds."""
+    return (
+        settings.shutdown_delay
+        + settings.body_timeout
+        + settings.delivery_timeout
+        + settings.shutdown_timeout
+        + 2
+    )
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------------
