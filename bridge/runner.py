@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -27,6 +28,17 @@ OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _freeze_startup_objects() -> None:
+    """Keep the objects alive once the application is set up out of every later garbage collection.
+
+    They live as long as the process. Measured with `bridge bench` (README, "Performance"): unfrozen, the
+    full collections traversed every object of the imported libraries about three times a second, took
+    8 % of the bridge's CPU and paused the loop up to 40 ms, which was the p99 at 64 connections.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class ListenError(OSError):
     """The bridge cannot listen on its address and port."""
 
@@ -40,6 +52,7 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.delivery_timeout + 1
     )
     await runner.setup()
+    _freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in _STOP_SIGNALS:
