@@ -1,4 +1,5 @@
-"""The `bridge` command line: `serve` and `dev` run the bridge; `consume` and `replay` read its topics."""
+"""The `bridge` command line: `serve` and `dev` run the bridge; `consume` and `replay` read its topics;
+`bench` measures it."""
 
 from __future__ import annotations
 
@@ -36,7 +37,14 @@ _SERVE_HELP = "run the bridge against a Kafka cluster"
 _DEV_HELP = "run the bridge against an embedded in-memory broker, for trying it out"
 _CONSUME_HELP = "print a topic's callbacks as JSON Lines, filtered, optionally as a consumer group"
 _REPLAY_HELP = "copy a window of a topic's callbacks to another topic, a JSON Lines file or a URL"
-_COMMANDS = (("serve", _SERVE_HELP), ("dev", _DEV_HELP), ("consume", _CONSUME_HELP), ("replay", _REPLAY_HELP))
+_BENCH_HELP = "measure the bridge's throughput and latency under realistic load, beside a bare baseline"
+_COMMANDS = (
+    ("serve", _SERVE_HELP),
+    ("dev", _DEV_HELP),
+    ("consume", _CONSUME_HELP),
+    ("replay", _REPLAY_HELP),
+    ("bench", _BENCH_HELP),
+)
 _TOPICS_HELP = "manage the bridge's topics on a Kafka cluster"
 _ENSURE_HELP = (
     "create the bridge's missing topics and check the existing ones against the intended partitions, "
@@ -76,6 +84,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         "consume": _consume,
         "replay": _replay,
         "topics": _topics,
+        "bench": _bench,
     }
     return runners[args.subcommand](settings)
 
@@ -90,6 +99,17 @@ def _replay(settings: Settings) -> int:
     from bridge.replay import run_replay  # noqa: PLC0415 - keeps `--help` fast
 
     return run_replay(settings)
+
+
+def _bench(settings: Settings) -> int:
+    from bridge.bench import run_bench  # noqa: PLC0415 - keeps `--help` fast
+    from bridge.embedded import EmbeddedBrokerError  # noqa: PLC0415
+
+    try:
+        return run_bench(settings)
+    except (EmbeddedBrokerError, RuntimeError, OSError) as exc:
+        print(f"bridge bench: {exc}", file=sys.stderr)
+        return 1
 
 
 def _serve(settings: Settings) -> int:

@@ -11,12 +11,12 @@ ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.process_collector import ProcessCollector
 
 from bridge.commands import FAMILIES
@@ -49,6 +50,19 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _FAMILY = web.RequestKey("metrics_family", str)
+
+
+def _children(metric: MetricWrapperBase) -> Callable[..., Any]:
+    """`metric.labels(*values)`, remembered: the labels are bounded, and `labels()` costs microseconds."""
+    known: dict[tuple[str, ...], Any] = {}
+
+    def child(*values: str) -> Any:
+        found = known.get(values)
+        if found is None:
+            found = known[values] = metric.labels(*values)
+        return found
+
+    return child
 
 
 class Metrics:
@@ -127,16 +141,24 @@ class Metrics:
             "time until one does.",
             registry=r,
         )
-        self.last_request.set(time.time())
+        self.last_request_at = time.time()
+        """Set per callback and copied into `last_request` at scrape time: a gauge's set() takes a lock."""
         self.outcomes = Gauge(
             "bridge_outcomes",
             "Callbacks since start by outcome, and ambiguous records by how they ended (landed, lost).",
             ["outcome"],
             registry=r,
         )
+        # The labelled series of the request path, each looked up once.
+        self.requests_of = _children(self.requests)
+        self.callbacks_of = _children(self.callbacks)
+        self.request_seconds_of = _children(self.request_seconds)
+        self.records_of = _children(self.records)
+        self.bytes_of = _children(self.bytes)
 
     def exposition(self) -> bytes:
         self.broker_ready.set(1 if self._is_ready() else 0)
+        self.last_request.set(self.last_request_at)
         for outcome, count in self._outcomes.snapshot().items():
             self.outcomes.labels(outcome=outcome).set(count)
         return generate_latest(self.registry)
@@ -177,7 +199,7 @@ def note_command(request: web.Request, command: str) -> None:
     Only then does the request count as a callback received: a scanner's 404 or garbage does not.
     """
     request[_FAMILY] = family_of(command)
-    request.app[METRICS].last_request.set(time.time())
+    request.app[METRICS].last_request_at = time.time()
 
 
 def publish_error_kind(error: BaseException) -> str:
@@ -198,16 +220,31 @@ def note_failure(request: web.Request, error: BridgeError) -> None:
         request.app[METRICS].publish_errors.labels(kind=publish_error_kind(error)).inc()
 
 
-@contextlib.asynccontextmanager
-async def observe_publish(request: web.Request, record: Record) -> AsyncIterator[None]:
-    """Hook around one `publisher.publish(record)`: on success, acknowledgement time, records and bytes."""
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    yield
-    family = request.get(_FAMILY, UNKNOWN_FAMILY)
-    metrics.ack_seconds.observe(time.perf_counter() - started)
-    metrics.records.labels(family=family).inc()
-    metrics.bytes.labels(family=family).inc(len(record.key) + len(record.value))
+class observe_publish:  # lower case: called like the function it replaced, `async with observe_publish(...)`
+    """Hook around one `publisher.publish(record)`: on success, acknowledgement time, records and bytes.
+
+    A class rather than an `asynccontextmanager`, whose generator costs more than the metrics it keeps.
+    """
+
+    __slots__ = ("_record", "_request", "_started")
+
+    def __init__(self, request: web.Request, record: Record) -> None:
+        self._request, self._record = request, record
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        self._started = time.perf_counter()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            return
+        metrics = self._request.app[METRICS]
+        family = self._request.get(_FAMILY, UNKNOWN_FAMILY)
+        metrics.ack_seconds.observe(time.perf_counter() - self._started)
+        metrics.records_of(family).inc()
+        metrics.bytes_of(family).inc(len(self._record.key) + len(self._record.value))
 
 
 def _outcome_of(status: int) -> Outcome:
@@ -219,7 +256,7 @@ def _outcome_of(status: int) -> Outcome:
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+    return given if _REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
 
 
 @web.middleware
@@ -254,8 +291,8 @@ async def _observe_callback(request: web.Request, handler: Handler) -> web.Strea
         outcome = request.get(OUTCOME, _outcome_of(status))
         if outcome is Outcome.OVERLOADED:
             metrics.overloaded.inc()
-        metrics.requests.labels(family=family, status=str(status)).inc()
-        metrics.callbacks.labels(family=family, outcome=outcome.value).inc()
-        metrics.request_seconds.labels(family=family).observe(elapsed)
+        metrics.requests_of(family, str(status)).inc()
+        metrics.callbacks_of(family, outcome.value).inc()
+        metrics.request_seconds_of(family).observe(elapsed)
         if status < 400:
             log.debug("%s %s -> %d in %.3f s", request.method, request.path, status, elapsed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -25,6 +26,27 @@ log = logging.getLogger(__name__)
 
 OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+# Allocations of container objects between two collections of the youngest generation (Python: 700).
+# Nearly every object of a callback dies by reference counting when it is answered; each collection
+# still has to traverse the objects of the callbacks in flight.
+_GC_YOUNG_THRESHOLD = 20_000
+
+
+def _settle_garbage_collector() -> None:
+    """Keep the cyclic garbage collector's pauses short and rare on the request path.
+
+    Measured with `bridge bench` (README, "Performance"): with Python's defaults, full collections
+    traversed every object of the imported libraries about three times a second, took 8 % of the bridge's
+    CPU and paused the loop up to 40 ms, which was the p99 at 64 connections; objects alive once the
+    application is set up live as long as the process, so they are frozen out of every collection. Young
+    collections every 20,000 allocations instead of 700 cut the CPU per callback by a further 9 %.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, middle, old)
 
 
 class ListenError(OSError):
@@ -61,6 +83,7 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
         **request_handler_options(settings),
     )
     await runner.setup()
+    _settle_garbage_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in _STOP_SIGNALS:

@@ -104,6 +104,15 @@ class Settings:
     rate: float | None = None
     checkpoint: str | None = None
     dedup: bool = False
+    # `bridge bench`
+    url: str | None = None
+    connections: int = 64
+    duration: float = 5.0
+    warmup: float = 1.0
+    rounds: int = 2
+    accounts: int = 50
+    baseline: bool = False
+    format: str = "text"
 
     def topic_for(self, group: TopicGroup) -> str:
         return {
@@ -329,6 +338,7 @@ REPLAY = frozenset({"replay"})
 READERS = CONSUME | REPLAY
 # Every command that talks to a real cluster; `dev`'s embedded broker is plain and local.
 KAFKA_CLIENTS = SERVE_ONLY | TOPICS | READERS
+BENCH = frozenset({"bench"})
 _TOPIC_HELP = "Topic for {what} callbacks."
 _INSTANT = "ISO 8601 (UTC unless an offset is given) or epoch ms"
 READER_OPTIONS: tuple[Option, ...] = (
@@ -420,7 +430,15 @@ READER_OPTIONS: tuple[Option, ...] = (
         "N",
         REPLAY,
     ),
-    Option("rate", "Most records copied per second.", _rate, "PER_SECOND", REPLAY, "(no limit)"),
+    Option(
+        "rate",
+        "replay: most records copied per second. bench: callbacks sent per second, an open loop at a "
+        "constant arrival rate (without it, a closed loop).",
+        _rate,
+        "PER_SECOND",
+        REPLAY | BENCH,
+        "(no limit)",
+    ),
     Option(
         "checkpoint",
         "File recording progress per partition; a replay run again with it continues where it stopped.",
@@ -431,13 +449,61 @@ READER_OPTIONS: tuple[Option, ...] = (
     ),
     Option("dedup", "Drop records whose key was already copied in this run.", _boolean, commands=REPLAY),
 )
+BENCH_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "url",
+        "Callback URL of a running bridge to measure; without it the bench starts one (and a broker).",
+        _url,
+        "URL",
+        BENCH,
+        "(start one)",
+    ),
+    Option(
+        "connections",
+        "Keep-alive connections: all busy in the closed loop, at most this many in the open loop.",
+        _int_between(1, 10_000),
+        "N",
+        BENCH,
+    ),
+    Option(
+        "duration",
+        "Seconds each measured round lasts.",
+        _number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600"),
+        "SECONDS",
+        BENCH,
+    ),
+    Option(
+        "warmup",
+        "Seconds of unmeasured load before each round.",
+        _seconds_or_zero,
+        "SECONDS",
+        BENCH,
+    ),
+    Option(
+        "rounds", "Measured rounds per server, alternating between them.", _int_between(1, 100), "N", BENCH
+    ),
+    Option(
+        "accounts",
+        "Distinct owning accounts (official accounts, senders, groups) in the callbacks.",
+        _int_between(1, 10_000_000),
+        "N",
+        BENCH,
+    ),
+    Option(
+        "baseline",
+        "Also measure a bare aiohttp server parsing the same requests without Kafka, and give the ratio.",
+        _boolean,
+        commands=BENCH,
+    ),
+    Option("format", "Report format: text or json.", _one_of(("text", "json")), "FORMAT", BENCH),
+)
 OPTIONS: tuple[Option, ...] = (
     Option(
         "bootstrap_servers",
-        "Kafka brokers to connect to (required).",
+        "Kafka brokers to connect to (required; bench: instead of an embedded broker).",
         _servers,
         "HOST:PORT[,...]",
-        SERVE_ONLY | READERS | TOPICS,
+        SERVE_ONLY | READERS | TOPICS | BENCH,
     ),
     Option("host", "Address to listen on.", _text, "ADDRESS", SERVING),
     Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT", SERVING),
@@ -679,6 +745,7 @@ OPTIONS: tuple[Option, ...] = (
         "FORMAT",
     ),
     *READER_OPTIONS,
+    *BENCH_OPTIONS,
 )
 
 # Defaults that differ for `bridge dev`: loopback only, and topics created on a single in-memory broker.

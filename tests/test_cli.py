@@ -49,6 +49,7 @@ def test_top_level_help_lists_every_option_with_its_environment_variable() -> No
         ("consume", ["consume"]),
         ("replay", ["replay"]),
         ("topics", ["topics", "ensure"]),
+        ("bench", ["bench"]),
     ],
 )
 def test_subcommand_help_gives_every_option_its_default_and_environment_variable(

@@ -40,7 +40,7 @@ def table_row(heading: str, flag: str) -> list[str] | None:
 def test_the_configuration_tables_give_each_options_environment_and_defaults(option: Option) -> None:
     main = option.commands & {"serve", "dev", "topics"}
     readers = sorted(option.commands & {"consume", "replay"})
-    assert main or readers, option.flag
+    assert main or readers or "bench" in option.commands, option.flag
     if main:
         cells = table_row("## Configuration", option.flag)
         assert cells is not None, f"no README row for {option.flag} in the configuration table"
@@ -55,6 +55,11 @@ def test_the_configuration_tables_give_each_options_environment_and_defaults(opt
         assert cells[1] == f"`{option.env}`"
         assert cells[2] == describe_default(default(option, readers[0]), option.unset)
         assert cells[3] == ", ".join(readers)
+    if "bench" in option.commands:
+        cells = table_row("### Options of `bench`", option.flag)
+        assert cells is not None, f"no README row for {option.flag} in the bench table"
+        assert cells[1] == f"`{option.env}`"
+        assert cells[2] == describe_default(default(option, "bench"), option.unset)
 
 
 def test_the_configuration_table_has_a_row_for_each_option_and_no_other() -> None:

@@ -1,0 +1,296 @@
+"""`bridge bench`: the bridge's throughput and latency under realistic load, beside a bare aiohttp baseline.
+
+The bench starts an embedded broker (or uses `--bootstrap-servers`) and a bridge process against it (or
+measures the bridge at `--url`), warms it up, and drives it with `bridge.loadgen`: a closed loop of
+`--connections` keep-alive connections, or with `--rate` an open loop at a constant arrival rate. With
+`--baseline`, rounds alternate with a bare aiohttp server that reads the same requests (query and orjson
+body) and answers OK without Kafka: the ratio of the two is the price of Kafka on the request path.
+
+The bridge it starts takes the bench's environment, so `BRIDGE_LINGER_MS=5 bridge bench` measures that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from bridge.embedded import EmbeddedBroker, free_port
+from bridge.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
+from bridge.settings import Settings
+
+_READY_TIMEOUT_S = 30.0
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
+
+
+@dataclass
+class Target:
+    """A server measured: its name, where it listens, and its process when the bench started it."""
+
+    name: str
+    host: str
+    port: int
+    path: str
+    pid: int | None = None
+    rounds: list[LoadResult] = field(default_factory=list)
+    cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
+    rss_bytes: list[int] = field(default_factory=list)
+
+
+def run_bench(settings: Settings) -> int:
+    with contextlib.ExitStack() as stack:
+        targets: list[Target] = []
+        broker_pid: int | None = None
+        if settings.baseline:
+            targets.append(stack.enter_context(_started("baseline", _baseline_command)))
+        if settings.url is not None:
+            url = urlsplit(settings.url)
+            targets.append(Target("bridge", url.hostname or "127.0.0.1", url.port or 80, url.path or "/"))
+        else:
+            servers = ",".join(settings.bootstrap_servers)
+            if not servers:
+                broker = stack.enter_context(EmbeddedBroker())
+                servers, broker_pid = broker.bootstrap_servers, broker.process.pid if broker.process else None
+            embedded = not settings.bootstrap_servers
+
+            def bridge_command(port: int) -> list[str]:
+                return _bridge_command(port, servers, embedded=embedded)
+
+            targets.append(stack.enter_context(_started("bridge", bridge_command)))
+        report = _run(_measure(settings, targets, broker_pid))
+    if settings.format == "json":
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(_describe(settings, report))
+    return 0 if all(not target["errors"] for target in report["targets"]) else 1
+
+
+def _bridge_command(port: int, servers: str, *, embedded: bool) -> list[str]:
+    command = [sys.executable, "-m", "bridge", "serve", "--bootstrap-servers", servers]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    if embedded:
+        command += ["--create-topics", "--replication-factor", "1"]
+    return command
+
+
+def _baseline_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "bridge.bench", str(port)]
+
+
+@contextlib.contextmanager
+def _started(name: str, command_for: Any) -> Iterator[Target]:
+    port = free_port()
+    env = {"BRIDGE_LOG_LEVEL": "warning", **os.environ}
+    process = subprocess.Popen(command_for(port), env=env, stdin=subprocess.DEVNULL)  # noqa: S603 - our own
+    try:
+        probe = "/readyz" if name == "bridge" else "/healthz"
+        _wait_ready(f"http://127.0.0.1:{port}{probe}", process)
+        yield Target(name, "127.0.0.1", port, "/callback", pid=process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with status {process.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 - ours
+            if answer.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {_READY_TIMEOUT_S:g} s")
+
+
+async def _measure(settings: Settings, targets: list[Target], broker_pid: int | None) -> dict[str, Any]:
+    mixes = {
+        target.name: CallbackMix(target.host, target.port, target.path, settings.accounts)
+        for target in targets
+    }
+    for _ in range(settings.rounds):
+        for target in targets:  # alternating, so a neighbour's burst on the shared machine hits both alike
+            mix = mixes[target.name]
+            await _load(settings, target, mix, settings.warmup)
+            cpu_before, broker_before = _cpu_seconds(target.pid), _cpu_seconds(broker_pid)
+            target.rounds.append(await _load(settings, target, mix, settings.duration))
+            target.cpu_s += _cpu_seconds(target.pid) - cpu_before
+            target.broker_cpu_s += _cpu_seconds(broker_pid) - broker_before
+            target.rss_bytes.append(_rss_bytes(target.pid))
+    report: dict[str, Any] = {
+        "mode": "open loop" if settings.rate else "closed loop",
+        "connections": settings.connections,
+        "rate": settings.rate,
+        "rounds": settings.rounds,
+        "seconds_per_round": settings.duration,
+        "accounts": settings.accounts,
+        "targets": [
+            _summary(target, broker_pid is not None and target.name == "bridge") for target in targets
+        ],
+    }
+    by_name = {target["name"]: target for target in report["targets"]}
+    if "baseline" in by_name and "bridge" in by_name:
+        report["ratio"] = by_name["bridge"]["throughput"] / max(by_name["baseline"]["throughput"], 1e-9)
+    return report
+
+
+async def _load(settings: Settings, target: Target, mix: CallbackMix, seconds: float) -> LoadResult:
+    if settings.rate:
+        return await open_loop(
+            target.host,
+            target.port,
+            mix,
+            rate=settings.rate,
+            connections=settings.connections,
+            seconds=seconds,
+        )
+    return await closed_loop(target.host, target.port, mix, connections=settings.connections, seconds=seconds)
+
+
+def _summary(target: Target, with_broker: bool) -> dict[str, Any]:
+    seconds = sum(result.seconds for result in target.rounds)
+    latencies = sorted(latency for result in target.rounds for latency in result.latencies)
+    statuses: Counter[str] = Counter()
+    for result in target.rounds:
+        statuses.update(result.statuses)
+    summary: dict[str, Any] = {
+        "name": target.name,
+        "requests": len(latencies),
+        "throughput": len(latencies) / seconds,
+        "latency_ms": {name: percentile(latencies, fraction) * 1000 for name, fraction in _PERCENTILES},
+        "statuses": dict(statuses),
+        "errors": {status: count for status, count in statuses.items() if status != "200"},
+        "generator_cpu": sum(result.generator_cpu_s for result in target.rounds) / seconds,
+        "server_cpu": target.cpu_s / seconds if target.pid is not None else None,
+        "server_rss_mb": max(target.rss_bytes) / 2**20 if target.pid is not None else None,
+        "broker_cpu": target.broker_cpu_s / seconds if with_broker else None,
+    }
+    if any(result.intended for result in target.rounds):
+        summary["intended"] = sum(result.intended for result in target.rounds)
+    return summary
+
+
+def _describe(settings: Settings, report: dict[str, Any]) -> str:
+    load = (
+        f"open loop at {settings.rate:g}/s over up to {settings.connections} connections"
+        if settings.rate
+        else f"closed loop, {settings.connections} keep-alive connections"
+    )
+    lines = [
+        f"bridge bench: {load}; {settings.rounds} x {settings.duration:g} s per server after "
+        f"{settings.warmup:g} s warm-up; {settings.accounts} accounts; the fixtures' mix, unique keys",
+        "",
+        f"{'server':<9} {'req/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
+        f"{'srv CPU':>7} {'RSS MB':>6} {'broker':>6} {'gen CPU':>7}  errors",
+    ]
+    for target in report["targets"]:
+        latency = target["latency_ms"]
+        lines.append(
+            f"{target['name']:<9} {target['throughput']:>8.0f} "
+            + " ".join(f"{latency[name]:>7.2f}" for name, _ in _PERCENTILES)
+            + f" {_share(target['server_cpu']):>7} {_number(target['server_rss_mb']):>6} "
+            f"{_share(target['broker_cpu']):>6} {_share(target['generator_cpu']):>7}  "
+            + (", ".join(f"{status}: {count}" for status, count in target["errors"].items()) or "none")
+        )
+    lines.append("latencies in ms; CPU in % of one core; RSS at the end of the last round")
+    if "ratio" in report:
+        lines.append(f"bridge / baseline throughput: {report['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the workers of a bridge started with several)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    pending += [int(child) for child in children.read().split()]
+    return found
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User and system CPU time of a process and its descendants, from /proc."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for member in _process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICKS
+
+
+def _rss_bytes(pid: int | None) -> int:
+    if pid is None:
+        return 0
+    total = 0
+    for member in _process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/statm") as statm:
+            total += int(statm.read().split()[1]) * _PAGE
+    return total
+
+
+def _run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+# --- the baseline server: the same parsing of the same requests, no Kafka --------------------------------
+
+
+def baseline_app() -> Any:
+    from aiohttp import web  # noqa: PLC0415
+
+    from bridge.protocol import OK_BODY, decode_body, parse_query, resolve_command  # noqa: PLC0415
+
+    async def handle(request: web.Request) -> web.Response:
+        query = parse_query(request.query.items())
+        body = decode_body(await request.read())
+        resolve_command(query, body)
+        return web.Response(body=OK_BODY, content_type="application/json")
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/callback", handle)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def serve_baseline(port: int) -> None:
+    from aiohttp import web  # noqa: PLC0415
+
+    web.run_app(baseline_app(), host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    serve_baseline(int(sys.argv[1]))

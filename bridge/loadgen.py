@@ -1,0 +1,233 @@
+"""The load generator of `bridge bench`: realistic callbacks over raw keep-alive HTTP/1.1.
+
+The callbacks are the test fixtures' mix of commands, each with a unique `MsgKey` (and group `MsgSeq`), an
+owning account drawn from `--accounts`, and a few bodies padded to tens of KB. Requests are written and
+answers parsed with a bare asyncio protocol rather than aiohttp's client, which costs several times more
+CPU per request: the generator shares the machine with the server it measures, and reports its own CPU.
+
+Two modes: a closed loop (each connection sends its next request when the last is answered) and an open
+loop (requests are due at a constant rate whether or not earlier ones were answered; latency counts from
+the time a request was due, so a stalled server cannot hide its stall by slowing the generator down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from bridge.dev import SEED_CALLBACK, SEED_QUERY
+
+# The fixtures of a source checkout; an installed package falls back to the `bridge dev` seed callback.
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+# (bytes of padding in CloudCustomData, share in %): most bodies as the fixtures are (0.5-1.5 KB), some
+# long messages, a few large custom-data payloads.
+BODY_PADDING = ((0, 90), (4 * 1024, 8), (32 * 1024, 2))
+_KEY, _SEQ, _ACCOUNT = b"__bench_key__", b'"__bench_seq__"', b"__bench_account__"
+# Fields holding the owning entity of the fixtures' commands (commands.py's entity rules).
+_ACCOUNT_FIELDS = ("Official_Account", "From_Account", "GroupId")
+_GRACE_S = 10.0
+
+
+def _fixtures() -> list[tuple[dict[str, str], dict[str, Any]]]:
+    found = [orjson.loads(path.read_bytes()) for path in sorted(FIXTURES.glob("*.json"))]
+    if not found:
+        return [(SEED_QUERY, SEED_CALLBACK)]
+    return [(data["query"], data["body"]) for data in found]
+
+
+def _template(body: dict[str, Any], padding: int) -> bytes:
+    body = dict(body)
+    for name in _ACCOUNT_FIELDS:
+        if name in body:
+            body[name] = _ACCOUNT.decode()
+    if isinstance(body.get("Info"), dict):
+        body["Info"] = {**body["Info"], "To_Account": _ACCOUNT.decode()}
+    body["MsgKey"] = _KEY.decode()  # the record key of messages, part of it for other events
+    if "MsgSeq" in body:
+        body["MsgSeq"] = _SEQ.strip(b'"').decode()  # a group message's key is GroupId:MsgSeq
+    if padding:
+        body["CloudCustomData"] = "x" * padding
+    return orjson.dumps(body)
+
+
+class CallbackMix:
+    """An endless stream of distinct callback requests, as bytes ready for the socket."""
+
+    def __init__(self, host: str, port: int, path: str, accounts: int, seed: int = 7) -> None:
+        rng = random.Random(seed)  # noqa: S311 - shuffles the mix of commands, not a secret
+        entries = []
+        for query, body in _fixtures():
+            head = f"POST {path}?{urlencode(query)} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+            head += b"Content-Type: application/json\r\nContent-Length: "
+            for padding, share in BODY_PADDING:
+                entries += [(head, _template(body, padding))] * share
+        rng.shuffle(entries)
+        self._cycle = entries
+        self._accounts = [f"bench_account_{number}".encode() for number in range(accounts)]
+        self._run = f"{os.getpid()}-{time.time_ns() // 1_000_000}".encode()
+        self._count = itertools.count()
+
+    def next_request(self) -> bytes:
+        n = next(self._count)
+        head, body = self._cycle[n % len(self._cycle)]
+        # A multiplicative hash spreads accounts over commands and sizes instead of tying them together.
+        account = self._accounts[(n * 2654435761 >> 7) % len(self._accounts)]
+        digits = str(n).encode()
+        body = body.replace(_ACCOUNT, account).replace(_KEY, self._run + b"-" + digits).replace(_SEQ, digits)
+        return b"".join((head, str(len(body)).encode(), b"\r\n\r\n", body))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with one request outstanding at a time; answers give a status."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[int] | None = None
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP connections only
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("the server closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while self._waiter is not None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self._buffer[:end]).lower()
+            length = _content_length(head)
+            if len(self._buffer) < end + 4 + length:
+                return
+            del self._buffer[: end + 4 + length]
+            waiter, self._waiter = self._waiter, None
+            if not waiter.done():
+                waiter.set_result(int(head[9:12]))
+
+    async def request(self, data: bytes) -> int:
+        assert self._transport is not None  # noqa: S101 - set on connecting
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(data)
+        return await self._waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _content_length(head: bytes) -> int:
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0:
+        return 0
+    line_end = head.find(b"\r\n", at + 2)
+    return int(head[at + 17 : line_end if line_end >= 0 else len(head)])
+
+
+async def _connect(host: str, port: int) -> _Connection:
+    _, connection = await asyncio.get_running_loop().create_connection(_Connection, host, port)
+    return connection
+
+
+@dataclass
+class LoadResult:
+    """What one run saw: the latency in seconds of every answered request, the statuses, the CPU used."""
+
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    generator_cpu_s: float = 0.0
+    intended: int = 0
+    """Open loop: requests that were due (each should have been answered)."""
+
+
+async def closed_loop(
+    host: str, port: int, mix: CallbackMix, *, connections: int, seconds: float
+) -> LoadResult:
+    """`connections` connections, each sending its next request as soon as the last one is answered."""
+    clock = time.perf_counter
+    result = LoadResult(seconds)
+    cpu_start = time.process_time()
+    stop_at = clock() + seconds
+
+    async def run_connection() -> None:
+        connection = await _connect(host, port)
+        try:
+            while (sent := clock()) < stop_at:
+                try:
+                    status = await connection.request(mix.next_request())
+                except ConnectionError:
+                    result.statuses["connection closed"] += 1
+                    connection = await _connect(host, port)
+                    continue
+                result.latencies.append(clock() - sent)
+                result.statuses[str(status)] += 1
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(run_connection() for _ in range(connections)))
+    result.generator_cpu_s = time.process_time() - cpu_start
+    return result
+
+
+async def open_loop(
+    host: str, port: int, mix: CallbackMix, *, rate: float, connections: int, seconds: float
+) -> LoadResult:
+    """Requests due every 1/`rate` s, each sent on the first free of `connections` connections."""
+    clock = time.perf_counter
+    result = LoadResult(seconds)
+    due: asyncio.Queue[float | None] = asyncio.Queue()
+    cpu_start = time.process_time()
+    begin = clock()
+
+    async def schedule() -> None:
+        while (at := begin + result.intended / rate) < begin + seconds:
+            if (wait := at - clock()) > 0:
+                await asyncio.sleep(wait)
+            due.put_nowait(at)
+            result.intended += 1
+        for _ in range(connections):
+            due.put_nowait(None)
+
+    async def run_connection() -> None:
+        connection = await _connect(host, port)
+        try:
+            while (at := await due.get()) is not None:
+                try:
+                    status = await connection.request(mix.next_request())
+                except ConnectionError:
+                    result.statuses["connection closed"] += 1
+                    connection = await _connect(host, port)
+                    continue
+                # From the time the request was due: time spent waiting for a free connection counts.
+                result.latencies.append(clock() - at)
+                result.statuses[str(status)] += 1
+        finally:
+            connection.close()
+
+    async with asyncio.timeout(seconds + _GRACE_S):
+        await asyncio.gather(schedule(), *(run_connection() for _ in range(connections)))
+    result.generator_cpu_s = time.process_time() - cpu_start
+    return result
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """The value below which `fraction` of the sorted values lie (nearest rank)."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, int(fraction * len(ordered) + 0.5) - 1))]
