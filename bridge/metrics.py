@@ -36,7 +36,7 @@ from bridge.envelope import Record
 from bridge.errors import BridgeError, BrokerNotReady, DeliveryTimeout, PublishError
 from bridge.logs import REQUEST_ID
 from bridge.outcomes import OUTCOME, Outcome, Outcomes
-from bridge.settings import RESERVED_PATHS
+from bridge.values import RESERVED_PATHS
 
 log = logging.getLogger(__name__)
 

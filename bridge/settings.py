@@ -7,13 +7,12 @@ table are made from: `--delivery-timeout` is `BRIDGE_DELIVERY_TIMEOUT` is `Setti
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bridge import values
 from bridge.commands import TopicGroup
-from bridge.events import parse_instant
 from bridge.secret import Secret
 
 ENV_PREFIX = "BRIDGE_"
@@ -22,10 +21,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-# Paths the bridge serves itself; the callback path must be another one.
-RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-_SERVER = re.compile(r"[^\s,:/]+:[0-9]{1,5}")
 
 
 class SettingsError(ValueError):
@@ -138,170 +133,6 @@ class Settings:
 # --- value parsers: each turns a flag's or variable's text into a value, or raises ValueError ---------------
 
 
-def _servers(text: str) -> tuple[str, ...]:
-    servers = tuple(part.strip() for part in text.split(",") if part.strip())
-    for server in servers:
-        if not _SERVER.fullmatch(server):
-            raise ValueError(f"{server!r} is not HOST:PORT")
-    if not servers:
-        raise ValueError("no HOST:PORT given")
-    return servers
-
-
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-
-    return parse
-
-
-def _number(low: float, high: float, *, zero: bool, what: str) -> Callable[[str], float]:
-    """A parser of numbers from `low` (excluded unless `zero`) to `high`; `what` completes the message."""
-
-    def parse(text: str) -> float:
-        value = float(text)
-        if not (low <= value if zero else low < value) or not value <= high:
-            raise ValueError(f"must be {what}")
-        return value
-
-    return parse
-
-
-_seconds = _number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600")
-_seconds_or_zero = _number(0, 86400, zero=True, what="a number of seconds from 0 to 86400")
-_rate = _number(0, 1_000_000, zero=False, what="a number of records per second above 0")
-_lateness = _number(0, 30 * 86400, zero=True, what="a number of seconds from 0 to 2592000 (30 days)")
-
-
-def _auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
-    def parse_or_auto(text: str) -> int | None:
-        return None if text.strip().lower() == "auto" else parse(text)
-
-    return parse_or_auto
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("must be true or false")
-
-
-def _path(text: str) -> str:
-    if not text.startswith("/") or text in RESERVED_PATHS or any(c in text for c in "?# "):
-        raise ValueError(
-            "must be a URL path such as /callback, other than " + ", ".join(sorted(RESERVED_PATHS))
-        )
-    return text
-
-
-def _topic(text: str) -> str:
-    if not _TOPIC_NAME.fullmatch(text) or text in {".", ".."}:
-        raise ValueError("must be a Kafka topic name: up to 249 letters, digits, '.', '_' or '-'")
-    return text
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text.lower() not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return text.lower()
-
-    return parse
-
-
-def _instant(text: str) -> int:
-    return parse_instant(text)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
-        raise ValueError("no name given")
-    return names
-
-
-def _url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise ValueError("must be an http:// or https:// URL")
-    return text
-
-
-def _tokens(text: str) -> tuple[Secret, ...]:
-    tokens = tuple(Secret(part.strip()) for part in text.split(",") if part.strip())
-    if not tokens:
-        raise ValueError("no token given")
-    return tokens
-
-
-def _read_secret_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8-sig") as file:  # a file saved with a BOM holds the same token
-            return file.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        # The message names the file and why, never its content.
-        raise ValueError(
-            f"cannot read the file: {getattr(exc, 'strerror', None) or type(exc).__name__}"
-        ) from None
-
-
-def _token_file(path: str) -> tuple[Secret, ...]:
-    tokens = tuple(Secret(line.strip()) for line in _read_secret_file(path).splitlines() if line.strip())
-    if not tokens:
-        raise ValueError("the file holds no token (one a line)")
-    return tokens
-
-
-def _password(text: str) -> Secret:
-    if not text:
-        raise ValueError("must not be empty")
-    return Secret(text)
-
-
-def _password_file(path: str) -> Secret:
-    # Only the final line break goes: a password may begin or end with spaces.
-    return _password(_read_secret_file(path).removesuffix("\n").removesuffix("\r"))
-
-
-def _sdk_app_ids(text: str) -> tuple[str, ...]:
-    ids = tuple(part.strip() for part in text.split(",") if part.strip())
-    for app_id in ids:
-        if not re.fullmatch(r"[1-9][0-9]{0,18}", app_id):
-            raise ValueError(f"{app_id!r} is not an SDKAppID (a positive decimal integer)")
-    if not ids:
-        raise ValueError("no SDKAppID given")
-    return ids
-
-
-def _existing_file(path: str) -> str:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read the file {path}: {exc.strerror or exc}") from None
-    return path
-
-
-def _upper_one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text.strip().upper() not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return text.strip().upper()
-
-    return parse
-
-
-def _text(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
-
-
 @dataclass(frozen=True, slots=True)
 class Option:
     field: str
@@ -325,7 +156,7 @@ class Option:
     @property
     def is_switch(self) -> bool:
         """An on/off option: `--name` / `--no-name` on the command line, true/false in the environment."""
-        return self.parse is _boolean
+        return self.parse is values.boolean
 
 
 SERVE_ONLY = frozenset({"serve"})
@@ -346,25 +177,32 @@ READER_OPTIONS: tuple[Option, ...] = (
         "from_beginning",
         "Read from the beginning of the topic; without it (or --since, or a group's commits), only new "
         "events.",
-        _boolean,
+        values.boolean,
         commands=CONSUME,
     ),
     Option(
-        "since", f"Only events at or after this event time, {_INSTANT}.", _instant, "TIME", READERS, "(none)"
+        "since",
+        f"Only events at or after this event time, {_INSTANT}.",
+        values.instant,
+        "TIME",
+        READERS,
+        "(none)",
     ),
-    Option("until", f"Only events before this event time, {_INSTANT}.", _instant, "TIME", READERS, "(none)"),
+    Option(
+        "until", f"Only events before this event time, {_INSTANT}.", values.instant, "TIME", READERS, "(none)"
+    ),
     Option(
         "command",
         "Only these commands or command families, comma-separated "
         "(OfficialAccount.CallbackAfterSendMsg,C2C).",
-        _names,
+        values.names,
         "NAME[,...]",
         READERS,
     ),
     Option(
         "account",
         "Only this owning entity (official account, conversation, group...); reads only its partition.",
-        _text,
+        values.text,
         "ENTITY",
         READERS,
         "(none)",
@@ -373,25 +211,25 @@ READER_OPTIONS: tuple[Option, ...] = (
         "lateness",
         "Seconds of event time a callback may land after later ones: the --since lookup by time starts "
         "this much earlier (a partition is always read to its end offset, whatever the event times).",
-        _lateness,
+        values.lateness,
         "SECONDS",
         READERS,
     ),
-    Option("follow", "Keep reading new events until Ctrl-C.", _boolean, commands=CONSUME),
-    Option("max", "Stop after this many events.", _int_between(1, 2**62), "N", CONSUME, "(no limit)"),
+    Option("follow", "Keep reading new events until Ctrl-C.", values.boolean, commands=CONSUME),
+    Option("max", "Stop after this many events.", values.int_between(1, 2**62), "N", CONSUME, "(no limit)"),
     Option(
         "group",
         "Consumer group: start from its committed offsets and commit the events written out.",
-        _text,
+        values.text,
         "GROUP",
         CONSUME,
         "(none)",
     ),
-    Option("output", "File to write JSON Lines to; - is standard output.", _text, "FILE", CONSUME),
+    Option("output", "File to write JSON Lines to; - is standard output.", values.text, "FILE", CONSUME),
     Option(
         "from_offset",
         "Start every partition read at this offset.",
-        _int_between(0, 2**62),
+        values.int_between(0, 2**62),
         "OFFSET",
         REPLAY,
         "(none)",
@@ -399,7 +237,7 @@ READER_OPTIONS: tuple[Option, ...] = (
     Option(
         "to_offset",
         "Stop every partition before this offset.",
-        _int_between(0, 2**62),
+        values.int_between(0, 2**62),
         "OFFSET",
         REPLAY,
         "(none)",
@@ -407,26 +245,26 @@ READER_OPTIONS: tuple[Option, ...] = (
     Option(
         "to_topic",
         "Copy to this topic (same cluster), with key, timestamp, headers and the partition rule kept.",
-        _topic,
+        values.topic,
         "NAME",
         REPLAY,
         "(none)",
     ),
-    Option("to_file", "Copy to this JSON Lines file, appending.", _text, "FILE", REPLAY, "(none)"),
+    Option("to_file", "Copy to this JSON Lines file, appending.", values.text, "FILE", REPLAY, "(none)"),
     Option(
         "to_url",
         "Re-post each callback body to this URL with its stored query (without Sign: run the receiver "
         "without a token).",
-        _url,
+        values.url,
         "URL",
         REPLAY,
         "(none)",
     ),
-    Option("concurrency", "Deliveries in flight at once.", _int_between(1, 1000), "N", REPLAY),
+    Option("concurrency", "Deliveries in flight at once.", values.int_between(1, 1000), "N", REPLAY),
     Option(
         "retries",
         "Retries of a delivery that failed for a passing reason.",
-        _int_between(0, 100),
+        values.int_between(0, 100),
         "N",
         REPLAY,
     ),
@@ -434,7 +272,7 @@ READER_OPTIONS: tuple[Option, ...] = (
         "rate",
         "replay: most records copied per second. bench: callbacks sent per second, an open loop at a "
         "constant arrival rate (without it, a closed loop).",
-        _rate,
+        values.rate,
         "PER_SECOND",
         REPLAY | BENCH,
         "(no limit)",
@@ -442,18 +280,20 @@ READER_OPTIONS: tuple[Option, ...] = (
     Option(
         "checkpoint",
         "File recording progress per partition; a replay run again with it continues where it stopped.",
-        _text,
+        values.text,
         "FILE",
         REPLAY,
         "(none)",
     ),
-    Option("dedup", "Drop records whose key was already copied in this run.", _boolean, commands=REPLAY),
+    Option(
+        "dedup", "Drop records whose key was already copied in this run.", values.boolean, commands=REPLAY
+    ),
 )
 BENCH_OPTIONS: tuple[Option, ...] = (
     Option(
         "url",
         "Callback URL of a running bridge to measure; without it the bench starts one (and a broker).",
-        _url,
+        values.url,
         "URL",
         BENCH,
         "(start one)",
@@ -461,114 +301,123 @@ BENCH_OPTIONS: tuple[Option, ...] = (
     Option(
         "connections",
         "Keep-alive connections: all busy in the closed loop, at most this many in the open loop.",
-        _int_between(1, 10_000),
+        values.int_between(1, 10_000),
         "N",
         BENCH,
     ),
     Option(
         "duration",
         "Seconds each measured round lasts.",
-        _number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600"),
+        values.number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600"),
         "SECONDS",
         BENCH,
     ),
     Option(
         "warmup",
         "Seconds of unmeasured load before each round.",
-        _seconds_or_zero,
+        values.seconds_or_zero,
         "SECONDS",
         BENCH,
     ),
     Option(
-        "rounds", "Measured rounds per server, alternating between them.", _int_between(1, 100), "N", BENCH
+        "rounds",
+        "Measured rounds per server, alternating between them.",
+        values.int_between(1, 100),
+        "N",
+        BENCH,
     ),
     Option(
         "accounts",
         "Distinct owning accounts (official accounts, senders, groups) in the callbacks.",
-        _int_between(1, 10_000_000),
+        values.int_between(1, 10_000_000),
         "N",
         BENCH,
     ),
     Option(
         "baseline",
         "Also measure a bare aiohttp server parsing the same requests without Kafka, and give the ratio.",
-        _boolean,
+        values.boolean,
         commands=BENCH,
     ),
-    Option("format", "Report format: text or json.", _one_of(("text", "json")), "FORMAT", BENCH),
+    Option("format", "Report format: text or json.", values.one_of(("text", "json")), "FORMAT", BENCH),
 )
 OPTIONS: tuple[Option, ...] = (
     Option(
         "bootstrap_servers",
         "Kafka brokers to connect to (required; bench: instead of an embedded broker).",
-        _servers,
+        values.servers,
         "HOST:PORT[,...]",
         SERVE_ONLY | READERS | TOPICS | BENCH,
     ),
-    Option("host", "Address to listen on.", _text, "ADDRESS", SERVING),
-    Option("port", "TCP port to listen on (0 picks a free port).", _int_between(0, 65535), "PORT", SERVING),
-    Option("path", "URL path Tencent posts callbacks to.", _path, "PATH", SERVING),
+    Option("host", "Address to listen on.", values.text, "ADDRESS", SERVING),
+    Option(
+        "port", "TCP port to listen on (0 picks a free port).", values.int_between(0, 65535), "PORT", SERVING
+    ),
+    Option("path", "URL path Tencent posts callbacks to.", values.path, "PATH", SERVING),
     Option(
         "topic",
         _TOPIC_HELP.format(what="official-account (OfficialAccount.*)")
         + " consume and replay read this topic.",
-        _topic,
+        values.topic,
         "NAME",
         SERVING | READERS | TOPICS,
     ),
-    Option("c2c_topic", _TOPIC_HELP.format(what="one-to-one message (C2C.*)"), _topic, "NAME"),
-    Option("group_topic", _TOPIC_HELP.format(what="group (Group.*)"), _topic, "NAME"),
+    Option("c2c_topic", _TOPIC_HELP.format(what="one-to-one message (C2C.*)"), values.topic, "NAME"),
+    Option("group_topic", _TOPIC_HELP.format(what="group (Group.*)"), values.topic, "NAME"),
     Option(
-        "user_topic", _TOPIC_HELP.format(what="user (State.*, Profile.*, Sns.*, Follow.*)"), _topic, "NAME"
+        "user_topic",
+        _TOPIC_HELP.format(what="user (State.*, Profile.*, Sns.*, Follow.*)"),
+        values.topic,
+        "NAME",
     ),
     Option(
         "app_topic",
         _TOPIC_HELP.format(what="app-level (Alert.*, Push.*, ContentCallback.*, Bot.*)"),
-        _topic,
+        values.topic,
         "NAME",
     ),
     Option(
         "unknown_topic",
         "Topic for callbacks of command families the bridge does not know.",
-        _topic,
+        values.topic,
         "NAME",
     ),
     Option(
         "create_topics",
         "Create missing topics at start; without it a missing topic keeps the bridge not ready.",
-        _boolean,
+        values.boolean,
         commands=SERVING,
     ),
-    Option("partitions", "Partitions of topics the bridge creates.", _int_between(1, 10000), "N"),
+    Option("partitions", "Partitions of topics the bridge creates.", values.int_between(1, 10000), "N"),
     Option(
         "replication_factor",
         "Replication factor of topics the bridge creates; auto is min(3, brokers in the cluster).",
-        _auto_or(_int_between(1, 32)),
+        values.auto_or(values.int_between(1, 32)),
         "N|auto",
     ),
     Option(
         "min_insync_replicas",
         "min.insync.replicas of topics the bridge creates; auto is 2 with 3 or more replicas, else 1.",
-        _auto_or(_int_between(1, 32)),
+        values.auto_or(values.int_between(1, 32)),
         "N|auto",
     ),
     Option(
         "retention_hours",
         "retention.ms of topics the bridge creates, in hours: how far back a replay or backfill can go.",
-        _int_between(1, 24 * 3650),
+        values.int_between(1, 24 * 3650),
         "HOURS",
     ),
     Option(
         "delivery_timeout",
         "Longest wait, in seconds, for the broker to confirm a write before answering 503.",
-        _seconds,
+        values.seconds,
         "SECONDS",
         SERVING,
     ),
     Option(
         "max_in_flight",
         "Callbacks waiting for the broker at once; more get 503 at once, so memory stays bounded.",
-        _int_between(1, 100_000),
+        values.int_between(1, 100_000),
         "N",
         SERVING,
     ),
@@ -576,41 +425,41 @@ OPTIONS: tuple[Option, ...] = (
         "dedup_window",
         "Seconds a confirmed callback is remembered, so a copy is answered 200 without a second write "
         "(0 turns it off).",
-        _seconds_or_zero,
+        values.seconds_or_zero,
         "SECONDS",
         SERVING,
     ),
     Option(
         "dedup_max_keys",
         "Most confirmed callbacks remembered for the dedup window.",
-        _int_between(0, 10_000_000),
+        values.int_between(0, 10_000_000),
         "N",
         SERVING,
     ),
     Option(
         "shutdown_delay",
         "Seconds to keep serving after SIGTERM while /readyz says 503, so a load balancer can notice.",
-        _seconds_or_zero,
+        values.seconds_or_zero,
         "SECONDS",
         SERVING,
     ),
     Option(
         "shutdown_timeout",
         "Longest time, in seconds, to flush and close the producer on shutdown.",
-        _seconds,
+        values.seconds,
         "SECONDS",
         SERVING,
     ),
     Option(
         "max_body_bytes",
         "Largest callback body accepted; larger gets 413.",
-        _int_between(1, 64 << 20),
+        values.int_between(1, 64 << 20),
         "BYTES",
     ),
     Option(
         "body_timeout",
         "Seconds a client has to send the whole body; a slower one gets 408 and frees its slot.",
-        _seconds,
+        values.seconds,
         "SECONDS",
         SERVING,
     ),
@@ -618,7 +467,7 @@ OPTIONS: tuple[Option, ...] = (
         "callback_token",
         "Tencent webhook authentication token: a callback is accepted only when signed with one of "
         "these. Repeat the flag, or separate with commas, to accept the old and the new token in a rotation.",
-        _tokens,
+        values.tokens,
         "TOKEN",
         SERVING,
         "(none)",
@@ -627,7 +476,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "callback_token_file",
         "File holding more tokens, one a line (a container secret).",
-        _token_file,
+        values.token_file,
         "FILE",
         SERVING,
         "(none)",
@@ -635,14 +484,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_clock_skew",
         "Most seconds a signed callback's RequestTime may be from the bridge's clock, either way.",
-        _seconds,
+        values.seconds,
         "SECONDS",
         SERVING,
     ),
     Option(
         "sdk_app_id",
         "Accept callbacks of these SDKAppIDs only; others get 403. Repeatable, or comma-separated.",
-        _sdk_app_ids,
+        values.sdk_app_ids,
         "ID[,...]",
         SERVING,
         "(any)",
@@ -651,21 +500,21 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_url_bytes",
         "Longest request line (method, path and query); longer gets 400 and the connection is closed.",
-        _int_between(256, 1 << 20),
+        values.int_between(256, 1 << 20),
         "BYTES",
         SERVING,
     ),
     Option(
         "max_header_bytes",
         "Longest header line; longer gets 400 and the connection is closed.",
-        _int_between(256, 1 << 20),
+        values.int_between(256, 1 << 20),
         "BYTES",
         SERVING,
     ),
     Option(
         "max_headers",
         "Most header lines in a request; more get 400 and the connection is closed.",
-        _int_between(8, 10_000),
+        values.int_between(8, 10_000),
         "N",
         SERVING,
     ),
@@ -673,32 +522,36 @@ OPTIONS: tuple[Option, ...] = (
         "idle_timeout",
         "Seconds a connection may stay idle between requests, or take to send a request's headers, "
         "before the bridge closes it.",
-        _seconds,
+        values.seconds,
         "SECONDS",
         SERVING,
     ),
     Option(
         "compression",
         "Producer compression: " + ", ".join(COMPRESSION_TYPES) + ".",
-        _one_of(COMPRESSION_TYPES),
+        values.one_of(COMPRESSION_TYPES),
         "CODEC",
         SERVING,
     ),
     Option(
-        "linger_ms", "Milliseconds the producer waits to fill a batch.", _int_between(0, 1000), "MS", SERVING
+        "linger_ms",
+        "Milliseconds the producer waits to fill a batch.",
+        values.int_between(0, 1000),
+        "MS",
+        SERVING,
     ),
-    Option("client_id", "Kafka client id.", _text, "ID"),
+    Option("client_id", "Kafka client id.", values.text, "ID"),
     Option(
         "security_protocol",
         "How to connect to Kafka: " + ", ".join(SECURITY_PROTOCOLS) + ".",
-        _upper_one_of(SECURITY_PROTOCOLS),
+        values.upper_one_of(SECURITY_PROTOCOLS),
         "PROTOCOL",
         KAFKA_CLIENTS,
     ),
     Option(
         "ssl_cafile",
         "PEM file of the CAs that sign the brokers' certificates (SSL, SASL_SSL); default: the system's.",
-        _existing_file,
+        values.existing_file,
         "FILE",
         KAFKA_CLIENTS,
         "(none)",
@@ -706,7 +559,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "ssl_certfile",
         "PEM client certificate, for brokers that require one (mutual TLS).",
-        _existing_file,
+        values.existing_file,
         "FILE",
         KAFKA_CLIENTS,
         "(none)",
@@ -714,7 +567,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "ssl_keyfile",
         "PEM private key of the client certificate, if not in the certificate file.",
-        _existing_file,
+        values.existing_file,
         "FILE",
         KAFKA_CLIENTS,
         "(none)",
@@ -722,26 +575,26 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "sasl_mechanism",
         "SASL mechanism (SASL_PLAINTEXT, SASL_SSL): " + ", ".join(SASL_MECHANISMS) + ".",
-        _upper_one_of(SASL_MECHANISMS),
+        values.upper_one_of(SASL_MECHANISMS),
         "MECHANISM",
         KAFKA_CLIENTS,
         "(none)",
     ),
-    Option("sasl_username", "SASL user name.", _text, "USER", KAFKA_CLIENTS, "(none)"),
-    Option("sasl_password", "SASL password.", _password, "PASSWORD", KAFKA_CLIENTS, "(none)"),
+    Option("sasl_username", "SASL user name.", values.text, "USER", KAFKA_CLIENTS, "(none)"),
+    Option("sasl_password", "SASL password.", values.password, "PASSWORD", KAFKA_CLIENTS, "(none)"),
     Option(
         "sasl_password_file",
         "File holding the SASL password (a container secret); one final line break is ignored.",
-        _password_file,
+        values.password_file,
         "FILE",
         KAFKA_CLIENTS,
         "(none)",
     ),
-    Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", _one_of(LOG_LEVELS), "LEVEL"),
+    Option("log_level", "Log level: " + ", ".join(LOG_LEVELS) + ".", values.one_of(LOG_LEVELS), "LEVEL"),
     Option(
         "log_format",
         "Log format: json, text, or auto (JSON unless stderr is a terminal).",
-        _one_of(LOG_FORMATS),
+        values.one_of(LOG_FORMATS),
         "FORMAT",
     ),
     *READER_OPTIONS,

@@ -1,0 +1,179 @@
+"""The parsers of settings' values: each turns a flag's or variable's text into a value, or raises ValueError
+with a message that completes "BRIDGE_X='text': ..."."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from bridge.events import parse_instant
+from bridge.secret import Secret
+
+# Paths the bridge serves itself; the callback path must be another one.
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_SERVER = re.compile(r"[^\s,:/]+:[0-9]{1,5}")
+
+
+def servers(text: str) -> tuple[str, ...]:
+    servers = tuple(part.strip() for part in text.split(",") if part.strip())
+    for server in servers:
+        if not _SERVER.fullmatch(server):
+            raise ValueError(f"{server!r} is not HOST:PORT")
+    if not servers:
+        raise ValueError("no HOST:PORT given")
+    return servers
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float, *, zero: bool, what: str) -> Callable[[str], float]:
+    """A parser of numbers from `low` (excluded unless `zero`) to `high`; `what` completes the message."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low <= value if zero else low < value) or not value <= high:
+            raise ValueError(f"must be {what}")
+        return value
+
+    return parse
+
+
+seconds = number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600")
+seconds_or_zero = number(0, 86400, zero=True, what="a number of seconds from 0 to 86400")
+rate = number(0, 1_000_000, zero=False, what="a number of records per second above 0")
+lateness = number(0, 30 * 86400, zero=True, what="a number of seconds from 0 to 2592000 (30 days)")
+
+
+def auto_or(parse: Callable[[str], int]) -> Callable[[str], int | None]:
+    def parse_or_auto(text: str) -> int | None:
+        return None if text.strip().lower() == "auto" else parse(text)
+
+    return parse_or_auto
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def path(text: str) -> str:
+    if not text.startswith("/") or text in RESERVED_PATHS or any(c in text for c in "?# "):
+        raise ValueError(
+            "must be a URL path such as /callback, other than " + ", ".join(sorted(RESERVED_PATHS))
+        )
+    return text
+
+
+def topic(text: str) -> str:
+    if not _TOPIC_NAME.fullmatch(text) or text in {".", ".."}:
+        raise ValueError("must be a Kafka topic name: up to 249 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.lower()
+
+    return parse
+
+
+def instant(text: str) -> int:
+    return parse_instant(text)
+
+
+def names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("no name given")
+    return names
+
+
+def url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def tokens(text: str) -> tuple[Secret, ...]:
+    tokens = tuple(Secret(part.strip()) for part in text.split(",") if part.strip())
+    if not tokens:
+        raise ValueError("no token given")
+    return tokens
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # a file saved with a BOM holds the same token
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        # The message names the file and why, never its content.
+        raise ValueError(
+            f"cannot read the file: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+        ) from None
+
+
+def token_file(path: str) -> tuple[Secret, ...]:
+    tokens = tuple(Secret(line.strip()) for line in _read_secret_file(path).splitlines() if line.strip())
+    if not tokens:
+        raise ValueError("the file holds no token (one a line)")
+    return tokens
+
+
+def password(text: str) -> Secret:
+    if not text:
+        raise ValueError("must not be empty")
+    return Secret(text)
+
+
+def password_file(path: str) -> Secret:
+    # Only the final line break goes: a password may begin or end with spaces.
+    return password(_read_secret_file(path).removesuffix("\n").removesuffix("\r"))
+
+
+def sdk_app_ids(text: str) -> tuple[str, ...]:
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    for app_id in ids:
+        if not re.fullmatch(r"[1-9][0-9]{0,18}", app_id):
+            raise ValueError(f"{app_id!r} is not an SDKAppID (a positive decimal integer)")
+    if not ids:
+        raise ValueError("no SDKAppID given")
+    return ids
+
+
+def existing_file(path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read the file {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def upper_one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip().upper() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.strip().upper()
+
+    return parse
+
+
+def text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
