@@ -197,6 +197,7 @@ class KafkaPublisher:
     async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
         delay = _RETRY_FIRST_S
+        reported = ""
         while True:
             # A producer whose start() failed hangs on send() (aiokafka #759): a new one for every attempt.
             producer = self._new_producer()
@@ -211,7 +212,10 @@ class KafkaPublisher:
                     self._status = (
                         f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"
                     )
-                log.warning("%s; retrying in %.2g s", self._status, delay)
+                # Once per new reason, not once per attempt: a broker down for an hour is one line.
+                level = logging.WARNING if self._status != reported else logging.DEBUG
+                log.log(level, "%s; retrying every %.2g s at most", self._status, _RETRY_MAX_S)
+                reported = self._status
                 # Shielded: a shutdown arriving now must not leave this producer's connections open.
                 await asyncio.shield(self._stop(producer))
                 await asyncio.sleep(delay)
@@ -301,4 +305,6 @@ async def _wait_for_death(producer: AIOKafkaProducer) -> str:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     name = type(exc).__name__
-    return f"{name}: {text}" if text and text != name else name
+    if not text or text == name:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"  # aiokafka's messages often name the class
