@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
+import time
 from typing import Any
 from urllib.parse import urlencode
 
@@ -15,6 +16,7 @@ from bridge.embedded import EmbeddedBroker
 from bridge.runner import run_server
 from bridge.server import PUBLISHER
 from bridge.settings import Settings
+from bridge.signature import expected_sign
 
 _READY_TIMEOUT_S = 30.0
 
@@ -52,8 +54,21 @@ def base_url(host: str, port: int) -> str:
 
 def banner(settings: Settings, port: int, bootstrap_servers: str) -> str:
     url = f"{base_url(settings.host, port)}{settings.path}?{urlencode(SEED_QUERY)}"
+    query = dict(SEED_QUERY)
+    signed = ""
+    if settings.callback_tokens:
+        # Signed as Tencent would, with the first token; the signature goes stale after --max-clock-skew.
+        request_time = str(int(time.time()))
+        query |= {
+            "RequestTime": request_time,
+            "Sign": expected_sign(settings.callback_tokens[0].reveal(), request_time),
+        }
+        signed = f" (signed with the first token: valid for {settings.max_clock_skew:g} s from now)"
+    target = f"{base_url(settings.host, port)}{settings.path}?{urlencode(query)}"
     body = orjson.dumps(SEED_CALLBACK).decode()
-    curl = f"curl -sS -X POST {shlex.quote(url)} -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    curl = (
+        f"curl -sS -X POST {shlex.quote(target)} -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
     return "\n".join(
         (
             _WARNING,
@@ -61,7 +76,7 @@ def banner(settings: Settings, port: int, bootstrap_servers: str) -> str:
             f"Kafka bootstrap:  {bootstrap_servers}  (in memory)",
             f"Topics:           {', '.join(settings.topics)}",
             f"Ready probe:      {base_url(settings.host, port)}/readyz",
-            "Send the seed callback:",
+            f"Send the seed callback{signed}:",
             f"  {curl}",
             "Press Ctrl-C to stop the bridge and the broker.",
         )

@@ -242,3 +242,30 @@ def test_every_command_that_needs_kafka_says_how_to_name_it(argv: list[str]) -> 
     assert result.returncode == 2
     assert "no Kafka brokers given" in result.stderr
     assert "BRIDGE_BOOTSTRAP_SERVERS" in result.stderr
+
+
+def test_bridge_dev_with_a_token_prints_a_curl_that_is_signed_and_accepted(tmp_path: Path) -> None:
+    stdout_path = tmp_path / "stdout"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    environment["BRIDGE_CALLBACK_TOKEN"] = "xxxxyyyy"  # noqa: S105 - Tencent's sample token
+    with stdout_path.open("w") as stdout:
+        process = subprocess.Popen(
+            [*BRIDGE, "dev", "--port", "0"], stdout=stdout, stderr=subprocess.DEVNULL, env=environment
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "curl" not in stdout_path.read_text():
+            assert time.monotonic() < deadline, "bridge dev did not print its curl in 30 s"
+            time.sleep(0.1)
+        output = stdout_path.read_text()
+        target = re.search(r"curl -sS -X POST '([^']+)'", output)
+        body = re.search(r"-d '(\{.*\})'", output)
+        assert target
+        assert body
+        assert "Sign=" in target.group(1)
+        request = urllib.request.Request(target.group(1), data=body.group(1).encode(), method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the loopback URL it printed
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
