@@ -10,7 +10,6 @@ ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -163,10 +162,9 @@ class Metrics:
             self.outcomes.labels(outcome=outcome).set(count)
         return generate_latest(self.registry)
 
-    def track_delivery(self, delivery: asyncio.Future[Any]) -> None:
-        """Count a record as queued in the producer until its delivery future is done, whatever the answer."""
-        self.queued.inc()
-        delivery.add_done_callback(lambda _: self.queued.dec())
+    def count_queued(self, records: int) -> None:
+        """Records handed to the producer (`records` > 0) or settled by it, whatever the answer (< 0)."""
+        self.queued.inc(records)
 
 
 METRICS = web.AppKey("metrics", Metrics)

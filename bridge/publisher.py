@@ -11,11 +11,13 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaError
 
+from bridge.batching import NotHandedOver, PartitionBatches
 from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout
 from bridge.kafka_security import kafka_connection_options
@@ -61,15 +63,17 @@ class KafkaPublisher:
         self,
         settings: Settings,
         outcomes: Outcomes,
-        on_queued: Callable[[asyncio.Future[Any]], None] | None = None,
+        on_queued: Callable[[int], None] | None = None,
     ) -> None:
-        """`on_queued` is told of every record handed to the producer (the metrics' queue gauge)."""
+        """`on_queued(n)` is told of records handed to the producer (n > 0) and settled (n < 0)."""
         self._settings = settings
         # Built once, here: a bad TLS file or a SASL setting missing fails the start, not every reconnect.
         self._connection_options = kafka_connection_options(settings)
         self._outcomes = outcomes
         self._on_queued = on_queued
         self._producer: AIOKafkaProducer | None = None
+        self._batches: PartitionBatches | None = None
+        self._partition_counts: dict[str, int] = {}
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
         self._abandoned = 0
@@ -90,11 +94,16 @@ class KafkaPublisher:
         return "ready" if self.ready else self._status
 
     def partition_count(self, topic: str) -> int | None:
-        producer = self._producer
-        if producer is None:
-            return None
-        partitions = producer.client.cluster.partitions_for_topic(topic)
-        return len(partitions) if partitions else None
+        return self._partition_counts.get(topic) if self._producer is not None else None
+
+    def _count_partitions(self, cluster: ClusterMetadata) -> None:
+        """Keep the partition counts of the topics at hand: aiokafka builds a set each time it is asked."""
+        counts = {}
+        for topic in self._settings.topics:
+            partitions = cluster.partitions_for_topic(topic)
+            if partitions:
+                counts[topic] = len(partitions)
+        self._partition_counts = counts
 
     async def start(self) -> None:
         self._connector = asyncio.create_task(self._supervise(), name="kafka-producer")
@@ -104,72 +113,69 @@ class KafkaPublisher:
         if self._connector is not None:
             self._connector.cancel()
             await asyncio.wait({self._connector})
-        producer, self._producer = self._producer, None
-        self._status = "closed"
-        if producer is not None:
-            await self._stop(producer)
+        producer, batches = self._producer, self._batches
+        self._producer, self._batches, self._status = None, None, "closed"
+        if producer is None or batches is None:
+            return
+        stop_by = asyncio.get_running_loop().time() + self._settings.shutdown_timeout
+        try:
+            async with asyncio.timeout_at(stop_by):
+                await batches.flush()
+        except TimeoutError:
+            pass  # what was not handed over is given up below, and the producer stopped all the same
+        batches.close(ConnectionError("the bridge is shutting down"))
+        await self._stop(producer, max(0.0, stop_by - asyncio.get_running_loop().time()))
 
     async def publish(self, record: Record, timeout: float) -> None:
-        producer = self._producer
-        if producer is None:
+        batches = self._batches
+        if batches is None:
             raise BrokerNotReady(f"Kafka is not ready ({self._status}); the callback was not written")
-        delivery: asyncio.Future[Any] | None = None
         try:
+            delivery = batches.add(record)
             async with asyncio.timeout(timeout):
-                delivery = await producer.send(
-                    record.topic,
-                    record.value,
-                    key=record.key,
-                    partition=record.partition,
-                    timestamp_ms=record.timestamp_ms,
-                    headers=list(record.headers),
-                )
-                # The deadline must not cancel aiokafka's own future: the batch may be in flight.
-                if self._on_queued is not None:
-                    self._on_queued(delivery)
-                await asyncio.shield(delivery)
+                await delivery
         except TimeoutError:
-            queued = delivery is not None
-            if delivery is not None:
-                self._follow_abandoned(delivery)
+            # The record stays queued: it may still be written after this answer.
+            self._abandoned += 1
+            batches.abandon(delivery)
             raise DeliveryTimeout(
-                f"Kafka did not confirm the write within {timeout:.3g} s; the callback is not acknowledged"
-                + ("" if queued else " and was not written"),
-                ambiguous=queued,
+                f"Kafka did not confirm the write within {timeout:.3g} s; the callback is not acknowledged",
+                ambiguous=True,
+            ) from None
+        except NotHandedOver as exc:
+            raise BrokerNotReady(
+                f"Kafka did not take the write ({_describe(exc.cause)}); the callback was not written"
             ) from None
         except KafkaError as exc:
-            # Once handed to the producer, a record may have been appended by an attempt whose answer was
-            # lost; aiokafka retries and reports only the last attempt's error. So: ambiguous.
-            raise BrokerRejected(
-                f"Kafka refused the write: {_describe(exc)}", ambiguous=delivery is not None
-            ) from None
+            # A batch handed to the producer may have been appended by an attempt whose answer was lost;
+            # aiokafka retries and reports only the last attempt's error. So: ambiguous.
+            raise BrokerRejected(f"Kafka refused the write: {_describe(exc)}", ambiguous=True) from None
 
-    def _follow_abandoned(self, delivery: asyncio.Future[Any]) -> None:
-        """Keep count of a record answered 503 until the producer settles it, and of how it ended."""
-        self._abandoned += 1
-
-        def settled(future: asyncio.Future[Any]) -> None:
-            self._abandoned -= 1
-            landed = not future.cancelled() and future.exception() is None
-            self._outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
-
-        delivery.add_done_callback(settled)
+    def _abandoned_settled(self, landed: bool) -> None:
+        """A record answered 503 is settled: it no longer counts against the in-flight limit."""
+        self._abandoned -= 1
+        self._outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
 
     async def _supervise(self) -> None:
         """Connect; probe the broker while connected; when the producer dies, drop it and build a new one."""
         while True:
             producer = await self._connect()
-            self._producer, self._status, self._answering = producer, "ready", True
+            batches = PartitionBatches(producer, self._abandoned_settled, self._on_queued)
+            self._count_partitions(producer.client.cluster)
+            producer.client.cluster.add_listener(self._count_partitions)
+            self._producer, self._batches = producer, batches
+            self._status, self._answering = "ready", True
             probing = asyncio.create_task(self._probe(producer), name="kafka-probe")
             try:
                 failure = await _wait_for_death(producer)
             finally:
                 probing.cancel()
                 await asyncio.wait({probing})
-            self._producer = None
+            self._producer, self._batches = None, None
             self._status = f"the Kafka producer failed ({failure}); building a new one"
             log.error("%s", self._status)
-            await self._stop(producer)
+            batches.close(ConnectionError(self._status))
+            await self._stop(producer, self._settings.shutdown_timeout)
 
     async def _probe(self, producer: AIOKafkaProducer) -> None:
         """Ask the cluster for metadata every second; two failures in a row make the bridge not ready.
@@ -217,12 +223,12 @@ class KafkaPublisher:
                 log.log(level, "%s; retrying every %.2g s at most", self._status, _RETRY_MAX_S)
                 reported = self._status
                 # Shielded: a shutdown arriving now must not leave this producer's connections open.
-                await asyncio.shield(self._stop(producer))
+                await asyncio.shield(self._stop(producer, self._settings.shutdown_timeout))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 continue
             except BaseException:
-                await self._stop(producer)
+                await self._stop(producer, self._settings.shutdown_timeout)
                 raise
             log.info(
                 "connected to Kafka at %s; writing to %s",
@@ -280,9 +286,9 @@ class KafkaPublisher:
             **self._connection_options,
         )
 
-    async def _stop(self, producer: AIOKafkaProducer) -> None:
+    async def _stop(self, producer: AIOKafkaProducer, timeout: float) -> None:
         try:
-            async with asyncio.timeout(self._settings.shutdown_timeout):
+            async with asyncio.timeout(timeout):
                 await producer.stop()
         except TimeoutError:
             # A timeout is the expected failure here, and its traceback would say nothing more.

@@ -1,0 +1,156 @@
+"""Records grouped into one aiokafka batch per partition, and many callbacks answered per acknowledgement.
+
+`producer.send()` costs a chain of coroutines, a future and a `RecordMetadata` per record. Here a callback's
+record is appended to the open batch of its partition (`BatchBuilder.append`, in C) and the callback waits
+on a plain future. One task per partition hands the batch to the producer with `send_batch` after the
+current turn of the event loop, so every callback that arrived in that turn rides along; while aiokafka
+still holds the partition's previous batch, new records keep filling the next one. When the broker
+acknowledges a batch (acks=all), one callback resolves the futures of all its records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from bridge.envelope import Record
+
+# (topic, partition)
+Partition = tuple[str, int]
+
+
+class NotHandedOver(Exception):
+    """The record's batch never reached the producer: it was not written."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _Batch:
+    __slots__ = ("builder", "waiters")
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.waiters: list[asyncio.Future[None]] = []
+
+
+class PartitionBatches:
+    """The records of one producer not yet acknowledged, grouped per partition."""
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        on_abandoned_settled: Callable[[bool], None],
+        on_queued: Callable[[int], None] | None = None,
+    ) -> None:
+        """`on_abandoned_settled(landed)` is told how each abandoned record ended; `on_queued(n)` of records
+        handed to the producer (n > 0) and settled (n < 0)."""
+        self._producer = producer
+        self._on_abandoned_settled = on_abandoned_settled
+        self._on_queued = on_queued
+        self._queues: dict[Partition, deque[_Batch]] = {}
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Future[None]] = set()
+        self._closed: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def add(self, record: Record) -> asyncio.Future[None]:
+        """Queue `record`; the future resolves when the broker has it, or fails with the reason it has not."""
+        if self._closed is not None:
+            raise NotHandedOver(self._closed)
+        partition = (record.topic, record.partition)
+        queue = self._queues.get(partition)
+        if queue is None:
+            queue = self._queues[partition] = deque()
+            flusher = self._loop.create_task(self._flush(partition, queue), name="kafka-batch")
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        if not queue or not self._append(queue[-1], record):
+            batch = _Batch(self._producer.create_batch())
+            queue.append(batch)
+            self._append(batch, record)  # the first record always fits, however large
+        return queue[-1].waiters[-1]
+
+    def abandon(self, waiter: asyncio.Future[None]) -> None:
+        """`waiter`'s callback was answered without waiting for it: report how its record ends."""
+        if waiter.cancelled():
+            self._abandoned.add(waiter)
+        else:  # settled in the same turn as the deadline passed
+            self._on_abandoned_settled(waiter.exception() is None)
+
+    async def flush(self) -> None:
+        """Hand every queued batch to the producer."""
+        while self._flushers:
+            await asyncio.wait(set(self._flushers))
+
+    def close(self, reason: BaseException) -> None:
+        """Give up on every batch not yet handed to the producer: their records were not written."""
+        self._closed = reason
+        for flusher in self._flushers:
+            flusher.cancel()
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            for batch in queue:
+                self._settle(batch.waiters, NotHandedOver(reason))
+            queue.clear()
+
+    def _append(self, batch: _Batch, record: Record) -> bool:
+        metadata = batch.builder.append(
+            timestamp=record.timestamp_ms, key=record.key, value=record.value, headers=list(record.headers)
+        )
+        if metadata is None:
+            return False
+        batch.waiters.append(self._loop.create_future())
+        return True
+
+    async def _flush(self, partition: Partition, queue: deque[_Batch]) -> None:
+        topic, number = partition
+        try:
+            while queue:
+                batch = queue.popleft()  # records arriving from now on start the next batch
+                try:
+                    # Waits while aiokafka still holds this partition's previous batch.
+                    delivery = await self._producer.send_batch(batch.builder, topic, partition=number)
+                except asyncio.CancelledError:
+                    self._settle(batch.waiters, NotHandedOver(ConnectionError("the producer was closed")))
+                    raise
+                except Exception as exc:  # noqa: BLE001 - whatever the reason, the batch was not written
+                    self._settle(batch.waiters, NotHandedOver(exc))
+                    continue
+                self._handed_over(batch.waiters, delivery)
+        finally:
+            if self._queues.get(partition) is queue:
+                del self._queues[partition]
+
+    def _handed_over(self, waiters: list[asyncio.Future[None]], delivery: asyncio.Future[Any]) -> None:
+        count = len(waiters)
+        if self._on_queued is not None:
+            self._on_queued(count)
+
+        def acknowledged(delivery: asyncio.Future[Any]) -> None:
+            if self._on_queued is not None:
+                self._on_queued(-count)
+            if delivery.cancelled():
+                self._settle(waiters, ConnectionError("the producer dropped the batch"))
+            else:
+                self._settle(waiters, delivery.exception())
+
+        delivery.add_done_callback(acknowledged)
+
+    def _settle(self, waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    # One instance per waiter: each is raised in its own task, with its own traceback.
+                    waiter.set_exception(copy.copy(error))
+            elif waiter in self._abandoned:
+                self._abandoned.discard(waiter)
+                self._on_abandoned_settled(error is None)
