@@ -86,11 +86,11 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
 
 def decode_body(raw: bytes) -> dict[str, Any]:
     """Parse a callback body: strict UTF-8 JSON holding one object, every number exactly representable."""
-    if not raw.strip():
-        raise InvalidJson("the body is empty; a callback carries a JSON object")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if not raw.strip():
+            raise InvalidJson("the body is empty; a callback carries a JSON object") from None
         raise InvalidJson(f"the body is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidJson(f"the body must be a JSON object, got a JSON {json_type(body)}")

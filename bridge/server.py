@@ -98,7 +98,7 @@ async def _warn_if_open(app: web.Application) -> None:
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
-    publisher = KafkaPublisher(app[SETTINGS], app[OUTCOMES], on_queued=app[METRICS].track_delivery)
+    publisher = KafkaPublisher(app[SETTINGS], app[OUTCOMES], on_queued=app[METRICS].count_queued)
     await publisher.start()
     app[PUBLISHER] = publisher
     yield
@@ -179,6 +179,8 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
+        if request.content.is_eof():  # the whole body came with the headers: no wait, no timer
+            return await request.read()
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
