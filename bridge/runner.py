@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.parser_errors import BridgeRunner
 from bridge.server import ADMISSION, create_app
 from bridge.settings import Settings
 
@@ -76,7 +77,7 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
     app = create_app(settings)
     # The bridge drains callbacks in flight itself before cleanup (below); aiohttp's own wait is the last
     # second for whatever outlived that.
-    runner = web.AppRunner(
+    runner = BridgeRunner(
         app,
         handle_signals=False,
         shutdown_timeout=1.0,

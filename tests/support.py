@@ -22,11 +22,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from bridge.embedded import EmbeddedBroker, free_port
+from bridge.parser_errors import BridgeRunner
 from bridge.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -111,6 +112,16 @@ def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
         partitions=12,
     )
     return replace(base, **overrides)
+
+
+class BridgeTestServer(TestServer):
+    """aiohttp's test server, running the app through `BridgeRunner` as `bridge serve` does.
+
+    Start it with `start_server(**request_handler_options(settings))` for the limits `bridge serve` sets.
+    """
+
+    async def _make_runner(self, **kwargs: Any) -> BridgeRunner:
+        return BridgeRunner(self.app, **kwargs)
 
 
 async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> None:

@@ -21,7 +21,7 @@ from bridge.server import PUBLISHER, create_app
 from bridge.settings import Settings, SettingsError, build
 from bridge.signature import expected_sign
 from tests.conftest import BridgeClient
-from tests.support import fixture, unique_settings
+from tests.support import BridgeTestServer, fixture, unique_settings
 from tests.test_server import FakePublisher
 
 SEED = fixture("oa-after-send-text")
@@ -47,7 +47,7 @@ def publisher() -> FakePublisher:
 
 @pytest.fixture
 async def secured(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
-    server = TestServer(create_app(SECURED, publisher=publisher))
+    server = BridgeTestServer(create_app(SECURED, publisher=publisher))
     await server.start_server(**request_handler_options(SECURED))
     async with TestClient(server) as client:
         yield client
@@ -183,7 +183,7 @@ async def test_tokens_and_kafka_passwords_reach_no_log_metric_or_answer_even_at_
         sasl_password=Secret(PASSWORD),
     )
     answers = []
-    server = TestServer(create_app(settings))
+    server = BridgeTestServer(create_app(settings))
     await server.start_server(**request_handler_options(settings))
     async with TestClient(server) as client:
         publisher = client.app[PUBLISHER]
