@@ -19,8 +19,7 @@ from aiohttp.test_utils import TestServer
 from bridge.runner import request_handler_options
 from bridge.server import create_app
 from bridge.settings import Settings
-from tests.support import BridgeTestServer, fixture
-from tests.test_server import FakePublisher
+from tests.support import BridgeTestServer, FakePublisher, fixture
 
 SEED = fixture("oa-after-send-text")
 LIMITS = Settings(
@@ -30,9 +29,7 @@ TARGET = f"/callback?{urlencode(SEED.query)}"
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[TestServer]:
-    publisher = FakePublisher()
-    publisher.confirm.set()
+async def server(publisher: FakePublisher) -> AsyncIterator[TestServer]:
     test_server = BridgeTestServer(create_app(LIMITS, publisher=publisher))
     await test_server.start_server(**request_handler_options(LIMITS))
     async with test_server:
@@ -99,10 +96,11 @@ async def test_more_headers_than_the_limit_get_a_tencent_400_and_the_connection_
     assert body["ErrorInfo"] == "the request has more than 16 header lines"
 
 
-async def test_a_line_over_a_limit_shared_by_url_and_headers_is_named_as_either() -> None:
+async def test_a_line_over_a_limit_shared_by_url_and_headers_is_named_as_either(
+    publisher: FakePublisher,
+) -> None:
     """aiohttp does not say which line was too long; with equal limits the answer cannot either."""
     same = replace(LIMITS, max_url_bytes=512)
-    publisher = FakePublisher()
     test_server = BridgeTestServer(create_app(same, publisher=publisher))
     await test_server.start_server(**request_handler_options(same))
     async with test_server:

@@ -21,8 +21,7 @@ from bridge.server import PUBLISHER, create_app
 from bridge.settings import Settings, SettingsError, build
 from bridge.signature import expected_sign
 from tests.conftest import BridgeClient
-from tests.support import BridgeTestServer, fixture, unique_settings
-from tests.test_server import FakePublisher
+from tests.support import BridgeTestServer, FakePublisher, fixture, unique_settings
 
 SEED = fixture("oa-after-send-text")
 OLD_TOKEN, NEW_TOKEN = "my_token", "next-token-2024"
@@ -36,13 +35,6 @@ SECURED = Settings(
 def signed(query: dict[str, str], token: str = OLD_TOKEN, at: int | None = None) -> dict[str, str]:
     request_time = str(int(time.time()) if at is None else at)
     return {**query, "RequestTime": request_time, "Sign": expected_sign(token, request_time)}
-
-
-@pytest.fixture
-def publisher() -> FakePublisher:
-    fake = FakePublisher()
-    fake.confirm.set()
-    return fake
 
 
 @pytest.fixture
