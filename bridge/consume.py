@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from typing import IO
 
 from aiokafka.errors import KafkaError
 
+from bridge.boundary import kafka_failed, stop_signals
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord
 from bridge.kafka_security import kafka_connection_options
-from bridge.replay import cluster_failure, plural, select_of, window_problem
+from bridge.replay import plural, select_of, window_problem
 from bridge.settings import Settings
 
 
@@ -60,41 +60,35 @@ async def _consume(settings: Settings, output: IO[bytes]) -> int:
     )
     # Line by line when someone watches or a group commits what was written; else in blocks, for speed.
     flush_each = settings.follow or settings.group is not None or output.isatty()
-    loop = asyncio.get_running_loop()
     written = 0
     try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, reader.stop_reading)
-        async with reader, contextlib.aclosing(reader.events()) as events:
-            if not (from_start or settings.follow or settings.group):
-                print(
-                    "consume: reading from the end of the topic; give --from-beginning, --since, "
-                    "--group or --follow to see events",
-                    file=sys.stderr,
-                )
-            async for event in events:
-                output.write(event.json_line())
-                if flush_each:
-                    output.flush()
-                reader.done(event)
-                written += 1
-                if settings.max is not None and written >= settings.max:
-                    break
-            output.flush()
+        with stop_signals(reader.stop_reading):
+            async with reader, contextlib.aclosing(reader.events()) as events:
+                if not (from_start or settings.follow or settings.group):
+                    print(
+                        "consume: reading from the end of the topic; give --from-beginning, --since, "
+                        "--group or --follow to see events",
+                        file=sys.stderr,
+                    )
+                async for event in events:
+                    output.write(event.json_line())
+                    if flush_each:
+                        output.flush()
+                    reader.done(event)
+                    written += 1
+                    if settings.max is not None and written >= settings.max:
+                        break
+                output.flush()
     except ReaderError as exc:
         print(f"bridge consume: {exc}", file=sys.stderr)
         return 1
     except KafkaError as exc:
-        print(f"bridge consume: {cluster_failure(exc, settings)}", file=sys.stderr)
-        return 3
+        return kafka_failed("consume", exc, settings)
     except BrokenPipeError:  # `bridge consume | head`
         return 0
     except OSError as exc:
         print(f"bridge consume: cannot write --output {settings.output}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
     stats = reader.stats
     print(
         f"consume: {plural(written, 'event')} written, {stats.filtered_out} filtered out, "

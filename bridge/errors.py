@@ -49,6 +49,22 @@ class UnreadableBody(BadCallback):
     error_code = 40005
 
 
+class MalformedRequest(BridgeError):
+    """aiohttp's HTTP parser refused the request before any handler ran (`bridge.parser_errors`).
+
+    A request line or header over the limits, a malformed request line or header, bad chunked framing. The
+    status is the one aiohttp chose (400 for all of them in aiohttp 3.14); the ErrorCode is built from it.
+    """
+
+    status = 400
+    error_code = 40006
+
+    def __init__(self, info: str, status: int = 400) -> None:
+        super().__init__(info)
+        if status != self.status:
+            self.status, self.error_code = status, status * 100
+
+
 class BodyTimeout(BridgeError):
     """The client did not finish sending the body in time."""
 

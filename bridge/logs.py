@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextvars
 import datetime
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
 import orjson
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -23,6 +24,11 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _STANDARD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "request_id"}
 )
+
+
+def new_request_id() -> str:
+    """A fresh request id, for a request that brought no usable one of its own."""
+    return os.urandom(8).hex()
 
 
 class RequestIdFilter(logging.Filter):
@@ -69,7 +75,12 @@ class TextFormatter(logging.Formatter):
 def _quiet_bad_requests(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     if record.levelno >= logging.ERROR and isinstance(error, HttpProcessingError):
-        detail = (error.message or type(error).__name__).splitlines()[0][:200]
+        if isinstance(error, LineTooLong):
+            # aiohttp's message quotes the start of the line: a query string, perhaps with its `Sign`.
+            limit = error.args[1] if len(error.args) > 1 else "?"
+            detail = f"a request or header line over the limit of {limit} bytes"
+        else:
+            detail = (error.message or type(error).__name__).splitlines()[0][:200]
         record.msg, record.args = "malformed request answered 400: %s", (detail,)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info = record.exc_text = None

@@ -11,7 +11,6 @@ ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from bridge.commands import FAMILIES
 from bridge.envelope import Record
 from bridge.errors import BridgeError, BrokerNotReady, DeliveryTimeout, PublishError
-from bridge.logs import REQUEST_ID
+from bridge.logs import REQUEST_ID, new_request_id
 from bridge.outcomes import OUTCOME, Outcome, Outcomes
 from bridge.values import RESERVED_PATHS
 
@@ -254,7 +253,7 @@ def _outcome_of(status: int) -> Outcome:
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
+    return given if _REQUEST_ID.fullmatch(given) else new_request_id()
 
 
 @web.middleware

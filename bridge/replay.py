@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from typing import Any, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
+from bridge.boundary import kafka_failed, stop_signals
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord, Deduplicator, Event, EventFilter
 from bridge.kafka_security import kafka_connection_options
@@ -267,14 +267,6 @@ def window_problem(settings: Settings) -> str | None:
     return None
 
 
-def cluster_failure(exc: KafkaError, settings: Settings) -> str:
-    """One line for a Kafka error at the command's boundary: the cluster is unreachable or refused."""
-    text, name = str(exc), type(exc).__name__
-    described = text if text.startswith(name) else f"{name}: {text}"
-    brokers = ",".join(settings.bootstrap_servers)
-    return f"cannot reach the Kafka cluster, or it refused: {described} (brokers: {brokers})"
-
-
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -319,24 +311,18 @@ def _check_files(settings: Settings) -> None:
 
 async def _main(settings: Settings) -> int:
     replay = Replay(settings, sink_for(settings))
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, replay.interrupt)
     progress = Progress(sys.stderr, "replay")
     try:
-        tally = await replay.run(progress)
+        with stop_signals(replay.interrupt):
+            tally = await replay.run(progress)
     except (ReplayError, ReaderError, DeliveryFailed) as exc:
         print(f"bridge replay: {exc}", file=sys.stderr)
         return 1
     except KafkaError as exc:
-        print(f"bridge replay: {cluster_failure(exc, settings)}", file=sys.stderr)
-        return 3
+        return kafka_failed("replay", exc, settings)
     except OSError as exc:
         print(f"bridge replay: {exc}", file=sys.stderr)
         return 1
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
     print(f"replay: {tally.summary(progress.elapsed)}", file=sys.stderr)
     if replay.failure is not None:
         print(f"bridge replay: stopped: {replay.failure}", file=sys.stderr)

@@ -19,13 +19,16 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.boundary import STOP_SIGNALS, stop_signals
+from bridge.parser_errors import BridgeRunner
 from bridge.server import ADMISSION, create_app
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# SIGHUP too: a service manager or a closed terminal stops the bridge gracefully, like Ctrl-C.
+_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 # Allocations of container objects between two collections of the youngest generation (Python: 700).
@@ -76,7 +79,7 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
     app = create_app(settings)
     # The bridge drains callbacks in flight itself before cleanup (below); aiohttp's own wait is the last
     # second for whatever outlived that.
-    runner = web.AppRunner(
+    runner = BridgeRunner(
         app,
         handle_signals=False,
         shutdown_timeout=1.0,
@@ -85,38 +88,36 @@ async def run_server(settings: Settings, on_started: OnStarted | None = None) ->
     await runner.setup()
     _settle_garbage_collector()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in _STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
     started: asyncio.Task[None] | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(
-                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-            ) from None
-        port: int = runner.addresses[0][1]
-        if on_started is not None:
-            started = asyncio.create_task(on_started(app, port))
-        await stop.wait()
-        admission = app[ADMISSION]
-        admission.draining = True
-        log.info("stopping: not ready; serving for %g s more (--shutdown-delay)", settings.shutdown_delay)
-        if settings.shutdown_delay:
-            await asyncio.sleep(settings.shutdown_delay)
-        admission.closing = True
-        log.info("stopping: %d callbacks in flight get their answer; new ones get 503", admission.in_flight)
-        # Still listening: a callback arriving now gets its 503 rather than a refused or dropped connection.
-        # One admitted just before may still be reading its body, then waiting for the broker.
-        await admission.drained(timeout=settings.body_timeout + settings.delivery_timeout + 1)
+        with stop_signals(stop.set, _STOP_SIGNALS):
+            site = web.TCPSite(runner, settings.host, settings.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+                ) from None
+            port: int = runner.addresses[0][1]
+            if on_started is not None:
+                started = asyncio.create_task(on_started(app, port))
+            await stop.wait()
+            admission = app[ADMISSION]
+            admission.draining = True
+            log.info("stopping: not ready; serving for %g s more (--shutdown-delay)", settings.shutdown_delay)
+            if settings.shutdown_delay:
+                await asyncio.sleep(settings.shutdown_delay)
+            admission.closing = True
+            log.info(
+                "stopping: %d callbacks in flight get their answer; new ones get 503", admission.in_flight
+            )
+            # Still listening: a callback arriving now gets its 503 rather than a refused or dropped
+            # connection. One admitted just before may still be reading its body, then waiting for the broker.
+            await admission.drained(timeout=settings.body_timeout + settings.delivery_timeout + 1)
     finally:
         if started is not None:
             started.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await started
-        for signum in _STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
         await runner.cleanup()
         log.info("stopped")

@@ -11,7 +11,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.server import create_app
 from bridge.settings import Settings
-from tests.support import Posted, kafka_broker, post_all, three_days, unique_settings, wait_until_ready
+from tests.support import (
+    FakePublisher,
+    Posted,
+    kafka_broker,
+    post_all,
+    three_days,
+    unique_settings,
+    wait_until_ready,
+)
 
 BridgeClient = TestClient[web.Request, web.Application]
 
@@ -26,6 +34,14 @@ def kafka() -> Iterator[str]:
 @pytest.fixture
 def settings(kafka: str) -> Settings:
     return unique_settings(kafka)
+
+
+@pytest.fixture
+def publisher() -> FakePublisher:
+    """A fake publisher that confirms every write at once (test_server.py's own one waits to be told)."""
+    fake = FakePublisher()
+    fake.confirm.set()
+    return fake
 
 
 @pytest.fixture

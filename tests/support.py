@@ -16,17 +16,19 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from bridge.embedded import EmbeddedBroker, free_port
+from bridge.envelope import Record
+from bridge.parser_errors import BridgeRunner
 from bridge.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -111,6 +113,38 @@ def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
         partitions=12,
     )
     return replace(base, **overrides)
+
+
+@dataclass
+class FakePublisher:
+    """Records what it is given; each publish waits for `confirm` and then raises `failure` if set."""
+
+    ready: bool = True
+    status: str = "ready"
+    partitions: int | None = 12
+    failure: Exception | None = None
+    confirm: asyncio.Event = field(default_factory=asyncio.Event)
+    records: list[Record] = field(default_factory=list)
+    abandoned: int = 0
+
+    def partition_count(self, topic: str) -> int | None:
+        return self.partitions
+
+    async def publish(self, record: Record, timeout: float) -> None:
+        await self.confirm.wait()
+        if self.failure is not None:
+            raise self.failure
+        self.records.append(record)
+
+
+class BridgeTestServer(TestServer):
+    """aiohttp's test server, running the app through `BridgeRunner` as `bridge serve` does.
+
+    Start it with `start_server(**request_handler_options(settings))` for the limits `bridge serve` sets.
+    """
+
+    async def _make_runner(self, **kwargs: Any) -> BridgeRunner:
+        return BridgeRunner(self.app, **kwargs)
 
 
 async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> None:

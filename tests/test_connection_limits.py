@@ -1,23 +1,25 @@
 """What one connection may send, and for how long, is bounded: shown with raw sockets.
 
-aiohttp's parser enforces the URL and header limits (a 400 from aiohttp itself, then the connection is
-closed); the bridge's handler the body limit (413) and the body timeout (408, see test_hostile_clients).
+aiohttp's parser enforces the URL and header limits (a 400 with a Tencent-style body, given by
+`bridge.parser_errors` before any handler runs, then the connection is closed); the bridge's handler the
+body limit (413) and the body timeout (408, see test_hostile_clients).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
 from bridge.runner import request_handler_options
 from bridge.server import create_app
 from bridge.settings import Settings
-from tests.support import fixture
-from tests.test_server import FakePublisher
+from tests.support import BridgeTestServer, FakePublisher, fixture
 
 SEED = fixture("oa-after-send-text")
 LIMITS = Settings(
@@ -27,10 +29,8 @@ TARGET = f"/callback?{urlencode(SEED.query)}"
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[TestServer]:
-    publisher = FakePublisher()
-    publisher.confirm.set()
-    test_server = TestServer(create_app(LIMITS, publisher=publisher))
+async def server(publisher: FakePublisher) -> AsyncIterator[TestServer]:
+    test_server = BridgeTestServer(create_app(LIMITS, publisher=publisher))
     await test_server.start_server(**request_handler_options(LIMITS))
     async with test_server:
         yield test_server
@@ -52,21 +52,61 @@ def head(target: str = TARGET, *headers: str) -> bytes:
     return "\r\n".join([f"POST {target} HTTP/1.1", "Host: bridge", *headers, "", ""]).encode()
 
 
-async def test_a_url_longer_than_the_limit_gets_400_and_the_connection_is_closed(server: TestServer) -> None:
-    answer = await answer_to(server, head(TARGET + "&pad=" + "a" * 1100, "Content-Length: 0"))
-    assert answer.startswith(b"HTTP/1.0 400 ")
+def refusal(answer: bytes) -> tuple[int, dict[str, object]]:
+    """Status and Tencent-style body of an answer (`answer_to` read it to the closed connection)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in header_lines)
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers["X-Request-Id"]
+    fail = orjson.loads(body)
+    assert fail["ActionStatus"] == "FAIL"
+    return int(status_line.split(" ")[1]), fail
 
 
-async def test_a_header_longer_than_the_limit_gets_400_and_the_connection_is_closed(
+async def test_a_url_longer_than_the_limit_gets_a_tencent_400_and_the_connection_is_closed(
     server: TestServer,
 ) -> None:
-    answer = await answer_to(server, head(TARGET, "X-Padding: " + "a" * 600, "Content-Length: 0"))
-    assert answer.startswith(b"HTTP/1.0 400 ")
+    answer = await answer_to(server, head(TARGET + "&pad=" + "a" * 1100, "Content-Length: 0"))
+    status, body = refusal(answer)
+    assert (status, body["ErrorCode"]) == (400, 40006)
+    assert (
+        body["ErrorInfo"]
+        == "the request line (method, path and query) is longer than the limit of 1024 bytes"
+    )
 
 
-async def test_more_headers_than_the_limit_get_400_and_the_connection_is_closed(server: TestServer) -> None:
+@pytest.mark.parametrize(
+    "header", ["X-Padding: " + "a" * 600, "X-" + "a" * 600 + ": 1"], ids=["long value", "long name"]
+)
+async def test_a_header_longer_than_the_limit_gets_a_tencent_400_and_the_connection_is_closed(
+    server: TestServer, header: str
+) -> None:
+    status, body = refusal(await answer_to(server, head(TARGET, header, "Content-Length: 0")))
+    assert (status, body["ErrorCode"]) == (400, 40006)
+    assert body["ErrorInfo"] == "a header line is longer than the limit of 512 bytes"
+
+
+async def test_more_headers_than_the_limit_get_a_tencent_400_and_the_connection_is_closed(
+    server: TestServer,
+) -> None:
     answer = await answer_to(server, head(TARGET, *(f"X-H{i}: 1" for i in range(20)), "Content-Length: 0"))
-    assert answer.startswith(b"HTTP/1.0 400 ")
+    status, body = refusal(answer)
+    assert (status, body["ErrorCode"]) == (400, 40006)
+    assert body["ErrorInfo"] == "the request has more than 16 header lines"
+
+
+async def test_a_line_over_a_limit_shared_by_url_and_headers_is_named_as_either(
+    publisher: FakePublisher,
+) -> None:
+    """aiohttp does not say which line was too long; with equal limits the answer cannot either."""
+    same = replace(LIMITS, max_url_bytes=512)
+    test_server = BridgeTestServer(create_app(same, publisher=publisher))
+    await test_server.start_server(**request_handler_options(same))
+    async with test_server:
+        status, body = refusal(await answer_to(test_server, head(TARGET + "&pad=" + "a" * 600)))
+    assert (status, body["ErrorCode"]) == (400, 40006)
+    assert body["ErrorInfo"] == "the request line or a header line is longer than the limit of 512 bytes"
 
 
 async def test_headers_just_within_the_limits_are_served(server: TestServer) -> None:

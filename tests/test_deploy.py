@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.server import create_app
 from bridge.settings import OPTIONS, Settings, build
 from bridge.topics import intended_topic
-from tests.test_server import FakePublisher
+from tests.support import FakePublisher
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"

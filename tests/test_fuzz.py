@@ -24,6 +24,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.parser_errors import BridgeRunner
 from bridge.runner import request_handler_options
 from bridge.secret import Secret
 from bridge.server import create_app
@@ -45,7 +46,7 @@ def bridge_in_a_thread(bridge_settings: Settings) -> Iterator[int]:
     thread.start()
 
     async def start() -> web.AppRunner:
-        runner = web.AppRunner(create_app(bridge_settings), **request_handler_options(bridge_settings))
+        runner = BridgeRunner(create_app(bridge_settings), **request_handler_options(bridge_settings))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         return runner

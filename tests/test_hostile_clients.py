@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import orjson
 import pytest
-from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient
 
+from bridge.runner import request_handler_options
 from bridge.server import create_app
 from bridge.settings import Settings
-from tests.support import count_records, fixture, wait_until_ready
+from tests.support import BridgeTestServer, count_records, fixture, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 QUERY = "&".join(f"{k}={v}" for k, v in SEED.query.items())
@@ -21,8 +22,11 @@ QUERY = "&".join(f"{k}={v}" for k, v in SEED.query.items())
 
 @pytest.fixture
 async def server(settings: Settings) -> AsyncIterator[BaseTestServer]:
-    """A ready bridge that gives a body one second to arrive."""
-    async with TestClient(TestServer(create_app(replace(settings, body_timeout=1.0)))) as client:
+    """A ready bridge, served as `bridge serve` serves it, that gives a body one second to arrive."""
+    bridge_settings = replace(settings, body_timeout=1.0)
+    test_server = BridgeTestServer(create_app(bridge_settings))
+    await test_server.start_server(**request_handler_options(bridge_settings))
+    async with TestClient(test_server) as client:
         await wait_until_ready(client)
         yield client.server
 
@@ -41,8 +45,8 @@ async def exchange(
         writer.close()
 
 
-def request_head(*headers: str) -> bytes:
-    lines = [f"POST /callback?{QUERY} HTTP/1.1", "Host: bridge", *headers, "", ""]
+def request_head(*headers: str, request_line: str = f"POST /callback?{QUERY} HTTP/1.1") -> bytes:
+    lines = [request_line, "Host: bridge", *headers, "", ""]
     return "\r\n".join(lines).encode()
 
 
@@ -91,3 +95,71 @@ async def test_a_client_that_leaves_mid_body_leaves_the_server_serving(server: B
     head = request_head(f"Content-Length: {len(SEED.raw_body)}")
     status, _ = status_and_body(await exchange(server, head, SEED.raw_body))
     assert status == 200
+
+
+CHUNKED = "Transfer-Encoding: chunked"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        (b"POST\r\n\r\n", "Expected space after method"),
+        (b"P@ST /callback HTTP/1.1\r\nHost: bridge\r\n\r\n", "Invalid method encountered"),
+        (request_head(request_line=f"POST /callback?{QUERY} HTTP/9.x"), "Invalid minor version"),
+        (request_head(request_line="POST /call\x7fback HTTP/1.1"), "Invalid char in url path"),
+        (request_head("Not a header"), "Invalid header token"),
+        (request_head("X-Note: a\x01b"), "Invalid header value char"),
+        (request_head("Content-Length: ten"), "Invalid character in Content-Length"),
+        (request_head("Content-Length: 2", "Content-Length: 3") + b"{}", "Duplicate Content-Length"),
+        (request_head(CHUNKED, "Content-Length: 2") + b"0\r\n\r\n", "Content-Length can't be present"),
+        (request_head("Transfer-Encoding: gzip, chunked, br"), "Invalid `Transfer-Encoding`"),
+        (request_head(CHUNKED) + b"zz\r\n{}\r\n0\r\n\r\n", "Invalid character in chunk size"),
+        (request_head(CHUNKED) + b"2\r\n{}{}\r\n0\r\n\r\n", "Expected LF after chunk data"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "Received HTTPS traffic on an HTTP port"),
+    ],
+    ids=[
+        "request line without a target",
+        "method with a bad character",
+        "unknown HTTP version",
+        "control character in the path",
+        "header line without a colon",
+        "control character in a header value",
+        "Content-Length not a number",
+        "two Content-Lengths",
+        "Content-Length with chunked",
+        "unknown Transfer-Encoding",
+        "chunk size not hexadecimal",
+        "chunk longer than its size",
+        "TLS on the plain port",
+    ],
+)
+async def test_a_request_the_http_parser_refuses_gets_a_tencent_400_saying_why_and_is_not_written(
+    server: BaseTestServer, settings: Settings, kafka: str, request_bytes: bytes, reason: str
+) -> None:
+    answer = await exchange(server, request_bytes)
+    head, _, _ = answer.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: application/json" in head
+    status, body = status_and_body(answer)
+    assert (status, body["ActionStatus"], body["ErrorCode"]) == (400, "FAIL", 40006)
+    assert str(body["ErrorInfo"]).startswith("the HTTP request is malformed: ")
+    assert reason in str(body["ErrorInfo"])
+    assert await count_records(kafka, settings.topics) == 0
+
+
+async def test_bad_chunked_framing_after_the_body_began_gets_408_as_a_body_that_never_ends(
+    server: BaseTestServer, settings: Settings, kafka: str
+) -> None:
+    """aiohttp does not hand a framing error in a body being read to its reader: the body just stops."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(request_head(CHUNKED) + b"2\r\n{}\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is reading the body by now
+        writer.write(b"2\r\n{}{}\r\n0\r\n\r\n")
+        async with asyncio.timeout(5):
+            answer = await reader.read(65536)
+    finally:
+        writer.close()
+    status, body = status_and_body(answer)
+    assert (status, body["ErrorCode"]) == (408, 40800)
+    assert await count_records(kafka, settings.topics) == 0

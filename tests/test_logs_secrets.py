@@ -45,14 +45,13 @@ def test_a_sasl_password_sent_to_the_broker_is_not_logged_at_debug(debug_log: io
 async def test_a_malformed_request_is_one_info_line_not_an_error_with_a_traceback(
     debug_log: io.StringIO, kafka: str
 ) -> None:
-    from aiohttp.test_utils import TestServer  # noqa: PLC0415
-
+    """The line quotes no query string (it may hold `Sign`) and carries the answer's `X-Request-Id`."""
     from bridge.runner import request_handler_options  # noqa: PLC0415
     from bridge.server import create_app  # noqa: PLC0415
-    from tests.support import unique_settings  # noqa: PLC0415
+    from tests.support import BridgeTestServer, unique_settings  # noqa: PLC0415
 
     settings = unique_settings(kafka)
-    server = TestServer(create_app(settings))
+    server = BridgeTestServer(create_app(settings))
     await server.start_server(**request_handler_options(settings))
     # Ready first: closing a bridge while its producer is still starting leaks aiokafka's bootstrap socket.
     async with aiohttp.ClientSession() as session, asyncio.timeout(20):
@@ -71,9 +70,13 @@ async def test_a_malformed_request_is_one_info_line_not_an_error_with_a_tracebac
     finally:
         await server.close()
     assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    assert b'"ActionStatus":"FAIL"' in answer
     lines = [line for line in debug_log.getvalue().splitlines() if "aiohttp.server" in line]
     assert lines, "the malformed request was not logged at all"
     assert all('"level":"info"' in line and "Traceback" not in line for line in lines), lines
+    assert all("SdkAppid" not in line for line in lines), "the log quoted the query string"
+    request_id = next(h for h in answer.split(b"\r\n") if h.startswith(b"X-Request-Id: ")).split(b" ")[1]
+    assert all(f'"request_id":"{request_id.decode()}"' in line for line in lines), lines
 
 
 def test_settings_read_a_token_file_saved_with_a_byte_order_mark(tmp_path: object) -> None:

@@ -21,8 +21,7 @@ from bridge.logs import log_handler
 from bridge.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import fixture
-from tests.test_server import FakePublisher
+from tests.support import FakePublisher, fixture
 
 OA = fixture("oa-after-send-text")
 C2C = fixture("c2c-after-send")
@@ -84,13 +83,6 @@ async def test_metrics_count_good_and_bad_callbacks_by_family_status_and_outcome
     assert value(samples, "bridge_requests_in_flight") == 0
     assert value(samples, "bridge_producer_queued_records") == 0
     assert not any(name == "bridge_publish_errors_total" for name, _ in samples)
-
-
-@pytest.fixture
-def publisher() -> FakePublisher:
-    fake = FakePublisher()
-    fake.confirm.set()
-    return fake
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ from bridge.server import PUBLISHER, create_app
 from bridge.settings import Settings, SettingsError, build
 from bridge.signature import expected_sign
 from tests.conftest import BridgeClient
-from tests.support import fixture, unique_settings
-from tests.test_server import FakePublisher
+from tests.support import BridgeTestServer, FakePublisher, fixture, unique_settings
 
 SEED = fixture("oa-after-send-text")
 OLD_TOKEN, NEW_TOKEN = "my_token", "next-token-2024"
@@ -39,15 +38,8 @@ def signed(query: dict[str, str], token: str = OLD_TOKEN, at: int | None = None)
 
 
 @pytest.fixture
-def publisher() -> FakePublisher:
-    fake = FakePublisher()
-    fake.confirm.set()
-    return fake
-
-
-@pytest.fixture
 async def secured(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
-    server = TestServer(create_app(SECURED, publisher=publisher))
+    server = BridgeTestServer(create_app(SECURED, publisher=publisher))
     await server.start_server(**request_handler_options(SECURED))
     async with TestClient(server) as client:
         yield client
@@ -183,7 +175,7 @@ async def test_tokens_and_kafka_passwords_reach_no_log_metric_or_answer_even_at_
         sasl_password=Secret(PASSWORD),
     )
     answers = []
-    server = TestServer(create_app(settings))
+    server = BridgeTestServer(create_app(settings))
     await server.start_server(**request_handler_options(settings))
     async with TestClient(server) as client:
         publisher = client.app[PUBLISHER]

@@ -7,41 +7,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.envelope import Record
 from bridge.errors import BrokerRejected, DeliveryTimeout
 from bridge.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import fixture
+from tests.support import FakePublisher, fixture
 
 SEED = fixture("oa-after-send-text")
-
-
-@dataclass
-class FakePublisher:
-    """Records what it is given; each publish waits for `confirm` and then raises `failure` if set."""
-
-    ready: bool = True
-    status: str = "ready"
-    partitions: int | None = 12
-    failure: Exception | None = None
-    confirm: asyncio.Event = field(default_factory=asyncio.Event)
-    records: list[Record] = field(default_factory=list)
-    abandoned: int = 0
-
-    def partition_count(self, topic: str) -> int | None:
-        return self.partitions
-
-    async def publish(self, record: Record, timeout: float) -> None:
-        await self.confirm.wait()
-        if self.failure is not None:
-            raise self.failure
-        self.records.append(record)
 
 
 @pytest.fixture
