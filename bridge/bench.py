@@ -19,8 +19,8 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +28,7 @@ import orjson
 
 from bridge.embedded import EmbeddedBroker, free_port, stop_process
 from bridge.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
-from bridge.settings import Settings
+from bridge.settings import Settings, SettingsError
 
 _READY_TIMEOUT_S = 30.0
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -52,20 +52,28 @@ class Target:
 
 
 def run_bench(settings: Settings) -> int:
+    if settings.floor and settings.url is not None and not settings.bootstrap_servers:
+        raise SettingsError("--floor writes to Kafka: with --url, give the bridge's --bootstrap-servers too")
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []
         broker_pid: int | None = None
+        servers = ",".join(settings.bootstrap_servers)
+        if not servers and (settings.url is None or settings.floor):
+            broker = stack.enter_context(EmbeddedBroker())
+            servers, broker_pid = broker.bootstrap_servers, broker.process.pid if broker.process else None
+        embedded = not settings.bootstrap_servers
         if settings.baseline:
             targets.append(stack.enter_context(_started("baseline", _baseline_command)))
+        if settings.floor:
+
+            def floor_command(port: int) -> list[str]:
+                return [*_baseline_command(port), servers, "embedded" if embedded else "external"]
+
+            targets.append(stack.enter_context(_started("floor", floor_command)))
         if settings.url is not None:
             url = urlsplit(settings.url)
             targets.append(Target("bridge", url.hostname or "127.0.0.1", url.port or 80, url.path or "/"))
         else:
-            servers = ",".join(settings.bootstrap_servers)
-            if not servers:
-                broker = stack.enter_context(EmbeddedBroker())
-                servers, broker_pid = broker.bootstrap_servers, broker.process.pid if broker.process else None
-            embedded = not settings.bootstrap_servers
 
             def bridge_command(port: int) -> list[str]:
                 return _bridge_command(port, servers, embedded=embedded)
@@ -97,7 +105,7 @@ def _started(name: str, command_for: Any) -> Iterator[Target]:
     env = {"BRIDGE_LOG_LEVEL": "warning", **os.environ}
     process = subprocess.Popen(command_for(port), env=env, stdin=subprocess.DEVNULL)  # noqa: S603 - our own
     try:
-        probe = "/readyz" if name == "bridge" else "/healthz"
+        probe = "/healthz" if name == "baseline" else "/readyz"  # the others are ready once Kafka is
         _wait_ready(f"http://127.0.0.1:{port}{probe}", process)
         yield Target(name, "127.0.0.1", port, "/callback", pid=process.pid)
     finally:
@@ -138,12 +146,16 @@ async def _measure(settings: Settings, targets: list[Target], broker_pid: int | 
         "seconds_per_round": settings.duration,
         "accounts": settings.accounts,
         "targets": [
-            _summary(target, broker_pid is not None and target.name == "bridge") for target in targets
+            _summary(target, broker_pid is not None and target.name != "baseline") for target in targets
         ],
     }
     by_name = {target["name"]: target for target in report["targets"]}
-    if "baseline" in by_name and "bridge" in by_name:
-        report["ratio"] = by_name["bridge"]["throughput"] / max(by_name["baseline"]["throughput"], 1e-9)
+    if "baseline" in by_name:
+        baseline = max(by_name["baseline"]["throughput"], 1e-9)
+        if "bridge" in by_name:
+            report["ratio"] = by_name["bridge"]["throughput"] / baseline
+        if "floor" in by_name:
+            report["floor_ratio"] = by_name["floor"]["throughput"] / baseline
     return report
 
 
@@ -206,6 +218,8 @@ def _describe(settings: Settings, report: dict[str, Any]) -> str:
             + (", ".join(f"{status}: {count}" for status, count in target["errors"].items()) or "none")
         )
     lines.append("latencies in ms; CPU in % of one core; RSS at the end of the last round")
+    if "floor_ratio" in report:
+        lines.append(f"floor / baseline throughput: {report['floor_ratio']:.2f}")
     if "ratio" in report:
         lines.append(f"bridge / baseline throughput: {report['ratio']:.2f}")
     return "\n".join(lines)
@@ -259,33 +273,75 @@ def _run(coroutine: Any) -> Any:
 
 
 # --- the baseline server: the same parsing of the same requests, no Kafka --------------------------------
+# --- and the floor: the baseline plus one write through the bridge's publisher, and nothing else ----------
 
 
-def baseline_app() -> Any:
+def baseline_app(publisher_settings: Settings | None = None) -> Any:
+    """The bare server; with `publisher_settings`, the floor: each callback also written to Kafka."""
     from aiohttp import web  # noqa: PLC0415
 
+    from bridge.envelope import Record  # noqa: PLC0415
+    from bridge.outcomes import Outcomes  # noqa: PLC0415
+    from bridge.partitioner import partition_for  # noqa: PLC0415
     from bridge.protocol import OK_BODY, decode_body, parse_query, resolve_command  # noqa: PLC0415
+    from bridge.publisher import KafkaPublisher  # noqa: PLC0415
+
+    publisher = None if publisher_settings is None else KafkaPublisher(publisher_settings, Outcomes())
 
     async def handle(request: web.Request) -> web.Response:
         query = parse_query(request.query.items())
-        body = decode_body(await request.read())
+        raw_body = await request.read()
+        body = decode_body(raw_body)
         resolve_command(query, body)
+        if publisher is not None:
+            topic = publisher.settings.topic
+            partitions = publisher.partition_count(topic) or 1
+            record = Record(
+                topic=topic,
+                partition=partition_for(str(body.get("Official_Account", "")), partitions),
+                key=str(body.get("MsgKey", "")).encode(),
+                value=raw_body,
+                timestamp_ms=0,
+                headers=(),
+            )
+            await publisher.publish(record, publisher.settings.delivery_timeout)
         return web.Response(body=OK_BODY, content_type="application/json")
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def readyz(_request: web.Request) -> web.Response:
+        ready = publisher is not None and publisher.ready
+        return web.Response(text="ready" if ready else "not ready", status=200 if ready else 503)
+
+    async def kafka(_app: web.Application) -> AsyncIterator[None]:
+        if publisher is not None:
+            await publisher.start()
+        yield
+        if publisher is not None:
+            await publisher.close()
+
     app = web.Application()
     app.router.add_post("/callback", handle)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.cleanup_ctx.append(kafka)
     return app
 
 
-def serve_baseline(port: int) -> None:
+def serve_baseline(port: int, bootstrap_servers: str | None = None, *, embedded: bool = False) -> None:
     from aiohttp import web  # noqa: PLC0415
 
-    web.run_app(baseline_app(), host="127.0.0.1", port=port, access_log=None, print=None)
+    settings = None
+    if bootstrap_servers is not None:
+        settings = Settings(bootstrap_servers=tuple(bootstrap_servers.split(",")), create_topics=True)
+        if embedded:
+            settings = replace(settings, replication_factor=1)
+    web.run_app(baseline_app(settings), host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 if __name__ == "__main__":
-    serve_baseline(int(sys.argv[1]))
+    if len(sys.argv) > 2:
+        serve_baseline(int(sys.argv[1]), sys.argv[2], embedded=sys.argv[3] == "embedded")
+    else:
+        serve_baseline(int(sys.argv[1]))

@@ -81,6 +81,10 @@ class KafkaPublisher:
         """Whether the last metadata probes were answered: a hung or dead broker makes /readyz 503."""
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
     def ready(self) -> bool:
         producer = self._producer
         return producer is not None and self._answering and bool(producer.client.cluster.brokers())

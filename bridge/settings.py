@@ -107,6 +107,7 @@ class Settings:
     rounds: int = 2
     accounts: int = 50
     baseline: bool = False
+    floor: bool = False
     format: str = "text"
 
     def topic_for(self, group: TopicGroup) -> str:
@@ -336,6 +337,13 @@ BENCH_OPTIONS: tuple[Option, ...] = (
     Option(
         "baseline",
         "Also measure a bare aiohttp server parsing the same requests without Kafka, and give the ratio.",
+        values.boolean,
+        commands=BENCH,
+    ),
+    Option(
+        "floor",
+        "Also measure the baseline plus one write per callback through the bridge's publisher and nothing "
+        "else: the least any bridge on aiokafka can cost.",
         values.boolean,
         commands=BENCH,
     ),

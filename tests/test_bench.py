@@ -31,9 +31,9 @@ def test_percentile_is_the_nearest_rank() -> None:
     assert percentile(values, 1.0) == 100
 
 
-def test_a_short_bench_with_baseline_reports_both_servers_without_errors() -> None:
+def test_a_short_bench_with_baseline_and_floor_reports_the_three_servers_without_errors() -> None:
     clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
-    argv = ["bench", "--baseline", "--duration", "1", "--warmup", "0.3", "--rounds", "1"]
+    argv = ["bench", "--baseline", "--floor", "--duration", "1", "--warmup", "0.3", "--rounds", "1"]
     result = subprocess.run(
         [sys.executable, "-m", "bridge", *argv, "--connections", "4", "--format", "json"],
         capture_output=True,
@@ -43,7 +43,7 @@ def test_a_short_bench_with_baseline_reports_both_servers_without_errors() -> No
     )
     assert result.returncode == 0, result.stderr.decode()
     report = orjson.loads(result.stdout)
-    assert [target["name"] for target in report["targets"]] == ["baseline", "bridge"]
+    assert [target["name"] for target in report["targets"]] == ["baseline", "floor", "bridge"]
     for target in report["targets"]:
         assert target["requests"] > 0
         assert target["errors"] == {}
@@ -52,5 +52,8 @@ def test_a_short_bench_with_baseline_reports_both_servers_without_errors() -> No
         assert target["server_cpu"] > 0
         assert target["server_rss_mb"] > 0
         assert target["generator_cpu"] > 0
+    assert report["targets"][0]["broker_cpu"] is None
     assert report["targets"][1]["broker_cpu"] is not None
+    assert report["targets"][2]["broker_cpu"] is not None
     assert report["ratio"] > 0
+    assert report["floor_ratio"] > 0
