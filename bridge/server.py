@@ -18,7 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.admission import Admission
 from bridge.commands import route
-from bridge.dedup import EdgeDedup
+from bridge.dedup import EdgeDedup, callback_id
 from bridge.envelope import build_record
 from bridge.errors import (
     BodyTimeout,
@@ -142,8 +142,8 @@ async def handle_callback(request: web.Request) -> web.Response:
             async with observe_publish(request, record):
                 await publisher.publish(record, timeout)
 
-        callback_id = (query.sdk_app_id, routed.command, routed.key)
-        request[OUTCOME] = await app[DEDUP].publish_once(callback_id, publish, deadline)
+        identity = callback_id(query.sdk_app_id, routed.command, routed.key)
+        request[OUTCOME] = await app[DEDUP].publish_once(identity, publish, deadline)
     return web.Response(body=OK_BODY, content_type=_JSON)
 
 
