@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 
 from bridge.envelope import Record
 
@@ -30,6 +31,10 @@ class NotHandedOver(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(cause)
         self.cause = cause
+
+
+class Expired(Exception):
+    """The callback's deadline passed before the broker confirmed its record, which may still land."""
 
 
 class _Batch:
@@ -46,22 +51,24 @@ class PartitionBatches:
     def __init__(
         self,
         producer: AIOKafkaProducer,
-        on_abandoned_settled: Callable[[bool], None],
+        on_abandoned: Callable[[bool | None], None],
         on_queued: Callable[[int], None] | None = None,
     ) -> None:
-        """`on_abandoned_settled(landed)` is told how each abandoned record ended; `on_queued(n)` of records
-        handed to the producer (n > 0) and settled (n < 0)."""
+        """`on_abandoned(None)` is told of each record whose callback expired, then `on_abandoned(landed)`
+        of how it ended; `on_queued(n)` of records handed to the producer (n > 0) and settled (n < 0)."""
         self._producer = producer
-        self._on_abandoned_settled = on_abandoned_settled
+        self._on_abandoned = on_abandoned
         self._on_queued = on_queued
         self._queues: dict[Partition, deque[_Batch]] = {}
         self._flushers: set[asyncio.Task[None]] = set()
+        self._in_producer: dict[asyncio.Future[Any], list[asyncio.Future[None]]] = {}
         self._abandoned: set[asyncio.Future[None]] = set()
         self._closed: BaseException | None = None
         self._loop = asyncio.get_running_loop()
 
     def add(self, record: Record) -> asyncio.Future[None]:
-        """Queue `record`; the future resolves when the broker has it, or fails with the reason it has not."""
+        """Queue `record`; the future resolves when the broker has it, or fails with the reason it has not:
+        `NotHandedOver`, a `KafkaError` from the producer, or `Expired` (see `expire`)."""
         if self._closed is not None:
             raise NotHandedOver(self._closed)
         partition = (record.topic, record.partition)
@@ -77,12 +84,15 @@ class PartitionBatches:
             self._append(batch, record)  # the first record always fits, however large
         return queue[-1].waiters[-1]
 
-    def abandon(self, waiter: asyncio.Future[None]) -> None:
-        """`waiter`'s callback was answered without waiting for it: report how its record ends."""
-        if waiter.cancelled():
+    def expire(self, waiter: asyncio.Future[None]) -> None:
+        """The callback's deadline: fail `waiter` with `Expired` and follow its record to its end.
+
+        Failing the waiter here, rather than cancelling it, marks it abandoned in the same step: its
+        batch cannot settle in between unnoticed."""
+        if not waiter.done():
+            waiter.set_exception(Expired())
             self._abandoned.add(waiter)
-        else:  # settled in the same turn as the deadline passed
-            self._on_abandoned_settled(waiter.exception() is None)
+            self._on_abandoned(None)
 
     async def flush(self) -> None:
         """Hand every queued batch to the producer."""
@@ -90,7 +100,8 @@ class PartitionBatches:
             await asyncio.wait(set(self._flushers))
 
     def close(self, reason: BaseException) -> None:
-        """Give up on every batch not yet handed to the producer: their records were not written."""
+        """Take no more records and give up on every batch not yet handed to the producer: their records
+        were not written."""
         self._closed = reason
         for flusher in self._flushers:
             flusher.cancel()
@@ -99,6 +110,14 @@ class PartitionBatches:
             for batch in queue:
                 self._settle(batch.waiters, NotHandedOver(reason))
             queue.clear()
+
+    def abort_in_producer(self, reason: str) -> None:
+        """The producer is stopped: whatever it still holds will never be settled by it, so settle it now.
+
+        aiokafka resolves nothing when its sender task ends without an error (cancelled, say). Such
+        records may have reached the broker: the error is ambiguous."""
+        for delivery in list(self._in_producer):
+            self._acknowledged(delivery, KafkaConnectionError(reason))
 
     def _append(self, batch: _Batch, record: Record) -> bool:
         metadata = batch.builder.append(
@@ -118,30 +137,35 @@ class PartitionBatches:
                     # Waits while aiokafka still holds this partition's previous batch.
                     delivery = await self._producer.send_batch(batch.builder, topic, partition=number)
                 except asyncio.CancelledError:
-                    self._settle(batch.waiters, NotHandedOver(ConnectionError("the producer was closed")))
+                    self._settle(
+                        batch.waiters, NotHandedOver(KafkaConnectionError("the producer was closed"))
+                    )
                     raise
                 except Exception as exc:  # noqa: BLE001 - whatever the reason, the batch was not written
                     self._settle(batch.waiters, NotHandedOver(exc))
                     continue
-                self._handed_over(batch.waiters, delivery)
+                self._in_producer[delivery] = batch.waiters
+                if self._on_queued is not None:
+                    self._on_queued(len(batch.waiters))
+                delivery.add_done_callback(self._acknowledged)
         finally:
             if self._queues.get(partition) is queue:
                 del self._queues[partition]
+            for batch in queue:  # left only if the loop above failed unexpectedly
+                self._settle(batch.waiters, NotHandedOver(KafkaConnectionError("the batch was dropped")))
 
-    def _handed_over(self, waiters: list[asyncio.Future[None]], delivery: asyncio.Future[Any]) -> None:
-        count = len(waiters)
-        if self._on_queued is not None:
-            self._on_queued(count)
-
-        def acknowledged(delivery: asyncio.Future[Any]) -> None:
-            if self._on_queued is not None:
-                self._on_queued(-count)
+    def _acknowledged(self, delivery: asyncio.Future[Any], error: BaseException | None = None) -> None:
+        waiters = self._in_producer.pop(delivery, None)
+        if error is None:
             if delivery.cancelled():
-                self._settle(waiters, ConnectionError("the producer dropped the batch"))
+                error = KafkaConnectionError("the producer dropped the batch")
             else:
-                self._settle(waiters, delivery.exception())
-
-        delivery.add_done_callback(acknowledged)
+                error = delivery.exception()  # retrieved even when settled already: no warning at exit
+        if waiters is None:  # settled already, by `abort_in_producer`
+            return
+        if self._on_queued is not None:
+            self._on_queued(-len(waiters))
+        self._settle(waiters, error)
 
     def _settle(self, waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
         for waiter in waiters:
@@ -153,4 +177,4 @@ class PartitionBatches:
                     waiter.set_exception(copy.copy(error))
             elif waiter in self._abandoned:
                 self._abandoned.discard(waiter)
-                self._on_abandoned_settled(error is None)
+                self._on_abandoned(error is None)

@@ -15,9 +15,9 @@ from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from bridge.batching import NotHandedOver, PartitionBatches
+from bridge.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout
 from bridge.kafka_security import kafka_connection_options
@@ -74,6 +74,7 @@ class KafkaPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._batches: PartitionBatches | None = None
         self._partition_counts: dict[str, int] = {}
+        self._max_record_bytes = max_record_bytes(settings)
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
         self._abandoned = 0
@@ -121,42 +122,72 @@ class KafkaPublisher:
         self._producer, self._batches, self._status = None, None, "closed"
         if producer is None or batches is None:
             return
-        stop_by = asyncio.get_running_loop().time() + self._settings.shutdown_timeout
+        # Half the shutdown timeout at most to hand over what is queued, so the producer has time to stop.
         try:
-            async with asyncio.timeout_at(stop_by):
+            async with asyncio.timeout(self._settings.shutdown_timeout / 2):
                 await batches.flush()
         except TimeoutError:
             pass  # what was not handed over is given up below, and the producer stopped all the same
-        batches.close(ConnectionError("the bridge is shutting down"))
-        await self._stop(producer, max(0.0, stop_by - asyncio.get_running_loop().time()))
+        await self._retire(
+            producer, batches, "the bridge is shutting down", self._settings.shutdown_timeout / 2
+        )
+
+    async def _retire(
+        self, producer: AIOKafkaProducer, batches: PartitionBatches, reason: str, timeout: float
+    ) -> None:
+        """Stop `producer` and settle every record it and `batches` still hold."""
+        producer.client.cluster.remove_listener(self._count_partitions)
+        batches.close(KafkaConnectionError(reason))
+        await self._stop(producer, timeout)
+        batches.abort_in_producer(reason)
 
     async def publish(self, record: Record, timeout: float) -> None:
         batches = self._batches
         if batches is None:
             raise BrokerNotReady(f"Kafka is not ready ({self._status}); the callback was not written")
+        if timeout <= 0:
+            raise DeliveryTimeout(
+                "no time was left to write the callback; it was not written", ambiguous=False
+            )
+        if len(record.key) + len(record.value) > self._max_record_bytes:
+            raise BrokerRejected(
+                f"the record is larger than the producer's limit of {self._max_record_bytes} bytes; the "
+                "callback was not written",
+                ambiguous=False,
+            )
         try:
             delivery = batches.add(record)
-            async with asyncio.timeout(timeout):
-                await delivery
-        except TimeoutError:
+        except NotHandedOver as exc:
+            raise self._not_written(exc) from None
+        deadline = asyncio.get_running_loop().call_later(timeout, batches.expire, delivery)
+        try:
+            await delivery
+        except Expired:
             # The record stays queued: it may still be written after this answer.
-            self._abandoned += 1
-            batches.abandon(delivery)
             raise DeliveryTimeout(
                 f"Kafka did not confirm the write within {timeout:.3g} s; the callback is not acknowledged",
                 ambiguous=True,
             ) from None
         except NotHandedOver as exc:
-            raise BrokerNotReady(
-                f"Kafka did not take the write ({_describe(exc.cause)}); the callback was not written"
-            ) from None
+            raise self._not_written(exc) from None
         except KafkaError as exc:
             # A batch handed to the producer may have been appended by an attempt whose answer was lost;
             # aiokafka retries and reports only the last attempt's error. So: ambiguous.
             raise BrokerRejected(f"Kafka refused the write: {_describe(exc)}", ambiguous=True) from None
+        finally:
+            deadline.cancel()
 
-    def _abandoned_settled(self, landed: bool) -> None:
-        """A record answered 503 is settled: it no longer counts against the in-flight limit."""
+    @staticmethod
+    def _not_written(exc: NotHandedOver) -> BrokerNotReady:
+        return BrokerNotReady(
+            f"Kafka did not take the write ({_describe(exc.cause)}); the callback was not written"
+        )
+
+    def _abandoned_changed(self, landed: bool | None) -> None:
+        """A record answered 503 counts against the in-flight limit until the producer settles it."""
+        if landed is None:
+            self._abandoned += 1
+            return
         self._abandoned -= 1
         self._outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
 
@@ -164,7 +195,7 @@ class KafkaPublisher:
         """Connect; probe the broker while connected; when the producer dies, drop it and build a new one."""
         while True:
             producer = await self._connect()
-            batches = PartitionBatches(producer, self._abandoned_settled, self._on_queued)
+            batches = PartitionBatches(producer, self._abandoned_changed, self._on_queued)
             self._count_partitions(producer.client.cluster)
             producer.client.cluster.add_listener(self._count_partitions)
             self._producer, self._batches = producer, batches
@@ -178,8 +209,7 @@ class KafkaPublisher:
             self._producer, self._batches = None, None
             self._status = f"the Kafka producer failed ({failure}); building a new one"
             log.error("%s", self._status)
-            batches.close(ConnectionError(self._status))
-            await self._stop(producer, self._settings.shutdown_timeout)
+            await self._retire(producer, batches, self._status, self._settings.shutdown_timeout)
 
     async def _probe(self, producer: AIOKafkaProducer) -> None:
         """Ask the cluster for metadata every second; two failures in a row make the bridge not ready.
@@ -296,7 +326,7 @@ class KafkaPublisher:
                 await producer.stop()
         except TimeoutError:
             # A timeout is the expected failure here, and its traceback would say nothing more.
-            log.error("the Kafka producer did not stop within %g s", self._settings.shutdown_timeout)  # noqa: TRY400
+            log.error("the Kafka producer did not stop within %.3g s", timeout)  # noqa: TRY400
         except (KafkaError, OSError) as exc:
             log.warning("stopping the Kafka producer: %s", _describe(exc))
 

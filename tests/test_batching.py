@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from bridge.batching import NotHandedOver, PartitionBatches
+from bridge.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.envelope import Record
-from bridge.errors import BrokerNotReady
+from bridge.errors import BrokerNotReady, DeliveryTimeout, PublishError
 from bridge.outcomes import Outcome, Outcomes
 from bridge.publisher import KafkaPublisher
 from bridge.settings import Settings
+from bridge.topics import max_record_bytes
 from tests.support import read_records
 
 
@@ -35,8 +38,8 @@ async def _ready(publisher: KafkaPublisher, topic: str) -> None:
             await asyncio.sleep(0.05)
 
 
-def _batches(producer: _Producer, on_abandoned_settled: Callable[[bool], None]) -> PartitionBatches:
-    return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned_settled)
+def _batches(producer: _Producer, on_abandoned: Callable[[bool | None], None]) -> PartitionBatches:
+    return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned)
 
 
 async def test_concurrent_records_land_once_each_in_publishing_order(kafka: str, settings: Settings) -> None:
@@ -95,7 +98,7 @@ class _Producer:
 
 
 async def test_a_full_batch_starts_the_next_and_one_acknowledgement_answers_all_its_records() -> None:
-    producer, settled = _Producer(), list[bool]()
+    producer, settled = _Producer(), list[bool | None]()
     batches = _batches(producer, settled.append)
     waiters = [batches.add(_record("t", 0, number)) for number in range(5)]
     producer.taking.set()
@@ -110,25 +113,52 @@ async def test_a_full_batch_starts_the_next_and_one_acknowledgement_answers_all_
     await asyncio.sleep(0)
     assert [waiter.done() for waiter in waiters] == [True, True, True, False, False]
     producer.sent[1][1].set_exception(ConnectionError("broker gone"))
-    with pytest.raises(ConnectionError):
-        await waiters[4]
+    for waiter in waiters[3:]:
+        with pytest.raises(ConnectionError):
+            await waiter
     assert settled == []
 
 
-async def test_an_abandoned_record_is_reported_once_when_its_batch_settles() -> None:
-    producer, settled = _Producer(), list[bool]()
-    batches = _batches(producer, settled.append)
+async def test_an_expired_record_is_reported_once_when_its_batch_settles() -> None:
+    producer, reports = _Producer(), list[bool | None]()
+    batches = _batches(producer, reports.append)
     waiter = batches.add(_record("t", 0, 1))
-    waiter.cancel()  # the callback's deadline passed
-    batches.abandon(waiter)
+    batches.expire(waiter)  # the callback's deadline passed
+    with pytest.raises(Expired):
+        await waiter
     producer.taking.set()
     async with asyncio.timeout(5):
         while not producer.sent:
             await asyncio.sleep(0)
-    assert settled == []
+    assert reports == [None]
     producer.sent[0][1].set_result(None)
     await asyncio.sleep(0)
-    assert settled == [True]
+    assert reports == [None, True]
+
+
+async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as_abandoned(
+    settings: Settings,
+) -> None:
+    """The acknowledgement and the deadline in the same turn of the loop, before the callback's task runs:
+    the callback is answered as ambiguous, the record counted as landed, and nothing stays abandoned."""
+    producer, outcomes = _Producer(), Outcomes()
+    publisher = KafkaPublisher(settings, outcomes)
+    batches = _batches(producer, publisher._abandoned_changed)
+    publisher._batches = batches  # the producer the test controls
+    producer.taking.set()
+    expire = batches.expire
+
+    def expire_as_the_broker_answers(waiter: asyncio.Future[None]) -> None:
+        expire(waiter)
+        producer.sent[0][1].set_result(None)
+
+    batches.expire = expire_as_the_broker_answers  # type: ignore[method-assign]
+    with pytest.raises(DeliveryTimeout) as raised:
+        await publisher.publish(_record("t", 0, 1), 0.05)
+    assert raised.value.ambiguous
+    await asyncio.sleep(0)
+    assert publisher.abandoned == 0
+    assert outcomes.snapshot()[Outcome.AMBIGUOUS_LANDED.value] == 1
 
 
 async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
@@ -138,7 +168,7 @@ async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
     callback was not written, not an ambiguous one."""
     producer, outcomes = _Producer(), Outcomes()
     publisher = KafkaPublisher(settings, outcomes)
-    batches = _batches(producer, publisher._abandoned_settled)
+    batches = _batches(producer, publisher._abandoned_changed)
     publisher._batches = batches  # the producer the test controls
     # The first batch waits in the producer's send_batch, the second behind it.
     first = asyncio.ensure_future(publisher.publish(_record("t", 0, 1), 5.0))
@@ -152,4 +182,48 @@ async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
     with pytest.raises(NotHandedOver):
         batches.add(_record("t", 0, 2))
     assert publisher.abandoned == 0
-    assert outcomes.snapshot().get(Outcome.AMBIGUOUS_LOST.value, 0) == 0
+    assert outcomes.snapshot()[Outcome.AMBIGUOUS_LOST.value] == 0
+
+
+async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_producer_is_replaced(
+    settings: Settings,
+) -> None:
+    """aiokafka settles nothing when its sender task is cancelled: once the producer is stopped, the bridge
+    answers the callbacks whose records it held with an ambiguous 503, without waiting for their deadline."""
+    publisher = KafkaPublisher(replace(settings, linger_ms=3000, shutdown_timeout=2.0), Outcomes())
+    await publisher.start()
+    try:
+        await _ready(publisher, settings.topic)
+        producer = publisher._producer
+        assert producer is not None
+        started = time.monotonic()
+        publishing = asyncio.ensure_future(publisher.publish(_record(settings.topic, 0, 1), 20.0))
+        await asyncio.sleep(0.2)  # handed over, lingering in the producer
+        producer._sender.sender_task.cancel()
+        with pytest.raises(PublishError) as raised:
+            await publishing
+        assert raised.value.ambiguous
+        assert time.monotonic() - started < 10
+        assert publisher.abandoned == 0
+        await _ready(publisher, settings.topic)
+        await publisher.publish(_record(settings.topic, 0, 2), 5.0)
+    finally:
+        await publisher.close()
+
+
+async def test_a_record_over_the_producer_limit_or_without_time_left_is_not_queued(
+    settings: Settings,
+) -> None:
+    """Both are answered with a 503 that says the callback was not written, and nothing reaches Kafka."""
+    producer = _Producer()
+    publisher = KafkaPublisher(settings, Outcomes())
+    publisher._batches = _batches(producer, publisher._abandoned_changed)
+    producer.taking.set()
+    with pytest.raises(PublishError, match="larger than the producer's limit") as too_large:
+        await publisher.publish(_record("t", 0, 1, size=max_record_bytes(settings) + 1), 5.0)
+    with pytest.raises(DeliveryTimeout, match="was not written") as late:
+        await publisher.publish(_record("t", 0, 2), 0.0)
+    assert not too_large.value.ambiguous
+    assert not late.value.ambiguous
+    await asyncio.sleep(0.01)
+    assert producer.sent == []
