@@ -139,8 +139,9 @@ async def handle_callback(request: web.Request) -> web.Response:
         )
 
         async def publish(timeout: float) -> None:
-            async with observe_publish(request, record):
-                await publisher.publish(record, timeout)
+            started = time.perf_counter()
+            await publisher.publish(record, timeout)
+            observe_publish(request, record, time.perf_counter() - started)
 
         identity = callback_id(query.sdk_app_id, routed.command, routed.key)
         request[OUTCOME] = await app[DEDUP].publish_once(identity, publish, deadline)
