@@ -109,6 +109,8 @@ class KafkaPublisher:
             if partitions:
                 counts[topic] = len(partitions)
         self._partition_counts = counts
+        if self._batches is not None:
+            self._batches.forget_leaders()
 
     async def start(self) -> None:
         self._connector = asyncio.create_task(self._supervise(), name="kafka-producer")

@@ -39,7 +39,7 @@ async def _ready(publisher: KafkaPublisher, topic: str) -> None:
 
 
 def _batches(producer: _Producer, on_abandoned: Callable[[bool | None], None]) -> PartitionBatches:
-    return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned)
+    return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned, leader_of=lambda _: 0)
 
 
 async def test_concurrent_records_land_once_each_in_publishing_order(kafka: str, settings: Settings) -> None:
@@ -97,26 +97,62 @@ class _Producer:
         return delivery
 
 
+async def _sent(producer: _Producer, count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(producer.sent) < count:
+            await asyncio.sleep(0)
+    for _ in range(5):  # and no more, however long the loop turns
+        await asyncio.sleep(0)
+    assert len(producer.sent) == count
+
+
 async def test_a_full_batch_starts_the_next_and_one_acknowledgement_answers_all_its_records() -> None:
     producer, settled = _Producer(), list[bool | None]()
     batches = _batches(producer, settled.append)
     waiters = [batches.add(_record("t", 0, number)) for number in range(5)]
     producer.taking.set()
-    async with asyncio.timeout(5):
-        while len(producer.sent) < 2:
-            await asyncio.sleep(0)
+    await _sent(producer, 1)  # one batch of a partition per request, as aiokafka sends them
+    producer.sent[0][1].set_result(None)
+    await _sent(producer, 2)
     assert [batch.records for batch, _ in producer.sent] == [
         [b"key-0", b"key-1", b"key-2"],
         [b"key-3", b"key-4"],
     ]
-    producer.sent[0][1].set_result(None)
-    await asyncio.sleep(0)
     assert [waiter.done() for waiter in waiters] == [True, True, True, False, False]
     producer.sent[1][1].set_exception(ConnectionError("broker gone"))
     for waiter in waiters[3:]:
         with pytest.raises(ConnectionError):
             await waiter
     assert settled == []
+
+
+async def test_a_brokers_partitions_are_handed_over_together_once_it_answered_the_last_ones() -> None:
+    """Records for a broker that has a batch of ours unanswered wait for that answer, then all go at once;
+    another broker's partitions do not wait for it."""
+    producer = _Producer()
+    leaders = {("t", 0): 1, ("t", 1): 1, ("t", 2): 2}
+    batches = PartitionBatches(
+        cast(AIOKafkaProducer, producer), lambda _: None, leader_of=leaders.__getitem__
+    )
+    producer.taking.set()
+    first = batches.add(_record("t", 0, 0))
+    await _sent(producer, 1)
+    later = [
+        batches.add(_record("t", 0, 1)),
+        batches.add(_record("t", 1, 2)),
+        batches.add(_record("t", 1, 3)),
+    ]
+    await _sent(producer, 1)  # broker 1 has not answered yet
+    elsewhere = batches.add(_record("t", 2, 4))
+    await _sent(producer, 2)  # broker 2 had nothing of ours
+    assert producer.sent[1][0].records == [b"key-4"]
+    producer.sent[0][1].set_result(None)
+    await _sent(producer, 4)
+    assert first.done()
+    assert sorted(batch.records for batch, _ in producer.sent[2:]) == [[b"key-1"], [b"key-2", b"key-3"]]
+    for _, delivery in producer.sent[1:]:
+        delivery.set_result(None)
+    await asyncio.gather(*later, elsewhere)
 
 
 async def test_an_expired_record_is_reported_once_when_its_batch_settles() -> None:
