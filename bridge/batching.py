@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from bridge.envelope import Record
+
+log = logging.getLogger(__name__)
 
 # (topic, partition)
 Partition = tuple[str, int]
@@ -184,6 +187,11 @@ class PartitionBatches:
                 if self._on_queued is not None:
                     self._on_queued(len(batch.waiters))
                 delivery.add_done_callback(self._acknowledged)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: say so; the next record for an idle broker starts a new round
+            log.exception("unexpected failure while handing batches to the Kafka producer")
+            return
         finally:
             self._flusher = None
             if not self._queues:
