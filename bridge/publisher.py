@@ -110,7 +110,7 @@ class KafkaPublisher:
                 counts[topic] = len(partitions)
         self._partition_counts = counts
         if self._batches is not None:
-            self._batches.forget_leaders()
+            self._batches.metadata_changed()
 
     async def start(self) -> None:
         self._connector = asyncio.create_task(self._supervise(), name="kafka-producer")

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from bridge.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.envelope import Record
@@ -39,7 +39,7 @@ async def _ready(publisher: KafkaPublisher, topic: str) -> None:
 
 
 def _batches(producer: _Producer, on_abandoned: Callable[[bool | None], None]) -> PartitionBatches:
-    return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned, leader_of=lambda _: 0)
+    return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned)
 
 
 async def test_concurrent_records_land_once_each_in_publishing_order(kafka: str, settings: Settings) -> None:
@@ -80,10 +80,28 @@ class _Builder:
         return object()
 
 
+class _Cluster:
+    def __init__(self) -> None:
+        self.topics = {"t"}
+        self.leaders: dict[tuple[str, int], int] = {}
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {0, 1, 2} if topic in self.topics else None
+
+    def leader_for_partition(self, partition: TopicPartition) -> int | None:
+        return self.leaders.get((partition.topic, partition.partition), 1)
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.cluster = _Cluster()
+
+
 class _Producer:
     """Takes batches when the test says so, and acknowledges or fails them when the test says so."""
 
     def __init__(self) -> None:
+        self.client = _Client()
         self.taking = asyncio.Event()
         self.sent: list[tuple[_Builder, asyncio.Future[None]]] = []
 
@@ -126,33 +144,74 @@ async def test_a_full_batch_starts_the_next_and_one_acknowledgement_answers_all_
     assert settled == []
 
 
-async def test_a_brokers_partitions_are_handed_over_together_once_it_answered_the_last_ones() -> None:
-    """Records for a broker that has a batch of ours unanswered wait for that answer, then all go at once;
-    another broker's partitions do not wait for it."""
+async def test_batches_wait_for_their_broker_to_answer_and_a_retried_one_holds_back_only_its_partition() -> (
+    None
+):
+    """Like aiokafka's one request in flight per broker: records for a broker that has not answered yet keep
+    filling their partitions' batches, which go together once it answers; another broker does not wait.
+    A batch the broker has not settled (aiokafka retrying it) holds back its own partition, no other."""
     producer = _Producer()
-    leaders = {("t", 0): 1, ("t", 1): 1, ("t", 2): 2}
-    batches = PartitionBatches(
-        cast(AIOKafkaProducer, producer), lambda _: None, leader_of=leaders.__getitem__
-    )
+    producer.client.cluster.leaders = {("t", 0): 1, ("t", 1): 1, ("t", 2): 2}
+    batches = _batches(producer, lambda _: None)
     producer.taking.set()
     first = batches.add(_record("t", 0, 0))
     await _sent(producer, 1)
-    later = [
+    same_broker = [
         batches.add(_record("t", 0, 1)),
-        batches.add(_record("t", 1, 2)),
+        batches.add(_record("t", 0, 2)),
         batches.add(_record("t", 1, 3)),
     ]
-    await _sent(producer, 1)  # broker 1 has not answered yet
-    elsewhere = batches.add(_record("t", 2, 4))
-    await _sent(producer, 2)  # broker 2 had nothing of ours
+    other_broker = batches.add(_record("t", 2, 4))
+    await _sent(producer, 2)
     assert producer.sent[1][0].records == [b"key-4"]
     producer.sent[0][1].set_result(None)
     await _sent(producer, 4)
     assert first.done()
-    assert sorted(batch.records for batch, _ in producer.sent[2:]) == [[b"key-1"], [b"key-2", b"key-3"]]
-    for _, delivery in producer.sent[1:]:
+    by_records = {tuple(batch.records): delivery for batch, delivery in producer.sent[2:]}
+    assert set(by_records) == {(b"key-1", b"key-2"), (b"key-3",)}
+    behind_retry = batches.add(_record("t", 0, 5))
+    next_for_one = batches.add(_record("t", 1, 6))
+    await _sent(producer, 4)
+    by_records[(b"key-3",)].set_result(None)  # partition 0's batch is being retried
+    await _sent(producer, 5)
+    assert producer.sent[4][0].records == [b"key-6"]
+    producer.sent[4][1].set_result(None)
+    await _sent(producer, 5)  # partition 0 still waits for its batch
+    by_records[(b"key-1", b"key-2")].set_result(None)
+    await _sent(producer, 6)
+    assert producer.sent[5][0].records == [b"key-5"]
+    for _, delivery in (producer.sent[1], producer.sent[5]):
         delivery.set_result(None)
-    await asyncio.gather(*later, elsewhere)
+    await asyncio.gather(*same_broker, other_broker, behind_retry, next_for_one)
+
+
+async def test_a_partition_of_a_topic_missing_from_the_metadata_holds_back_no_other() -> None:
+    """aiokafka waits for the metadata of a topic it does not know: that wait is the partition's alone."""
+    producer = _Producer()
+    unknown = {"gone"}
+    batches = _batches(producer, lambda _: None)
+    producer.client.cluster.topics -= unknown
+    blocked = asyncio.Event()
+
+    async def send_batch(batch: _Builder, topic: str, *, partition: int) -> asyncio.Future[None]:
+        if topic in unknown:
+            await blocked.wait()
+        delivery = asyncio.get_running_loop().create_future()
+        producer.sent.append((batch, delivery))
+        return delivery
+
+    producer.send_batch = send_batch  # type: ignore[method-assign]
+    stuck = batches.add(_record("gone", 0, 0))
+    fine = batches.add(_record("t", 0, 1))
+    await _sent(producer, 1)
+    assert producer.sent[0][0].records == [b"key-1"]
+    producer.sent[0][1].set_result(None)
+    await fine
+    assert not stuck.done()
+    blocked.set()
+    await _sent(producer, 2)
+    producer.sent[1][1].set_result(None)
+    await stuck
 
 
 async def test_an_expired_record_is_reported_once_when_its_batch_settles() -> None:
