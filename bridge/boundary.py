@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from aiokafka.errors import KafkaError
 
+from bridge.errors import describe
 from bridge.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -39,10 +40,8 @@ def stop_signals(
 
 def cluster_failure(exc: KafkaError, settings: Settings) -> str:
     """One line for a Kafka error at the command's boundary: the cluster is unreachable or refused."""
-    text, name = str(exc), type(exc).__name__
-    described = text if text.startswith(name) else f"{name}: {text}"
     brokers = ",".join(settings.bootstrap_servers)
-    return f"cannot reach the Kafka cluster, or it refused: {described} (brokers: {brokers})"
+    return f"cannot reach the Kafka cluster, or it refused: {describe(exc)} (brokers: {brokers})"
 
 
 def kafka_failed(command: str, exc: KafkaError, settings: Settings) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bridge import __version__
+from bridge.errors import describe
 from bridge.logs import configure_logging
 from bridge.settings import (
     KAFKA_CLIENTS,
@@ -152,7 +153,7 @@ def _topics(settings: Settings) -> int:
         reports = asyncio.run(ensure_topics(settings))
     except (KafkaError, OSError, TimeoutError, ValueError) as exc:
         print(
-            f"bridge topics ensure: {_describe(exc)} (brokers: {','.join(settings.bootstrap_servers)})",
+            f"bridge topics ensure: {describe(exc)} (brokers: {','.join(settings.bootstrap_servers)})",
             file=sys.stderr,
         )
         return 3
@@ -243,8 +244,3 @@ def _options_table() -> str:
         for flag, env, names, value in rows
     ]
     return "options of the commands (see `bridge COMMAND --help`):\n" + "\n".join(lines)
-
-
-def _describe(exc: BaseException) -> str:
-    text, name = str(exc), type(exc).__name__
-    return text if text.startswith(name) else f"{name}: {text}" if text else name

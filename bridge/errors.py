@@ -1,8 +1,9 @@
 """The bridge's exception tree: each error knows its HTTP status, its Tencent ErrorCode and retriability.
 
-Handlers raise these; `bridge.responses` turns them into Tencent-style answers in one place. ErrorCodes are
-five-digit numbers built from the HTTP status so they never collide with the codes Tencent gives meaning to
-for "before" callbacks (1 rejects the user's action, 2 drops the message, 120001-130000 are custom errors).
+Handlers raise these; the error middleware in `bridge.server` turns them into Tencent-style answers in one
+place. ErrorCodes are five-digit numbers built from the HTTP status so they never collide with the codes
+Tencent gives meaning to for "before" callbacks (1 rejects the user's action, 2 drops the message,
+120001-130000 are custom errors).
 """
 
 from __future__ import annotations
@@ -173,3 +174,14 @@ class InternalError(PublishError):
 
     def __init__(self) -> None:
         super().__init__("internal error in the bridge; the callback is not acknowledged", ambiguous=True)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one line: its class name, and its message when it has one.
+
+    aiokafka's messages often begin with the class name already; it is not repeated.
+    """
+    text, name = str(exc), type(exc).__name__
+    if not text or text == name:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"

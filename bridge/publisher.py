@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from bridge.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.envelope import Record
-from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout
+from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, describe
 from bridge.kafka_security import kafka_connection_options
 from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
@@ -37,6 +37,10 @@ _METADATA_SETTLE_S = 0.05
 
 class Publisher(Protocol):
     """What the HTTP layer needs from Kafka; tests may substitute a fake."""
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     @property
     def ready(self) -> bool: ...
@@ -80,10 +84,6 @@ class KafkaPublisher:
         self._abandoned = 0
         self._answering = True
         """Whether the last metadata probes were answered: a hung or dead broker makes /readyz 503."""
-
-    @property
-    def settings(self) -> Settings:
-        return self._settings
 
     @property
     def ready(self) -> bool:
@@ -175,14 +175,14 @@ class KafkaPublisher:
         except KafkaError as exc:
             # A batch handed to the producer may have been appended by an attempt whose answer was lost;
             # aiokafka retries and reports only the last attempt's error. So: ambiguous.
-            raise BrokerRejected(f"Kafka refused the write: {_describe(exc)}", ambiguous=True) from None
+            raise BrokerRejected(f"Kafka refused the write: {describe(exc)}", ambiguous=True) from None
         finally:
             deadline.cancel()
 
     @staticmethod
     def _not_written(exc: NotHandedOver) -> BrokerNotReady:
         return BrokerNotReady(
-            f"Kafka did not take the write ({_describe(exc.cause)}); the callback was not written"
+            f"Kafka did not take the write ({describe(exc.cause)}); the callback was not written"
         )
 
     def _abandoned_changed(self, landed: bool | None) -> None:
@@ -229,7 +229,7 @@ class KafkaPublisher:
                 failures += 1
                 if failures >= 2 and self._answering:
                     self._answering = False
-                    self._status = f"Kafka is not answering: {_describe(exc)}"
+                    self._status = f"Kafka is not answering: {describe(exc)}"
                     log.warning("not ready: %s", self._status)
                 continue
             if not self._answering:
@@ -252,7 +252,7 @@ class KafkaPublisher:
                     log.exception("unexpected failure while connecting to Kafka")
                 if not self._status.startswith("cannot create topics"):
                     self._status = (
-                        f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {_describe(exc)}"
+                        f"cannot reach Kafka at {','.join(settings.bootstrap_servers)}: {describe(exc)}"
                     )
                 # Once per new reason, not once per attempt: a broker down for an hour is one line.
                 level = logging.WARNING if self._status != reported else logging.DEBUG
@@ -286,7 +286,7 @@ class KafkaPublisher:
                     async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                         await create_topics(settings, missing, len(cluster.brokers()))
                 except KafkaError as exc:
-                    self._status = f"cannot create topics {', '.join(missing)}: {_describe(exc)}"
+                    self._status = f"cannot create topics {', '.join(missing)}: {describe(exc)}"
                     log.error("not ready: %s", self._status)  # noqa: TRY400 - the message says it all
                     await asyncio.sleep(_TOPIC_RECHECK_S)
                 else:
@@ -330,7 +330,7 @@ class KafkaPublisher:
             # A timeout is the expected failure here, and its traceback would say nothing more.
             log.error("the Kafka producer did not stop within %.3g s", timeout)  # noqa: TRY400
         except (KafkaError, OSError) as exc:
-            log.warning("stopping the Kafka producer: %s", _describe(exc))
+            log.warning("stopping the Kafka producer: %s", describe(exc))
 
 
 async def _wait_for_death(producer: AIOKafkaProducer) -> str:
@@ -341,12 +341,4 @@ async def _wait_for_death(producer: AIOKafkaProducer) -> str:
     if sender_task.cancelled():
         return "its sender task was cancelled"
     error = sender_task.exception()
-    return _describe(error) if error is not None else "its sender task ended"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    name = type(exc).__name__
-    if not text or text == name:
-        return name
-    return text if text.startswith(name) else f"{name}: {text}"  # aiokafka's messages often name the class
+    return describe(error) if error is not None else "its sender task ended"
