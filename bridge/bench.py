@@ -233,39 +233,22 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (the workers of a bridge started with several)."""
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as children:
-                    pending += [int(child) for child in children.read().split()]
-    return found
-
-
 def _cpu_seconds(pid: int | None) -> float:
-    """User and system CPU time of a process and its descendants, from /proc."""
+    """User and system CPU time of a process, from /proc."""
     if pid is None:
         return 0.0
-    total = 0
-    for member in _process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{member}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICKS
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return 0.0
 
 
 def _rss_bytes(pid: int | None) -> int:
     if pid is None:
         return 0
-    total = 0
-    for member in _process_tree(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{member}/statm") as statm:
-            total += int(statm.read().split()[1]) * _PAGE
-    return total
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+    return 0
 
 
 def _run(coroutine: Any) -> Any:
@@ -293,8 +276,8 @@ def baseline_app(publisher_settings: Settings | None = None) -> Any:
         raw_body = await request.read()
         body = decode_body(raw_body)
         resolve_command(query, body)
-        if publisher is not None:
-            topic = publisher.settings.topic
+        if publisher is not None and publisher_settings is not None:
+            topic = publisher_settings.topic
             partitions = publisher.partition_count(topic) or 1
             record = Record(
                 topic=topic,
@@ -304,7 +287,7 @@ def baseline_app(publisher_settings: Settings | None = None) -> Any:
                 timestamp_ms=0,
                 headers=(),
             )
-            await publisher.publish(record, publisher.settings.delivery_timeout)
+            await publisher.publish(record, publisher_settings.delivery_timeout)
         return web.Response(body=OK_BODY, content_type="application/json")
 
     async def healthz(_request: web.Request) -> web.Response:

@@ -39,10 +39,6 @@ class Publisher(Protocol):
     """What the HTTP layer needs from Kafka; tests may substitute a fake."""
 
     @property
-    def settings(self) -> Settings:
-        return self._settings
-
-    @property
     def ready(self) -> bool: ...
 
     @property
