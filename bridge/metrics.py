@@ -41,6 +41,7 @@ NO_FAMILY = "none"
 UNKNOWN_FAMILY = "unknown"
 # Tencent waits 2 s; the delivery deadline is 5 s by default: buckets around both.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+_BUCKET_BOUNDS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _FAMILY = web.RequestKey("metrics_family", str)
@@ -60,9 +61,7 @@ class _Histogram:
         self.total += seconds
 
     def buckets(self) -> list[tuple[str, float]]:
-        cumulative = list(accumulate(self.counts))
-        bounds = [*map(floatToGoString, LATENCY_BUCKETS), "+Inf"]
-        return list(zip(bounds, cumulative, strict=True))
+        return list(zip(_BUCKET_BOUNDS, accumulate(self.counts), strict=True))
 
 
 class Metrics:
