@@ -203,6 +203,7 @@ class PartitionBatches:
             raise
         except Exception:  # a bug: say so; the next record or acknowledgement starts a new round
             log.exception("unexpected failure while handing batches to the Kafka producer")
+            return  # not at once: a failure that repeats would go round and round
         finally:
             self._flusher = None
             if not self._queues:
