@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import LineTooLong
 
 from bridge.errors import BridgeError, InternalError, MalformedRequest
 from bridge.logs import REQUEST_ID, new_request_id
-from bridge.protocol import fail_body
+from bridge.server import fail_response
 
 _TOO_MANY_HEADERS = "Too many headers"
 # aiohttp's parser messages put an excerpt of the offending bytes after a blank line: the reason is before it.
@@ -46,10 +46,8 @@ class TencentRequestHandler(web.RequestHandler):
         finally:
             REQUEST_ID.reset(token)
         error = self.refusal(status, exc, message)
-        response = web.Response(status=error.status, body=fail_body(error), content_type="application/json")
+        response = fail_response(error)
         response.headers["X-Request-Id"] = request_id
-        if error.retriable:
-            response.headers["Retry-After"] = "1"
         response.force_close()
         return response
 

@@ -232,12 +232,18 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
         # fields of the JSON log line
         extra={"status": error.status, "error_code": error.error_code, "reason": error.info},
     )
-    response = web.Response(status=error.status, body=fail_body(error), content_type=_JSON)
+    response = fail_response(error)
     if isinstance(error, MethodNotAllowed):
         response.headers["Allow"] = allow
+    response.headers[OUTCOME_HEADER] = request[OUTCOME].value
+    return response
+
+
+def fail_response(error: BridgeError) -> web.Response:
+    """The FAIL answer to `error`: its status, a Tencent-style body, and `Retry-After` when retriable."""
+    response = web.Response(status=error.status, body=fail_body(error), content_type=_JSON)
     if error.retriable:
         response.headers["Retry-After"] = "1"
-    response.headers[OUTCOME_HEADER] = request[OUTCOME].value
     return response
 
 
