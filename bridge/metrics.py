@@ -276,16 +276,10 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
     """Outermost middleware: a request id for the logs and the answer, and the per-request metrics."""
     request_id = _request_id(request)
     token = REQUEST_ID.set(request_id)
-    if request.path in _NOT_CALLBACKS:
-        try:
-            response = await handler(request)
-            response.headers["X-Request-Id"] = request_id
-            return response
-        finally:
-            REQUEST_ID.reset(token)
-    metrics = request.app[METRICS]
+    metrics = None if request.path in _NOT_CALLBACKS else request.app[METRICS]
+    if metrics is not None:
+        metrics.in_flight += 1
     started = time.perf_counter()
-    metrics.in_flight += 1
     status = BridgeError.status  # if the handler is cancelled (the caller hung up), a 500 is what it got
     try:
         response = await handler(request)
@@ -294,17 +288,23 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         return response
     finally:
         REQUEST_ID.reset(token)
-        metrics.in_flight -= 1
-        elapsed = time.perf_counter() - started
-        family = request.get(_FAMILY, NO_FAMILY)
-        outcome = request.get(OUTCOME, _outcome_of(status))
-        if outcome is Outcome.OVERLOADED:
-            metrics.overloaded += 1
-        _count(metrics.requests, (family, str(status)))
-        _count(metrics.callbacks, (family, outcome.value))
-        histogram = metrics.request_seconds.get(family)
-        if histogram is None:
-            histogram = metrics.request_seconds[family] = _Histogram()
-        histogram.observe(elapsed)
-        if status < 400 and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s -> %d in %.3f s", request.method, request.path, status, elapsed)
+        if metrics is not None:
+            metrics.in_flight -= 1
+            _count_callback(metrics, request, status, time.perf_counter() - started)
+
+
+def _count_callback(metrics: Metrics, request: web.Request, status: int, elapsed: float) -> None:
+    family = request.get(_FAMILY, NO_FAMILY)
+    outcome = request.get(OUTCOME)
+    if outcome is None:
+        outcome = _outcome_of(status)
+    if outcome is Outcome.OVERLOADED:
+        metrics.overloaded += 1
+    _count(metrics.requests, (family, str(status)))
+    _count(metrics.callbacks, (family, outcome.value))
+    histogram = metrics.request_seconds.get(family)
+    if histogram is None:
+        histogram = metrics.request_seconds[family] = _Histogram()
+    histogram.observe(elapsed)
+    if status < 400 and log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s -> %d in %.3f s", request.method, request.path, status, elapsed)
