@@ -236,8 +236,10 @@ class EventReader:
         self._consumer.pause(tp)
 
     async def _assign(self) -> None:
-        await self._consumer.topics()  # fetches the metadata of every topic
-        available = self._consumer.partitions_for_topic(self.topic)
+        # Every topic's metadata, read from what the request returns: `consumer.topics()` throws it away, and
+        # the client's own view holds no topic at all on Apache Kafka (aiokafka bootstraps asking for none).
+        cluster = await self._consumer._client.fetch_all_metadata()
+        available = cluster.partitions_for_topic(self.topic)
         if not available:
             raise ReaderError(f"topic {self.topic!r} does not exist (or has no partitions)")
         chosen = self._partitions

@@ -33,6 +33,7 @@ _BROKER_CALL_TIMEOUT_S = 10.0
 _TOPIC_RECHECK_S = 5.0
 _PROBE_INTERVAL_S = 1.0
 _METADATA_SETTLE_S = 0.05
+_LEADER_RECHECK_S = 0.1
 
 
 class Publisher(Protocol):
@@ -289,7 +290,14 @@ class KafkaPublisher:
                     await asyncio.sleep(_METADATA_SETTLE_S)  # let the new topics reach the metadata
                 continue
             if not missing:
-                break
+                # A topic just created has partitions before it has leaders (Apache Kafka elects them a
+                # moment later): a write then gets NOT_LEADER until the deadline. Ready once every one has.
+                leaderless = [topic for topic in settings.topics if _leaderless(cluster, topic)]
+                if not leaderless:
+                    break
+                self._status = f"topics without a leader yet: {', '.join(leaderless)}"
+                await asyncio.sleep(_LEADER_RECHECK_S)
+                continue
             self._status = f"topics missing: {', '.join(missing)}"
             if missing != reported:
                 log.error(
@@ -338,3 +346,9 @@ async def _wait_for_death(producer: AIOKafkaProducer) -> str:
         return "its sender task was cancelled"
     error = sender_task.exception()
     return describe(error) if error is not None else "its sender task ended"
+
+
+def _leaderless(cluster: ClusterMetadata, topic: str) -> bool:
+    """Whether some partition of `topic` has no leader in this metadata."""
+    partitions = cluster.partitions_for_topic(topic) or set()
+    return len(cluster.available_partitions_for_topic(topic) or ()) < len(partitions)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
@@ -117,9 +118,44 @@ async def create_topics(settings: Settings, topics: list[str], broker_count: int
     admin = _admin(settings)
     try:
         await admin.start()
-        await _create(admin, topics, intended_topic(settings, broker_count))
+        created = await _create(admin, topics, intended_topic(settings, broker_count))
     finally:
         await admin.close()
+    await await_leaders(settings, created)
+
+
+async def await_leaders(settings: Settings, topics: list[str]) -> None:
+    """Return once every partition of `topics` has a leader that answers for it.
+
+    Apache Kafka names a new partition's leader in its metadata a moment before that broker has opened the
+    partition's log: a write in between gets NOT_LEADER_OR_FOLLOWER until the bridge's deadline. Asking each
+    leader for the partition's end offset (ListOffsets) succeeds only once it is the leader in fact.
+    """
+    if not topics:
+        return
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=list(settings.bootstrap_servers),
+        client_id=settings.client_id,
+        enable_auto_commit=False,
+        request_timeout_ms=int(_ADMIN_CALL_TIMEOUT_S * 1000),
+        **kafka_connection_options(settings),
+    )
+    async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
+        await consumer.start()
+        try:
+            # consumer.topics() throws the partitions away: read them from the metadata request itself.
+            cluster = await consumer._client.fetch_all_metadata()
+            while not all(cluster.partitions_for_topic(topic) for topic in topics):
+                await asyncio.sleep(0.05)
+                cluster = await consumer._client.fetch_all_metadata()
+            partitions = [
+                TopicPartition(topic, partition)
+                for topic in topics
+                for partition in cluster.partitions_for_topic(topic) or ()
+            ]
+            await consumer.end_offsets(partitions)  # retried by aiokafka while a leader is not one yet
+        finally:
+            await consumer.stop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +193,10 @@ async def ensure_topics(settings: Settings) -> list[TopicReport]:
             to_check = [report for report in reports if not report.created]
             if to_check:
                 await _check(admin, to_check)
-        return reports
     finally:
         await admin.close()
+    await await_leaders(settings, sorted(created))
+    return reports
 
 
 async def _check(admin: AIOKafkaAdminClient, reports: list[TopicReport]) -> None:

@@ -2,9 +2,13 @@
 checked against what Kafka holds.
 
 Every 200'd key must be in Kafka; no 4xx'd key may be; 503s are counted by whether they landed anyway.
-Clients retry some 503s with the same key, as Tencent does after a timeout. Run it as:
+Clients retry some 503s with the same key, as Tencent does after a timeout. The broker is a three-node
+Apache Kafka cluster (replication factor 3, min.insync.replicas 2), each node behind a fault proxy; the
+faults pause or kill-and-restart one node at a time, or hit the proxies. Run it as:
 
     .venv/bin/python -m tests.chaos --duration 60 --clients 16 --seed 1
+
+`--single` runs one node instead (Tansu where there is no java/mvn, or with BRIDGE_TEST_BROKER=tansu).
 
 It prints a table and exits 1 if the history breaks the guarantee.
 """
@@ -13,23 +17,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.embedded import free_port
 from bridge.server import OUTCOMES, PUBLISHER, create_app
+from tests.kafka.nodes import KafkaCluster, KafkaNode
 from tests.proxy import KafkaProxy
-from tests.support import fixture, read_records, unique_settings
+from tests.support import FaultBroker, broker_choice, fault_broker, fixture, read_records, unique_settings
 
 SEED = fixture("oa-after-send-text")
 ERROR_CODES = {"NOT_LEADER_OR_FOLLOWER": 6, "MESSAGE_TOO_LARGE": 10, "NOT_ENOUGH_REPLICAS": 19,
@@ -91,48 +99,103 @@ class Report:
         return "\n".join(f"| {name:<{width}} | {value} |" for name, value in rows)
 
 
-async def run_chaos(duration_s: float, clients: int, seed: int, delivery_timeout_s: float = 1.0) -> Report:
+@dataclass
+class Brokers:
+    """The broker nodes and the fault proxy in front of each; clients reach the nodes only through these."""
+
+    nodes: list[FaultBroker]
+    proxies: list[KafkaProxy]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(proxy.bootstrap_servers for proxy in self.proxies)
+
+
+def cluster_possible() -> bool:
+    return broker_choice().kind != "tansu"
+
+
+@contextlib.asynccontextmanager
+async def brokers(directory: Path, cluster: bool) -> AsyncIterator[Brokers]:
+    """Three Apache Kafka nodes behind three proxies, or one node (of the lane's kind) behind one."""
+    proxy_ports = [free_port() for _ in range(3 if cluster else 1)]
+    with contextlib.ExitStack() as stack:
+        if cluster:
+            nodes: list[FaultBroker] = list(
+                stack.enter_context(KafkaCluster(directory, advertised_ports=proxy_ports)).nodes
+            )
+        else:
+            node = fault_broker(directory, advertised_port=proxy_ports[0])
+            stack.enter_context(node)
+            nodes = [node]
+        proxies = [
+            await KafkaProxy(node.port, port).start() for node, port in zip(nodes, proxy_ports, strict=True)
+        ]
+        try:
+            yield Brokers(nodes, proxies)
+        finally:
+            for proxy in proxies:
+                await proxy.close()
+
+
+async def run_chaos(
+    duration_s: float,
+    clients: int,
+    seed: int,
+    delivery_timeout_s: float = 1.0,
+    *,
+    cluster: bool = True,
+    directory: Path | None = None,
+) -> Report:
     rng = random.Random(seed)
     history = History()
-    proxy_port = free_port()
-    with EmbeddedBroker(advertised_port=proxy_port) as broker:
-        proxy = await KafkaProxy(broker.port, proxy_port).start()
-        settings = unique_settings(proxy.bootstrap_servers, delivery_timeout=delivery_timeout_s)
-        app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        url = f"http://127.0.0.1:{port}"
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-                await _until_ready(session, url)
-                started = time.monotonic()
-                end = started + duration_s
-                await asyncio.gather(
-                    _fault_loop(rng, broker, proxy, history, end),
-                    *(
-                        _client(n, random.Random(seed * 1000 + n), session, url, history, end)
-                        for n in range(clients)
-                    ),
-                )
-                elapsed = time.monotonic() - started
-                broker.resume()
-                proxy.faults.clear()
-                proxy.set_blackhole(False)
-                publisher = app[PUBLISHER]
-                async with asyncio.timeout(60):  # let every record answered 503 settle one way or the other
-                    while publisher.abandoned:
-                        await asyncio.sleep(0.1)
-                confirmed = sum(200 in answers for answers in history.answers.values())
-                records = await read_records(
-                    proxy.bootstrap_servers, [settings.topic], expect=confirmed, idle_s=2
-                )
-                outcomes = app[OUTCOMES].snapshot()
-        finally:
-            await runner.cleanup()
-            await proxy.close()
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
+        async with brokers(directory, cluster) as chain:
+            settings = unique_settings(chain.bootstrap_servers, delivery_timeout=delivery_timeout_s)
+            app = create_app(settings)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            url = f"http://127.0.0.1:{port}"
+            try:
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                    await _until_ready(session, url)
+                    started = time.monotonic()
+                    end = started + duration_s
+                    await asyncio.gather(
+                        _fault_loop(rng, chain, history, end),
+                        *(
+                            _client(n, random.Random(seed * 1000 + n), session, url, history, end)
+                            for n in range(clients)
+                        ),
+                    )
+                    elapsed = time.monotonic() - started
+                    await _heal_all(chain)
+                    publisher = app[PUBLISHER]
+                    async with asyncio.timeout(60):  # let every record answered 503 settle one way or another
+                        while publisher.abandoned:
+                            await asyncio.sleep(0.1)
+                    confirmed = sum(200 in answers for answers in history.answers.values())
+                    records = await read_records(
+                        chain.bootstrap_servers, [settings.topic], expect=confirmed, idle_s=2, timeout_s=60
+                    )
+                    outcomes = app[OUTCOMES].snapshot()
+            finally:
+                await runner.cleanup()
     return _judge(history, records, outcomes, elapsed)
+
+
+async def _heal_all(chain: Brokers) -> None:
+    for node in chain.nodes:
+        node.resume()
+        if isinstance(node, KafkaNode):
+            await asyncio.to_thread(node.wait_ready)  # a node killed last is still coming back
+    for proxy in chain.proxies:
+        proxy.faults.clear()
+        proxy.set_blackhole(False)
 
 
 def _judge(history: History, records: list[Any], outcomes: dict[str, int], elapsed: float) -> Report:
@@ -195,49 +258,77 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[
         return type(exc).__name__, "none"
 
 
-async def _fault_loop(
-    rng: random.Random, broker: EmbeddedBroker, proxy: KafkaProxy, history: History, end: float
-) -> None:
-    faults = proxy.faults
+async def _fault_loop(rng: random.Random, chain: Brokers, history: History, end: float) -> None:
+    """One fault at a time, healed before the next: a node paused or killed (one of three at most, so the
+    cluster keeps its quorum and two in-sync replicas), or traffic through the proxies disturbed."""
+    proxies = chain.proxies
 
     def pause() -> Callable[[], None]:
-        broker.pause()
-        return broker.resume
+        node = rng.choice(chain.nodes)
+        node.pause()
+        return node.resume
+
+    def kill_and_restart() -> Callable[[], None]:
+        node = rng.choice(chain.nodes)
+        assert isinstance(node, KafkaNode)
+        node.kill()  # SIGKILL; its leaderships move to the others, and it comes back with its data
+
+        def restart() -> None:
+            node.launch()  # not waiting: it rejoins while the load goes on
+
+        return restart
 
     def blackhole() -> Callable[[], None]:
-        proxy.set_blackhole(True)
-        return lambda: proxy.set_blackhole(False)
+        for proxy in proxies:
+            proxy.set_blackhole(True)
+
+        def heal() -> None:
+            for proxy in proxies:
+                proxy.set_blackhole(False)
+
+        return heal
 
     def slow() -> Callable[[], None]:
-        faults.response_delay_s = rng.uniform(0.1, 1.5)
-        return faults.clear
+        delay = rng.uniform(0.1, 1.5)
+        for proxy in proxies:
+            proxy.faults.response_delay_s = delay
+        return heal_proxies
 
     def reset() -> Callable[[], None]:
-        proxy.reset_all()
-        return faults.clear
+        for proxy in proxies:
+            proxy.reset_all()
+        return heal_proxies
 
     def reset_produce() -> Callable[[], None]:
+        faults = rng.choice(proxies).faults
         if rng.random() < 0.5:
             faults.reset_before_produce = rng.randint(1, 3)
         else:
             faults.reset_after_produce = rng.randint(1, 3)
-        return faults.clear
+        return heal_proxies
 
     def broker_error() -> Callable[[], None]:
         name = rng.choice(sorted(ERROR_CODES))
         history.faults[f"error {name}"] += 1
+        faults = rng.choice(proxies).faults
         faults.produce_error = ERROR_CODES[name]
         faults.produce_error_times = rng.choice([1, 3, None])  # None: until healed
-        return faults.clear
+        return heal_proxies
+
+    def heal_proxies() -> None:
+        for proxy in proxies:
+            proxy.faults.clear()
 
     kinds: dict[str, Callable[[], Callable[[], None]]] = {
-        "pause broker (SIGSTOP)": pause,
+        "pause a node (SIGSTOP)": pause,
         "black-hole traffic": blackhole,
         "slow answers": slow,
         "reset connections": reset,
         "reset around a Produce": reset_produce,
         "broker error": broker_error,
     }
+    if all(isinstance(node, KafkaNode) for node in chain.nodes) and len(chain.nodes) > 1:
+        kinds["kill a node, restart it with its data"] = kill_and_restart
     await asyncio.sleep(rng.uniform(0.3, 1.0))
     while time.monotonic() < end:
         name = rng.choice(sorted(kinds))
@@ -255,12 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients [16]")
     parser.add_argument("--seed", type=int, default=1, help="seed of the fault schedule [1]")
     parser.add_argument("--delivery-timeout", type=float, default=1.0, help="the bridge's deadline [1.0]")
+    parser.add_argument("--single", action="store_true", help="one broker node instead of a cluster of three")
     args = parser.parse_args(argv)
+    cluster = not args.single
+    if cluster and not cluster_possible():
+        parser.error("the three-node cluster needs Apache Kafka (java and mvn); use --single for Tansu")
     # The faults make aiokafka and the bridge log by the thousand; the table is the result.
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     logging.getLogger("bridge").setLevel(logging.CRITICAL)
-    report = asyncio.run(run_chaos(args.duration, args.clients, args.seed, args.delivery_timeout))
+    report = asyncio.run(
+        run_chaos(args.duration, args.clients, args.seed, args.delivery_timeout, cluster=cluster)
+    )
+    print(f"broker: {'three Apache Kafka nodes' if cluster else broker_choice().description}")
     print(report.table())
     for key in report.missing[:20]:
         print(f"MISSING: {key} was answered 200", file=sys.stderr)

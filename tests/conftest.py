@@ -14,6 +14,7 @@ from bridge.settings import Settings
 from tests.support import (
     FakePublisher,
     Posted,
+    broker_choice,
     kafka_broker,
     post_all,
     three_days,
@@ -24,10 +25,14 @@ from tests.support import (
 BridgeClient = TestClient[web.Request, web.Application]
 
 
+def pytest_report_header() -> str:
+    return f"broker: {broker_choice().description}"
+
+
 @pytest.fixture(scope="session")
-def kafka() -> Iterator[str]:
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap servers of a real Kafka-protocol broker, shared by the whole session."""
-    with kafka_broker() as bootstrap_servers:
+    with kafka_broker(tmp_path_factory.mktemp("kafka")) as bootstrap_servers:
         yield bootstrap_servers
 
 

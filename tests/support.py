@@ -1,7 +1,9 @@
 """Helpers the tests share: choosing and starting a broker, reading topics back, the Tencent fixtures.
 
 The broker is chosen as the README's Development section says: `KAFKA_BOOTSTRAP_SERVERS` if set;
-testcontainers' Apache Kafka when a Docker daemon answers; otherwise an embedded Tansu.
+testcontainers' Apache Kafka when a Docker daemon answers; the local Apache Kafka (tests/kafka/) when java
+and mvn are present; the embedded Tansu last, and never in CI (`CI` set) unless asked for with
+`BRIDGE_TEST_BROKER=tansu`, the fast second lane.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,13 +27,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.embedded import EmbeddedBroker
 from bridge.envelope import Record
 from bridge.parser_errors import BridgeRunner
 from bridge.settings import Settings
+from tests.kafka import jars
+from tests.kafka.nodes import KafkaNode
 
 FIXTURES = Path(__file__).parent / "fixtures"
 READY_TIMEOUT_S = 20.0
+CONTAINER_IMAGE = "confluentinc/cp-kafka:8.1.0"
 
 
 @dataclass(frozen=True)
@@ -79,21 +83,84 @@ def _docker_answers() -> bool:
     return status_line.startswith(b"HTTP/1.") and b" 200" in status_line
 
 
-@contextlib.contextmanager
-def kafka_broker() -> Iterator[str]:
-    """A broker for the test session; yields its bootstrap servers."""
+class NoTestBroker(RuntimeError):
+    """No broker the tests may use: in CI only Apache Kafka will do."""
+
+
+@dataclass(frozen=True)
+class BrokerChoice:
+    """Which broker the session runs on, as the pytest header prints it."""
+
+    kind: str
+    """"external", "testcontainers", "apache-kafka" or "tansu"."""
+    description: str
+
+
+def broker_choice() -> BrokerChoice:
+    """The broker the session will use, in the documented order; raises NoTestBroker in CI without Kafka."""
     configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if configured:
-        yield configured
-        return
-    if _docker_answers():
-        from testcontainers.kafka import KafkaContainer  # noqa: PLC0415
+        return BrokerChoice("external", f"KAFKA_BOOTSTRAP_SERVERS={configured}")
+    forced = os.environ.get("BRIDGE_TEST_BROKER", "")
+    if forced not in ("", "tansu", "apache-kafka"):
+        raise NoTestBroker(f"BRIDGE_TEST_BROKER={forced!r}: use 'apache-kafka' or 'tansu'")
+    if forced == "tansu":
+        return BrokerChoice("tansu", "embedded Tansu (BRIDGE_TEST_BROKER=tansu: no guarantee rests on it)")
+    if not forced and _docker_answers():
+        return BrokerChoice("testcontainers", f"{CONTAINER_IMAGE} (Apache Kafka 4.1) in a container")
+    if jars.tools_present():
+        return BrokerChoice(
+            "apache-kafka", f"Apache Kafka {jars.kafka_version()}, local KRaft node (tests/kafka)"
+        )
+    if forced or os.environ.get("CI"):
+        raise NoTestBroker(
+            "no Apache Kafka for the tests: java and mvn are missing (.ci/run installs them); "
+            "set BRIDGE_TEST_BROKER=tansu to run on the embedded Tansu instead"
+        )
+    return BrokerChoice("tansu", "embedded Tansu (no java/mvn here: no guarantee rests on it)")
 
-        with KafkaContainer() as container:
+
+def _kafka_container() -> Any:
+    try:  # testcontainers 4.15 moved the module; the old path warns, which the suite makes an error
+        from testcontainers.community.kafka import KafkaContainer  # noqa: PLC0415
+    except ImportError:
+        from testcontainers.kafka import KafkaContainer  # noqa: PLC0415
+    # testcontainers' KafkaContainer drives Confluent's image scripts, so it cannot run apache/kafka; cp-kafka
+    # 8.1 is Confluent's build of Apache Kafka 4.1, the line the local broker pins. Not run here (no Docker).
+    return KafkaContainer(CONTAINER_IMAGE).with_kraft()
+
+
+@contextlib.contextmanager
+def kafka_broker(directory: Path) -> Iterator[str]:
+    """A broker for the test session, as `broker_choice()` picks it; yields its bootstrap servers."""
+    choice = broker_choice()
+    if choice.kind == "external":
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    elif choice.kind == "testcontainers":
+        with _kafka_container() as container:
             yield container.get_bootstrap_server()
-        return
-    with EmbeddedBroker() as broker:
-        yield broker.bootstrap_servers
+    elif choice.kind == "apache-kafka":
+        with KafkaNode(directory) as node:
+            yield node.bootstrap_servers
+    else:
+        with EmbeddedBroker() as broker:
+            yield broker.bootstrap_servers
+
+
+FaultBroker = KafkaNode | EmbeddedBroker
+"""A broker a test may pause, kill or restart: both have `start`, `pause`, `resume`, `stop` and `port`."""
+
+
+def fault_broker(
+    directory: Path, *, port: int | None = None, advertised_port: int | None = None
+) -> FaultBroker:
+    """A broker of the test's own, not yet started: an Apache Kafka node, or Tansu on the Tansu lane.
+
+    A restart keeps its data: `stop()` then `start()` brings the same node back on the same port.
+    """
+    if broker_choice().kind == "tansu" or not jars.tools_present():
+        return EmbeddedBroker(port=port, advertised_port=advertised_port)
+    return KafkaNode(directory, client_port=port, advertised_port=advertised_port, short_lived=True)
 
 
 def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
@@ -157,11 +224,11 @@ async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> 
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
-    await consumer.topics()  # fetches the metadata of every topic
+    cluster = await consumer._client.fetch_all_metadata()  # as bridge/consumer.py reads it, and why
     return [
         TopicPartition(topic, partition)
         for topic in topics
-        for partition in sorted(consumer.partitions_for_topic(topic) or ())
+        for partition in sorted(cluster.partitions_for_topic(topic) or ())
     ]
 
 
@@ -173,10 +240,12 @@ async def read_records(
     idle_s: float = 0.7,
     timeout_s: float = 20.0,
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record in `topics`: read until `expect` arrived and then nothing more for `idle_s`.
+    """Every record in `topics`: read to the end offsets, waiting up to `timeout_s` for `expect` records.
 
-    Reading until idle, not to the end offset: the test broker's end offset can miss a multi-record batch.
+    On Apache Kafka the end offsets are exact. Tansu's can miss the tail of a multi-record batch, so on the
+    Tansu lane the read goes on until nothing new came for `idle_s`.
     """
+    exact_ends = broker_choice().kind != "tansu"
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, enable_auto_commit=False, auto_offset_reset="earliest"
     )
@@ -188,17 +257,28 @@ async def read_records(
         records: list[ConsumerRecord[bytes, bytes]] = []
         deadline = time.monotonic() + timeout_s
         last_new = time.monotonic()
+        ends = await consumer.end_offsets(partitions)
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=100)
             fresh = [record for part in batch.values() for record in part]
             if fresh:
                 records += fresh
                 last_new = time.monotonic()
-            elif len(records) >= expect and time.monotonic() - last_new >= idle_s:
+            if len(records) < expect:
+                if not fresh:
+                    ends = await consumer.end_offsets(partitions)
+                continue
+            if exact_ends and all(await _at_end(consumer, ends)):
+                break
+            if not exact_ends and not fresh and time.monotonic() - last_new >= idle_s:
                 break
         return records
     finally:
         await consumer.stop()
+
+
+async def _at_end(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> list[bool]:
+    return [await consumer.position(tp) >= end for tp, end in ends.items()]
 
 
 async def count_records(bootstrap_servers: str, topics: Sequence[str]) -> int:
@@ -324,30 +404,3 @@ async def post_all(client: TestClient[web.Request, web.Application], callbacks: 
     for callback in callbacks:
         response = await client.post("/callback", params=callback.query, data=orjson.dumps(callback.body))
         assert response.status == 200, await response.text()
-
-
-@contextlib.contextmanager
-def s3_storage() -> Iterator[tuple[str, dict[str, str]]]:
-    """An in-process S3 server (moto) with one bucket: Tansu's storage URL and the environment it needs."""
-    from moto.server import ThreadedMotoServer  # noqa: PLC0415 - only the restart test needs it
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        request = urllib.request.Request(f"{endpoint}/tansu", method="PUT")  # noqa: S310 - loopback
-        with urllib.request.urlopen(request, timeout=10):  # noqa: S310
-            pass
-        yield (
-            "s3://tansu/",
-            {
-                "AWS_ENDPOINT": endpoint,
-                "AWS_ALLOW_HTTP": "true",
-                "AWS_ACCESS_KEY_ID": "test",
-                "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            },
-        )
-    finally:
-        server.stop()

@@ -6,16 +6,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.embedded import EmbeddedBroker
 from bridge.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import fixture, read_records, unique_settings, wait_until_ready
+from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 DELIVERY_TIMEOUT_S = 1.0
@@ -26,14 +26,14 @@ def callback(msg_key: str) -> bytes:
 
 
 @pytest.fixture
-def own_broker() -> Iterator[EmbeddedBroker]:
+def own_broker(tmp_path: Path) -> Iterator[FaultBroker]:
     """A broker of this test's own, so that pausing it disturbs no other test."""
-    with EmbeddedBroker() as broker:
+    with fault_broker(tmp_path) as broker:
         yield broker
 
 
 @pytest.fixture
-def own_settings(own_broker: EmbeddedBroker) -> Settings:
+def own_settings(own_broker: FaultBroker) -> Settings:
     return unique_settings(own_broker.bootstrap_servers, delivery_timeout=DELIVERY_TIMEOUT_S)
 
 
@@ -45,7 +45,7 @@ async def own_bridge(own_settings: Settings) -> AsyncIterator[BridgeClient]:
 
 
 async def test_a_paused_broker_gets_503_within_the_deadline_and_the_next_request_after_resume_succeeds(
-    own_bridge: BridgeClient, own_broker: EmbeddedBroker, own_settings: Settings
+    own_bridge: BridgeClient, own_broker: FaultBroker, own_settings: Settings
 ) -> None:
     assert (await own_bridge.post("/callback", params=SEED.query, data=callback("before"))).status == 200
 
@@ -75,7 +75,7 @@ async def test_a_paused_broker_gets_503_within_the_deadline_and_the_next_request
 
 
 async def test_a_bridge_started_while_the_broker_is_down_answers_503_fast_and_becomes_ready(
-    own_broker: EmbeddedBroker,
+    own_broker: FaultBroker,
 ) -> None:
     port = own_broker.port
     own_broker.stop()
@@ -91,7 +91,7 @@ async def test_a_bridge_started_while_the_broker_is_down_answers_503_fast_and_be
         assert time.monotonic() - started < 0.5
         assert "not ready" in (await response.json())["ErrorInfo"]
 
-        with EmbeddedBroker(port=port) as revived:
+        with own_broker as revived:  # the same node, on the same port, with its data
             await wait_until_ready(client)
             assert (await client.post("/callback", params=SEED.query, data=callback("later"))).status == 200
             [record] = await read_records(revived.bootstrap_servers, [settings.topic], expect=1)

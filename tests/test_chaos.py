@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from tests.chaos import run_chaos
+from pathlib import Path
+
+from tests.chaos import cluster_possible, run_chaos
 
 
-async def test_under_random_faults_every_200_is_in_kafka_and_no_4xx_is() -> None:
-    report = await run_chaos(duration_s=10, clients=8, seed=7)
+async def test_under_random_faults_every_200_is_in_kafka_and_no_4xx_is(tmp_path: Path) -> None:
+    """On a three-node Apache Kafka cluster (one node on the Tansu lane)."""
+    report = await run_chaos(duration_s=10, clients=8, seed=7, cluster=cluster_possible(), directory=tmp_path)
     print(report.table())  # shown with -s, or when the test fails
     assert report.missing == [], "answered 200 but not in Kafka"
     assert report.rejected_but_present == [], "answered 4xx but in Kafka"

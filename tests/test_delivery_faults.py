@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,11 +18,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.embedded import free_port
 from bridge.server import ADMISSION, PUBLISHER, create_app
 from bridge.settings import Settings
 from tests.proxy import KafkaProxy
-from tests.support import fixture, read_records, unique_settings, wait_until_ready
+from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 DEADLINE_S = 1.0
@@ -35,7 +36,7 @@ NOT_LEADER_OR_FOLLOWER, MESSAGE_TOO_LARGE, NOT_ENOUGH_REPLICAS, NOT_ENOUGH_REPLI
 
 @dataclass
 class Rig:
-    broker: EmbeddedBroker
+    broker: FaultBroker
     proxy: KafkaProxy
     settings: Settings
     client: TestClient[web.Request, web.Application]
@@ -57,10 +58,10 @@ class Rig:
 
 
 @pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     """A bridge -> proxy -> broker chain, ready, with a one-second delivery deadline."""
     proxy_port = free_port()
-    with EmbeddedBroker(advertised_port=proxy_port) as broker:
+    with fault_broker(tmp_path, advertised_port=proxy_port) as broker:
         proxy = await KafkaProxy(broker.port, proxy_port).start()
         settings = unique_settings(proxy.bootstrap_servers, delivery_timeout=DEADLINE_S)
         try:

@@ -1,7 +1,7 @@
 """Restarts: a broker killed and brought back loses nothing acknowledged; the bridge stops gracefully.
 
-The bridge runs as a real `bridge serve` process where signals matter; the broker stores into S3 (an
-in-process moto server) where it must survive being killed.
+The bridge runs as a real `bridge serve` process where signals matter; the broker is an Apache Kafka node
+of the test's own, SIGKILLed and started again with its data where it must survive being killed.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.embedded import free_port
 from bridge.server import create_app
+from tests.kafka.nodes import KafkaNode
 from tests.proxy import KafkaProxy
-from tests.support import fixture, read_records, s3_storage, unique_settings, wait_until_ready
+from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 
@@ -33,34 +34,30 @@ def callback(msg_key: str) -> bytes:
     return orjson.dumps({**SEED.body, "MsgKey": msg_key})
 
 
-async def test_a_broker_killed_and_restarted_loses_no_acknowledged_callback() -> None:
-    with s3_storage() as (storage, environment):
-        port = free_port()
-        first = EmbeddedBroker(port=port, storage=storage, environment=environment).start()
-        settings = unique_settings(first.bootstrap_servers, delivery_timeout=1.0)
+async def test_a_broker_killed_and_restarted_loses_no_acknowledged_callback(tmp_path: Path) -> None:
+    broker = fault_broker(tmp_path)
+    if not isinstance(broker, KafkaNode):
+        pytest.skip("needs a broker that keeps its data across SIGKILL: Apache Kafka (java and mvn)")
+    with broker:
+        settings = unique_settings(broker.bootstrap_servers, delivery_timeout=1.0)
         answers: dict[str, int] = {}
-        try:
-            async with TestClient(TestServer(create_app(settings))) as client:
-                await wait_until_ready(client)
+        async with TestClient(TestServer(create_app(settings))) as client:
+            await wait_until_ready(client)
 
-                async def send(msg_key: str) -> None:
-                    response = await client.post("/callback", params=SEED.query, data=callback(msg_key))
-                    answers[msg_key] = response.status
+            async def send(msg_key: str) -> None:
+                response = await client.post("/callback", params=SEED.query, data=callback(msg_key))
+                answers[msg_key] = response.status
 
-                for n in range(5):
-                    await send(f"before-{n}")
-                assert first.process is not None
-                first.process.kill()  # SIGKILL: no goodbye to anyone
-                first.process.wait()
-                await send("while-down")
-                with EmbeddedBroker(port=port, storage=storage, environment=environment) as second:
-                    async with asyncio.timeout(30):
-                        while answers.get("after") != 200:
-                            await send("after")
-                            await asyncio.sleep(0.2)
-                    records = await read_records(second.bootstrap_servers, [settings.topic], expect=6)
-        finally:
-            first.stop()
+            for n in range(5):
+                await send(f"before-{n}")
+            broker.kill()  # SIGKILL: no goodbye to anyone, no flush: the records are in the page cache
+            await send("while-down")
+            await asyncio.to_thread(broker.start)  # the same node, its log recovered from disk
+            async with asyncio.timeout(30):
+                while answers.get("after") != 200:
+                    await send("after")
+                    await asyncio.sleep(0.2)
+            records = await read_records(broker.bootstrap_servers, [settings.topic], expect=6)
     landed = {record.key.decode() for record in records if record.key is not None}
     confirmed = {key for key, status in answers.items() if status == 200}
     assert {f"before-{n}" for n in range(5)} | {"after"} <= confirmed
@@ -117,9 +114,9 @@ class ServeProcess:
 
 
 @pytest.fixture
-async def chain() -> AsyncIterator[tuple[EmbeddedBroker, KafkaProxy]]:
+async def chain(tmp_path: Path) -> AsyncIterator[tuple[FaultBroker, KafkaProxy]]:
     proxy_port = free_port()
-    with EmbeddedBroker(advertised_port=proxy_port) as broker:
+    with fault_broker(tmp_path / "kafka", advertised_port=proxy_port) as broker:
         proxy = await KafkaProxy(broker.port, proxy_port).start()
         try:
             yield broker, proxy
@@ -133,7 +130,7 @@ def serve_log(tmp_path: Path) -> Path:
 
 
 async def test_sigterm_answers_callbacks_in_flight_refuses_late_ones_with_503_and_exits_0(
-    chain: tuple[EmbeddedBroker, KafkaProxy], serve_log: Path
+    chain: tuple[FaultBroker, KafkaProxy], serve_log: Path
 ) -> None:
     _, proxy = chain
     bridge = ServeProcess(proxy.bootstrap_servers, serve_log, delivery_timeout="5", shutdown_delay="0.5")
@@ -161,7 +158,7 @@ async def test_sigterm_answers_callbacks_in_flight_refuses_late_ones_with_503_an
 
 
 async def test_sigterm_with_the_broker_paused_answers_503_and_exits_0_within_its_budget(
-    chain: tuple[EmbeddedBroker, KafkaProxy], serve_log: Path
+    chain: tuple[FaultBroker, KafkaProxy], serve_log: Path
 ) -> None:
     broker, proxy = chain
     bridge = ServeProcess(proxy.bootstrap_servers, serve_log, delivery_timeout="2", shutdown_timeout="3")
@@ -184,7 +181,7 @@ async def test_sigterm_with_the_broker_paused_answers_503_and_exits_0_within_its
 
 
 async def test_a_bridge_killed_mid_request_never_said_200_for_a_record_that_is_absent(
-    chain: tuple[EmbeddedBroker, KafkaProxy], serve_log: Path
+    chain: tuple[FaultBroker, KafkaProxy], serve_log: Path
 ) -> None:
     _, proxy = chain
     bridge = ServeProcess(proxy.bootstrap_servers, serve_log, delivery_timeout="5")
