@@ -1,8 +1,8 @@
 """`bridge topics ensure` against the real test broker: creates, then finds no drift, then reports drift.
 
-The broker is never asked to change an existing topic, so these tests also hold on brokers without
-AlterConfigs or CreatePartitions (the embedded Tansu has neither); a changed topic is made the way an
-operator would meet one: created by someone else with other settings, or the bridge's intent changed.
+A changed topic is made the ways an operator meets one: created by someone else with other settings, the
+bridge's intent changed, or the topic changed after the bridge made it (AlterConfigs, CreatePartitions; the
+embedded Tansu has neither, so those two tests need Apache Kafka). Ensure itself never changes a topic.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.settings import Settings
 from bridge.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
-from tests.support import unique_settings
+from tests.support import broker_choice, unique_settings
 from tests.test_cli import run_bridge
 
 
@@ -96,6 +97,64 @@ async def test_changing_the_intended_settings_reports_drift_on_every_existing_to
         assert Drift("retention.ms", str(settings.retention_hours * 3_600_000), "172800000") in report.drifts
 
 
+needs_kafka = pytest.mark.skipif(
+    broker_choice().kind == "tansu", reason="Tansu has no AlterConfigs or CreatePartitions"
+)
+
+
+async def topic_config(admin: AIOKafkaAdminClient, topic: str, name: str) -> str:
+    (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    (resource,) = response.resources
+    return next(str(entry[1]) for entry in resource[4] if entry[0] == name)
+
+
+@needs_kafka
+async def test_a_config_altered_after_creation_is_drift_and_ensure_leaves_it_altered(
+    kafka: str, admin: AIOKafkaAdminClient
+) -> None:
+    settings = small(kafka)
+    await ensure_topics(settings)
+    altered = ConfigResource(
+        ConfigResourceType.TOPIC, settings.group_topic, configs={"retention.ms": "60000"}
+    )
+    await admin.alter_configs([altered])  # AlterConfigs: every other override of the topic is reset too
+
+    reports = {report.topic: report for report in await ensure_topics(settings)}
+
+    intended_retention = str(settings.retention_hours * 3_600_000)
+    assert Drift("retention.ms", "60000", intended_retention) in reports[settings.group_topic].drifts
+    assert all(not report.drifts for topic, report in reports.items() if topic != settings.group_topic)
+    assert await topic_config(admin, settings.group_topic, "retention.ms") == "60000", "ensure changed it"
+    result = run_bridge("topics", "ensure", *topic_flags(settings))
+    assert result.returncode == 1
+    assert f"{settings.group_topic}: DRIFT, left unchanged" in result.stdout
+
+
+@needs_kafka
+async def test_partitions_added_after_creation_are_drift_and_ensure_never_adds_or_removes_any(
+    kafka: str, admin: AIOKafkaAdminClient
+) -> None:
+    settings = small(kafka)
+    await ensure_topics(settings)
+    await admin.create_partitions({settings.user_topic: NewPartitions(total_count=5)})  # CreatePartitions
+
+    reports = {report.topic: report for report in await ensure_topics(settings)}
+
+    assert Drift("partitions", "5", "3") in reports[settings.user_topic].drifts
+    assert await partition_count(admin, settings.user_topic) == 5
+    lines = describe_reports(settings, list(reports.values()))
+    assert any("partitions is 5, intended 3" in line and "cannot be removed" in line for line in lines)
+
+
+def topic_flags(settings: Settings) -> list[str]:
+    return [
+        "--bootstrap-servers", ",".join(settings.bootstrap_servers), "--partitions", str(settings.partitions),
+        "--topic", settings.topic, "--c2c-topic", settings.c2c_topic, "--group-topic", settings.group_topic,
+        "--user-topic", settings.user_topic, "--app-topic", settings.app_topic,
+        "--unknown-topic", settings.unknown_topic,
+    ]  # fmt: skip
+
+
 def test_three_replicas_want_two_in_sync_and_fewer_want_one() -> None:
     settings = Settings()
     assert intended_topic(settings, 5) == intended_topic(settings, 3)
@@ -120,20 +179,15 @@ def test_topics_keep_every_record_for_the_retention_time_and_fit_the_largest_bod
 
 def test_the_ensure_command_exits_0_when_as_intended_and_1_on_drift(kafka: str) -> None:
     settings = small(kafka)
-    topic_flags = [
-        "--bootstrap-servers", kafka, "--partitions", "3",
-        "--topic", settings.topic, "--c2c-topic", settings.c2c_topic, "--group-topic", settings.group_topic,
-        "--user-topic", settings.user_topic, "--app-topic", settings.app_topic,
-        "--unknown-topic", settings.unknown_topic,
-    ]  # fmt: skip
-    created = run_bridge("topics", "ensure", *topic_flags)
+    flags = topic_flags(settings)
+    created = run_bridge("topics", "ensure", *flags)
     assert created.returncode == 0, created.stderr
     assert created.stdout.count(": created with 3 partitions") == len(settings.topics)
 
-    again = run_bridge("topics", "ensure", *topic_flags)
+    again = run_bridge("topics", "ensure", *flags)
     assert (again.returncode, again.stdout.count(": ok\n")) == (0, len(settings.topics))
 
-    drifted = run_bridge("topics", "ensure", *topic_flags, env={"BRIDGE_RETENTION_HOURS": "1"})
+    drifted = run_bridge("topics", "ensure", *flags, env={"BRIDGE_RETENTION_HOURS": "1"})
     assert drifted.returncode == 1
     assert drifted.stdout.count("DRIFT, left unchanged") == len(settings.topics)
     assert "retention.ms is" in drifted.stdout
