@@ -55,13 +55,16 @@ def build_record(
     received_at_ms: int,
     topic: str,
     partition: int,
+    max_event_age_ms: int,
 ) -> Record:
+    """`max_event_age_ms`: how far behind the receive time an `EventTime` may be and still be the record's
+    timestamp (see `record_timestamp`)."""
     return Record(
         topic=topic,
         partition=partition,
         key=routed.key.encode("utf-8"),
         value=envelope(raw_body, query, received_at_ms),
-        timestamp_ms=_timestamp(routed.event_time_ms, received_at_ms),
+        timestamp_ms=record_timestamp(routed.event_time_ms, received_at_ms, max_event_age_ms),
         headers=(
             ("CallbackCommand", routed.command.encode("utf-8")),
             ("SdkAppid", sdk_app_id.encode("ascii")),
@@ -70,8 +73,20 @@ def build_record(
     )
 
 
-def _timestamp(event_time_ms: int | None, received_at_ms: int) -> int:
+def record_timestamp(event_time_ms: int | None, received_at_ms: int, max_event_age_ms: int) -> int:
+    """The event time, so that a window of events is found by time; the receive time when there is none, when
+    it is ahead of the receive time by more than a broken clock would be, or when it is older than
+    `max_event_age_ms`.
+
+    Kafka deletes by timestamp: a segment whose newest record is older than the topic's retention goes at
+    the next retention check (every five minutes), the active segment included. A callback posted days after
+    its event (a backfill, a replay into a bridge) and stamped with its event time would be deleted minutes
+    after its 200. With the receive time it lives out the retention; a reader still finds it, as a window's
+    start lookup returns the first offset at or after the window's start time.
+    """
     if event_time_ms is None or event_time_ms > received_at_ms + MAX_EVENT_TIME_AHEAD_MS:
+        return received_at_ms
+    if event_time_ms < received_at_ms - max_event_age_ms:
         return received_at_ms
     return event_time_ms
 

@@ -136,6 +136,7 @@ async def handle_callback(request: web.Request) -> web.Response:
             received_at_ms=received_at_ms,
             topic=topic,
             partition=partition_for(routed.entity, partitions),
+            max_event_age_ms=settings.max_event_age_ms,
         )
 
         async def publish(timeout: float) -> None:

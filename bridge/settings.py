@@ -126,6 +126,12 @@ class Settings:
         return self.callback_token + self.callback_token_file
 
     @property
+    def max_event_age_ms(self) -> int:
+        """An `EventTime` older than this (half the retention) does not become the record's timestamp: every
+        callback answered 200 then stays at least half the retention, however old its event."""
+        return self.retention_hours * 3_600_000 // 2
+
+    @property
     def topics(self) -> tuple[str, ...]:
         """Every topic the bridge writes to, each once, in a stable order."""
         return tuple(dict.fromkeys(self.topic_for(group) for group in TopicGroup))

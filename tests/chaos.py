@@ -146,7 +146,9 @@ async def run_chaos(
     *,
     cluster: bool = True,
     directory: Path | None = None,
+    faults: frozenset[str] | None = None,
 ) -> Report:
+    """`faults` names the fault kinds to inject (see FAULT_KINDS); None: all of them."""
     rng = random.Random(seed)
     history = History()
     with contextlib.ExitStack() as stack:
@@ -166,7 +168,7 @@ async def run_chaos(
                     started = time.monotonic()
                     end = started + duration_s
                     await asyncio.gather(
-                        _fault_loop(rng, chain, history, end),
+                        _fault_loop(rng, chain, history, end, faults),
                         *(
                             _client(n, random.Random(seed * 1000 + n), session, url, history, end)
                             for n in range(clients)
@@ -258,7 +260,12 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[
         return type(exc).__name__, "none"
 
 
-async def _fault_loop(rng: random.Random, chain: Brokers, history: History, end: float) -> None:
+FAULT_KINDS = ("pause", "kill", "blackhole", "slow", "reset", "reset-produce", "broker-error")
+
+
+async def _fault_loop(
+    rng: random.Random, chain: Brokers, history: History, end: float, only: frozenset[str] | None = None
+) -> None:
     """One fault at a time, healed before the next: a node paused or killed (one of three at most, so the
     cluster keeps its quorum and two in-sync replicas), or traffic through the proxies disturbed."""
     proxies = chain.proxies
@@ -319,22 +326,26 @@ async def _fault_loop(rng: random.Random, chain: Brokers, history: History, end:
         for proxy in proxies:
             proxy.faults.clear()
 
-    kinds: dict[str, Callable[[], Callable[[], None]]] = {
-        "pause a node (SIGSTOP)": pause,
-        "black-hole traffic": blackhole,
-        "slow answers": slow,
-        "reset connections": reset,
-        "reset around a Produce": reset_produce,
-        "broker error": broker_error,
+    kinds: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
+        "pause": ("pause a node (SIGSTOP)", pause),
+        "blackhole": ("black-hole traffic", blackhole),
+        "slow": ("slow answers", slow),
+        "reset": ("reset connections", reset),
+        "reset-produce": ("reset around a Produce", reset_produce),
+        "broker-error": ("broker error", broker_error),
     }
     if all(isinstance(node, KafkaNode) for node in chain.nodes) and len(chain.nodes) > 1:
-        kinds["kill a node, restart it with its data"] = kill_and_restart
+        kinds["kill"] = ("kill a node, restart it with its data", kill_and_restart)
+    chosen = {name: fault for short, (name, fault) in kinds.items() if only is None or short in only}
+    if not chosen:
+        await asyncio.sleep(max(end - time.monotonic(), 0))
+        return
     await asyncio.sleep(rng.uniform(0.3, 1.0))
     while time.monotonic() < end:
-        name = rng.choice(sorted(kinds))
+        name = rng.choice(sorted(chosen))
         if name != "broker error":
             history.faults[name] += 1
-        heal = kinds[name]()
+        heal = chosen[name]()
         await asyncio.sleep(min(rng.uniform(0.2, 2.0), max(end - time.monotonic(), 0)))
         heal()
         await asyncio.sleep(rng.uniform(0.2, 1.0))
@@ -347,8 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the fault schedule [1]")
     parser.add_argument("--delivery-timeout", type=float, default=1.0, help="the bridge's deadline [1.0]")
     parser.add_argument("--single", action="store_true", help="one broker node instead of a cluster of three")
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated fault kinds to inject, of {', '.join(FAULT_KINDS)}; 'none' for none [all]",
+    )
     args = parser.parse_args(argv)
     cluster = not args.single
+    faults = frozenset() if args.faults == "none" else frozenset(args.faults.split(","))
+    if unknown := faults - set(FAULT_KINDS):
+        parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     if cluster and not cluster_possible():
         parser.error("the three-node cluster needs Apache Kafka (java and mvn); use --single for Tansu")
     # The faults make aiokafka and the bridge log by the thousand; the table is the result.
@@ -356,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     logging.getLogger("bridge").setLevel(logging.CRITICAL)
     report = asyncio.run(
-        run_chaos(args.duration, args.clients, args.seed, args.delivery_timeout, cluster=cluster)
+        run_chaos(
+            args.duration, args.clients, args.seed, args.delivery_timeout, cluster=cluster, faults=faults
+        )
     )
     print(f"broker: {'three Apache Kafka nodes' if cluster else broker_choice().description}")
     print(report.table())

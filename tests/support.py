@@ -354,43 +354,43 @@ class Posted:
         return {**OA_QUERY, "CallbackCommand": self.command}
 
 
-def message(day: int, minute: int, account: str, number: int) -> Posted:
+def message(day: int, minute: int, account: str, number: int, first_day_ms: int = FIRST_DAY_MS) -> Posted:
     command = "OfficialAccount.CallbackAfterSendMsg"
     key = f"d{day}-{account[6:]}-{number}"
     body = {
         "CallbackCommand": command,
         "Official_Account": account,
         "MsgKey": key,
-        "MsgTime": (FIRST_DAY_MS + day * DAY_MS) // 1000 + minute * 60,
+        "MsgTime": (first_day_ms + day * DAY_MS) // 1000 + minute * 60,
         "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": f"message {number}\nof day {day}"}}],
-        "EventTime": FIRST_DAY_MS + day * DAY_MS + minute * 60_000,
+        "EventTime": first_day_ms + day * DAY_MS + minute * 60_000,
     }
     return Posted(command, body, key)
 
 
-def subscription(day: int, minute: int, account: str) -> Posted:
+def subscription(day: int, minute: int, account: str, first_day_ms: int = FIRST_DAY_MS) -> Posted:
     command = "OfficialAccount.CallbackAfterAddSubscriber"
     body = {
         "CallbackCommand": command,
         "Official_Account": account,
         "SubscribeAccountList": [f"user-{day}-{minute}"],
-        "EventTime": FIRST_DAY_MS + day * DAY_MS + minute * 60_000,
+        "EventTime": first_day_ms + day * DAY_MS + minute * 60_000,
     }
     return Posted(command, body, None)
 
 
-def three_days() -> list[Posted]:
+def three_days(first_day_ms: int = FIRST_DAY_MS) -> list[Posted]:
     """Callbacks of 2024-05-01, -02 and -03 in the order they are posted: each day's messages and a
     subscription per account; days 0 and 2 posted latest first; a message of day 0 arriving late (at 23:50,
     posted after day 1's first messages at 00:30); and two messages delivered twice."""
-    late = message(0, 1430, ACCOUNTS[0], 99)
+    late = message(0, 1430, ACCOUNTS[0], 99, first_day_ms)
     posted: list[Posted] = []
     for day in range(3):
         day_posts = [
-            message(day, minute, account, number)
+            message(day, minute, account, number, first_day_ms)
             for number, (minute, account) in enumerate((m, a) for m in (30, 400, 900, 1200) for a in ACCOUNTS)
         ]
-        day_posts += [subscription(day, 600 + n, account) for n, account in enumerate(ACCOUNTS)]
+        day_posts += [subscription(day, 600 + n, account, first_day_ms) for n, account in enumerate(ACCOUNTS)]
         if day == 1:
             day_posts[3:3] = [late, day_posts[0]]  # the late one, and Tencent's retry of a day-1 message
         else:

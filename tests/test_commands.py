@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from bridge.commands import COMMANDS, TopicGroup, route
+from bridge.envelope import record_timestamp
 from bridge.errors import InvalidField
+from bridge.settings import Settings
 from tests.support import load_fixtures
 
 APP = "1400000000"
@@ -109,3 +111,25 @@ def test_the_first_bad_field_is_named_with_its_command() -> None:
         InvalidField, match=r"OfficialAccount.CallbackAfterSendMsg: field 'MsgTime' must be an integer"
     ):
         routed("OfficialAccount.CallbackAfterSendMsg", Official_Account="a", MsgKey="k", MsgTime="now")
+
+
+RECEIVED = 1_796_000_000_000
+DAY = 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("event_time", "expected"),
+    [
+        (RECEIVED - 3 * DAY, RECEIVED - 3 * DAY),  # a backfill within half the retention keeps its time
+        (RECEIVED - 7 * DAY, RECEIVED - 7 * DAY),
+        (RECEIVED - 7 * DAY - 1, RECEIVED),  # older: Kafka's retention would delete it minutes after its 200
+        (RECEIVED + 60_000, RECEIVED + 60_000),
+        (RECEIVED + 11 * 60_000, RECEIVED),  # a broken clock far ahead
+        (None, RECEIVED),
+    ],
+)
+def test_the_record_timestamp_is_the_event_time_unless_absent_far_ahead_or_older_than_half_the_retention(
+    event_time: int | None, expected: int
+) -> None:
+    half_of_14_days = Settings(retention_hours=14 * 24).max_event_age_ms
+    assert record_timestamp(event_time, RECEIVED, half_of_14_days) == expected

@@ -120,7 +120,7 @@ async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_
         body = normalized(orjson.loads(copy.value or b"")["callback"])
         original = next(r for r in source[body] if r.value == copy.value)
         assert copy.key == original.key
-        assert copy.timestamp == original.timestamp == expected[body].event_time
+        assert copy.timestamp == original.timestamp
         assert copy.headers == original.headers
         assert copy.partition == partition_for(expected[body].account, 3)
     assert {normalized(orjson.loads(c.value or b"")["callback"]) for c in copies} == set(expected)
