@@ -201,7 +201,7 @@ class Replay:
             await self._save(reader)
 
     async def _start_delivery(self, reader: EventReader, event: Event) -> None:
-        if self._dedup is not None and not self._dedup.first_time(event.key):
+        if self._dedup is not None and not self._dedup.first_time(event):
             self.tally.duplicates += 1
             reader.done(event)
             return

@@ -287,7 +287,10 @@ READER_OPTIONS: tuple[Option, ...] = (
         "(none)",
     ),
     Option(
-        "dedup", "Drop records whose key was already copied in this run.", values.boolean, commands=REPLAY
+        "dedup",
+        "Drop records of a callback already copied in this run (same SdkAppid, command and key).",
+        values.boolean,
+        commands=REPLAY,
     ),
 )
 BENCH_OPTIONS: tuple[Option, ...] = (
