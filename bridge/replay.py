@@ -7,10 +7,10 @@ coordinates and counted as an error; one that still fails after its retries stop
 
 `--checkpoint FILE` holds, per partition, the offset below which every record is handled (copied, dropped
 as a duplicate, filtered out or reported). It is written every second and at the end, after the
-destination has confirmed or flushed what it covers, so a replay stopped with Ctrl-C and run again copies
-every record once. After a crash, records copied since the last write are copied again. The checkpoint
-names the replay it belongs to (topic, window, offsets, filters, destination): a different replay refuses
-it rather than skip what it never copied.
+destination has confirmed or fsynced what it covers (`durable_files`), so a replay stopped with Ctrl-C and
+run again copies every record once. After a crash, records copied since the last write are copied again.
+The checkpoint names the replay it belongs to (topic, window, offsets, filters, destination): a different
+replay refuses it rather than skip what it never copied.
 
 Before reading anything, the destination file and the checkpoint are checked to be writable.
 """
@@ -30,6 +30,7 @@ from typing import Any, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
+from bridge import durable_files
 from bridge.boundary import kafka_failed, stop_signals
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord, Deduplicator, Event, EventFilter
@@ -68,7 +69,8 @@ def replay_identity(settings: Settings) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """Per-partition progress of one replay (`replay_identity`), in a JSON file replaced atomically."""
+    """Per-partition progress of one replay (`replay_identity`), in a JSON file (0600) replaced atomically
+    and durably."""
 
     path: Path
     replay: Mapping[str, Any]
@@ -94,19 +96,15 @@ class Checkpoint:
         """Raise `ReplayError` now if the checkpoint could not be saved later."""
         if self.path.is_dir():
             raise ReplayError(f"cannot write --checkpoint {self.path}: it is a directory")
-        temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            temporary.write_bytes(b"")
-            temporary.unlink()
+            durable_files.check_writable(self.path)
         except OSError as exc:
             raise ReplayError(f"cannot write --checkpoint {self.path}: {exc.strerror}") from None
 
     def save(self, positions: Mapping[int, int]) -> None:
         data = {"replay": self.replay, "positions": {str(p): o for p, o in sorted(positions.items())}}
-        temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            temporary.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-            os.replace(temporary, self.path)
+            durable_files.replace(self.path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
         except OSError as exc:
             raise ReplayError(f"cannot write --checkpoint {self.path}: {exc.strerror}") from None
 
@@ -239,6 +237,7 @@ class Replay:
 
     async def _save(self, reader: EventReader) -> None:
         if self._checkpoint is not None:
+            # The data before the checkpoint that says it is copied, fsynced.
             await self._sink.flush()
             self._checkpoint.save(reader.positions())
 
@@ -292,17 +291,20 @@ def run_replay(settings: Settings) -> int:
     return asyncio.run(_main(settings))
 
 
+def _check_appendable(path: Path, option: str) -> None:
+    existed = path.exists()
+    try:
+        durable_files.open_append(path).close()
+    except OSError as exc:
+        raise ReplayError(f"cannot write {option} {path}: {exc.strerror}") from None
+    if not existed:
+        path.unlink()
+
+
 def _check_files(settings: Settings) -> None:
     """Before reading: the destination file and the checkpoint can be written, the checkpoint is ours."""
     if settings.to_file is not None:
-        path = Path(settings.to_file)
-        existed = path.exists()
-        try:
-            path.open("ab").close()
-        except OSError as exc:
-            raise ReplayError(f"cannot write --to-file {settings.to_file}: {exc.strerror}") from None
-        if not existed:
-            path.unlink()
+        _check_appendable(Path(settings.to_file), "--to-file")
     if settings.checkpoint is not None:
         checkpoint = Checkpoint(Path(settings.checkpoint), replay_identity(settings))
         checkpoint.check_writable()

@@ -14,6 +14,7 @@ import aiohttp
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from bridge import durable_files
 from bridge.events import Event
 from bridge.kafka_security import kafka_connection_options
 from bridge.partitioner import partition_for
@@ -38,14 +39,14 @@ class Sink(Protocol):
     async def deliver(self, event: Event) -> None: ...
 
     async def flush(self) -> None:
-        """Make every delivered event durable, before a checkpoint says it was copied."""
+        """Make every delivered event durable (fsynced), before a checkpoint says it was copied."""
         ...
 
     async def close(self) -> None: ...
 
 
 class FileSink:
-    """Appends each envelope as one JSON line."""
+    """Appends each envelope as one JSON line, to a file created 0600."""
 
     def __init__(self, path: str) -> None:
         self.name = path
@@ -53,7 +54,7 @@ class FileSink:
         self._file: IO[bytes] | None = None
 
     async def open(self) -> None:
-        self._file = self._path.open("ab")
+        self._file = durable_files.open_append(self._path)
 
     async def deliver(self, event: Event) -> None:
         if self._file is None:
@@ -65,7 +66,7 @@ class FileSink:
 
     async def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            durable_files.sync(self._file)
 
     async def close(self) -> None:
         if self._file is not None:
