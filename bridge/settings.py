@@ -98,6 +98,7 @@ class Settings:
     retries: int = 5
     rate: float | None = None
     checkpoint: str | None = None
+    skipped: str = "replay-skipped.jsonl"
     dedup: bool = False
     # `bridge bench`
     url: str | None = None
@@ -285,6 +286,14 @@ READER_OPTIONS: tuple[Option, ...] = (
         "FILE",
         REPLAY,
         "(none)",
+    ),
+    Option(
+        "skipped",
+        "File the records the destination refuses for good (HTTP 400, 413, 422, a record too large) are "
+        "appended to, as JSON Lines envelopes, to be re-sent once fixed.",
+        values.text,
+        "FILE",
+        REPLAY,
     ),
     Option(
         "dedup",
