@@ -15,15 +15,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaConsumer
 
 from bridge.consume import _consume
 from bridge.replay import Checkpoint, Replay
 from bridge.settings import Settings
 from bridge.sinks import FileSink, UrlSink
-from tests.support import Posted, run_bridge
+from tests.support import Posted, Receiver, run_bridge
 
 Call = tuple[str, ...]
 
@@ -95,20 +93,19 @@ async def test_a_replay_to_a_file_creates_it_and_its_checkpoint_0600_and_fsyncs_
 
 
 async def test_records_set_aside_are_fsynced_before_the_checkpoint_that_passes_them(
-    posted: list[Posted], settings: Settings, tmp_path: Path, usual_umask: None, calls: list[Call]
+    posted: list[Posted],
+    settings: Settings,
+    receiver: Receiver,
+    tmp_path: Path,
+    usual_umask: None,
+    calls: list[Call],
 ) -> None:
-    async def refuse_all(_request: web.Request) -> web.Response:
-        return web.Response(status=422)
-
-    app = web.Application()
-    app.router.add_post("/callback", refuse_all)
+    receiver.status = 422
     skipped, checkpoint = tmp_path / "skipped.jsonl", tmp_path / "replay.ckpt"
-    async with TestServer(app) as server:
-        url = str(server.make_url("/callback"))
-        window = replace(settings, to_url=url, checkpoint=str(checkpoint), skipped=str(skipped))
-        replay = Replay(window, UrlSink(url), report=io.StringIO())
-        async with asyncio.timeout(60):
-            await replay.run()
+    window = replace(settings, to_url=receiver.url(), checkpoint=str(checkpoint), skipped=str(skipped))
+    replay = Replay(window, UrlSink(receiver.url()), report=io.StringIO())
+    async with asyncio.timeout(60):
+        await replay.run()
 
     assert replay.tally.refused == len(posted)
     assert (mode(skipped), mode(checkpoint)) == (0o600, 0o600)

@@ -10,65 +10,25 @@ import shutil
 import stat
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
+from yarl import URL
 
 from bridge.replay import Replay
 from bridge.settings import Settings
 from bridge.sinks import TopicSink, UrlSink
-from tests.support import Posted, read_records, run_bridge
+from tests.support import Posted, Receiver, read_records, run_bridge
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
 def body_bytes(posted: Posted) -> bytes:
     return orjson.dumps(posted.body)  # what the bridge was posted, so what the envelope holds
-
-
-@dataclass
-class Receiver:
-    """A local HTTP receiver: answers every POST with `status` (a 302 redirects to a GET that answers 200,
-    as a login page or a moved endpoint would), and each body in `refuse` with its own status."""
-
-    status: int = 200
-    refuse: dict[bytes, int] = field(default_factory=dict)
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    redirected_gets: int = 0
-
-    async def post(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if body in self.refuse:
-            return web.Response(status=self.refuse[body])
-        if self.status == 302:
-            raise web.HTTPFound("/moved")
-        if self.status != 200:
-            return web.Response(status=self.status)
-        self.received.append((dict(request.query), body))
-        return web.json_response({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
-
-    async def moved(self, _request: web.Request) -> web.Response:
-        self.redirected_gets += 1
-        return web.json_response({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, TestServer]]:
-    target = Receiver()
-    app = web.Application()
-    app.router.add_post("/callback", target.post)
-    app.router.add_get("/moved", target.moved)
-    app.router.add_get("/get-only", target.moved)
-    server = TestServer(app)
-    async with server:
-        yield target, server
 
 
 async def run(settings: Settings, sink: UrlSink | TopicSink) -> tuple[Replay, str]:
@@ -89,15 +49,14 @@ async def test_a_destination_refusing_every_record_stops_the_replay_and_the_next
     status: int,
     posted: list[Posted],
     settings: Settings,
-    receiver: tuple[Receiver, TestServer],
+    receiver: Receiver,
     tmp_path: Path,
 ) -> None:
     """The issue's two runs: a wrong token (401, 403), path (404, 405) or a redirect copies nothing and
     moves no checkpoint; once the receiver is fixed, the same command copies every record (on main: run 1
     "failed" each record for good and moved the checkpoint past it, run 2 copied 0)."""
-    target, server = receiver
-    target.status = status
-    url = str(server.make_url("/callback"))
+    receiver.status = status
+    url = receiver.url()
     checkpoint = tmp_path / "replay.ckpt"
     window = replace(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
 
@@ -105,14 +64,14 @@ async def test_a_destination_refusing_every_record_stops_the_replay_and_the_next
     assert first.failure is not None
     assert f"HTTP {status}" in first.failure
     assert first.tally.copied == 0
-    assert (target.received, target.redirected_gets) == ([], 0)
+    assert (receiver.received, receiver.redirected_gets) == ([], 0)
     assert set(checkpointed(checkpoint).values()) <= {0}
 
-    target.status = 200
+    receiver.status = 200
     second, _ = await run(window, UrlSink(url))
     assert second.failure is None
     assert second.tally.copied == len(posted)
-    assert Counter(body for _, body in target.received) == Counter(body_bytes(p) for p in posted)
+    assert Counter(body for _, body in receiver.received) == Counter(body_bytes(p) for p in posted)
 
 
 @pytest.mark.parametrize(("path", "status"), [("/wrong", 404), ("/get-only", 405)])
@@ -122,11 +81,10 @@ async def test_replay_to_a_wrong_path_exits_1_with_one_line_saying_so_and_keeps_
     posted: list[Posted],
     settings: Settings,
     kafka: str,
-    receiver: tuple[Receiver, TestServer],
+    receiver: Receiver,
     tmp_path: Path,
 ) -> None:
-    _, server = receiver
-    url = str(server.make_url(path))
+    url = receiver.url(path)
     result = await asyncio.to_thread(
         run_bridge, "replay", "--bootstrap-servers", kafka, "--topic", settings.topic, "--to-url", url,
         "--checkpoint", "replay.ckpt", cwd=tmp_path,
@@ -154,16 +112,15 @@ async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and
     posted: list[Posted],
     settings: Settings,
     kafka: str,
-    receiver: tuple[Receiver, TestServer],
+    receiver: Receiver,
     tmp_path: Path,
 ) -> None:
     """A 400, a 413 and a 422 each refuse one record: the replay goes on, the three are written to the
     skipped file (0600) and the checkpoint passes them; the README's loop re-sends them."""
-    target, server = receiver
     once = [p for p, n in Counter(body_bytes(p) for p in posted).items() if n == 1]
     refused = {once[3]: 400, once[17]: 413, once[30]: 422}
-    target.refuse = dict(refused)
-    url = str(server.make_url("/callback"))
+    receiver.refuse = dict(refused)
+    url = receiver.url()
     command = ("replay", "--bootstrap-servers", kafka, "--topic", settings.topic, "--to-url", url)
     result = await asyncio.to_thread(
         run_bridge, *command, "--checkpoint", "replay.ckpt", "--concurrency", "4", cwd=tmp_path
@@ -187,7 +144,7 @@ async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and
     assert stat.S_IMODE(skipped.stat().st_mode) == 0o600
     envelopes = [orjson.loads(line) for line in skipped.read_bytes().splitlines()]
     assert Counter(orjson.dumps(e["callback"]) for e in envelopes) == Counter(refused.keys())
-    assert Counter(body for _, body in target.received) == Counter(
+    assert Counter(body for _, body in receiver.received) == Counter(
         body_bytes(p) for p in posted if body_bytes(p) not in refused
     )
 
@@ -197,8 +154,8 @@ async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and
 
     if shutil.which("jq") is None or shutil.which("curl") is None:
         pytest.skip("the README's re-send loop needs jq and curl")
-    target.received.clear()
-    target.refuse.clear()
+    receiver.received.clear()
+    receiver.refuse.clear()
     loop = resend_loop().replace("http://receiver:8080/callback", url)
     resent = await asyncio.to_thread(
         subprocess.run,
@@ -211,8 +168,8 @@ async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and
     )
     assert resent.returncode == 0, resent.stderr
     # jq re-serializes the bodies: compact ones, as these are, come out byte for byte.
-    assert Counter(body for _, body in target.received) == Counter(refused.keys())
-    for query, body in target.received:
+    assert Counter(body for _, body in receiver.received) == Counter(refused.keys())
+    for query, body in receiver.received:
         assert query == next(p.query for p in posted if body_bytes(p) == body)
 
 
@@ -281,11 +238,10 @@ async def test_a_record_too_large_for_the_topic_is_set_aside_and_the_others_are_
 
 
 async def test_a_stopped_replay_names_its_url_without_the_password_in_it(
-    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, TestServer]
+    posted: list[Posted], settings: Settings, receiver: Receiver
 ) -> None:
-    target, server = receiver
-    target.status = 401
-    url = str(server.make_url("/callback").with_user("replayer").with_password("s3cret-pass"))
+    receiver.status = 401
+    url = str(URL(receiver.url()).with_user("replayer").with_password("s3cret-pass"))
     replay, report = await run(replace(settings, to_url=url), UrlSink(url))
     assert replay.failure is not None
     assert "replayer:********@" in replay.failure
