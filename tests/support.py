@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from bridge.embedded import EmbeddedBroker
@@ -279,6 +280,16 @@ async def read_records(
 
 async def _at_end(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> list[bool]:
     return [await consumer.position(tp) >= end for tp, end in ends.items()]
+
+
+async def create_topic(bootstrap_servers: str, topic: str, partitions: int) -> None:
+    """A new topic of `partitions` partitions, replication factor 1: a destination for `replay --to-topic`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
 
 
 async def count_records(bootstrap_servers: str, topics: Sequence[str]) -> int:

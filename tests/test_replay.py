@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from bridge.embedded import free_port
@@ -30,6 +29,7 @@ from tests.support import (
     FIRST_DAY_MS,
     Posted,
     Receiver,
+    create_topic,
     message,
     one_line_error,
     post_all,
@@ -97,12 +97,7 @@ async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_
     posted: list[Posted], settings: Settings, kafka: str
 ) -> None:
     destination = f"{settings.topic}.backfill"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(destination, 3, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka, destination, 3)
     window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True)
     replay = await replay_to(window, TopicSink(window, destination))
 

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from yarl import URL
 
 from bridge.replay import Replay
 from bridge.settings import Settings
 from bridge.sinks import TopicSink, UrlSink
-from tests.support import Posted, Receiver, read_records, run_bridge
+from tests.support import Posted, Receiver, create_topic, read_records, run_bridge
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -175,12 +174,7 @@ async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and
 
 async def destination_topic(kafka: str, settings: Settings) -> str:
     destination = f"{settings.topic}.copy"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(destination, 3, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka, destination, 3)
     return destination
 
 
