@@ -93,13 +93,15 @@ class EventReader:
         manual_done: bool = False,
         on_bad_record: Callable[[BadRecord], None] = log_bad_record,
         commit_interval_s: float = 5.0,
+        before_commit: Callable[[], None] | None = None,
         client_id: str = "tencent-chat-kafka-bridge-reader",
         kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`start_offsets` (per partition, or one offset for all) win over committed offsets, which win over
         `select.since_ms`, which wins over `start`. `stop_offset` ends every partition before that offset.
         `lateness_s` is how late (in event time) a callback may land after later ones in its partition: the
-        `since` lookup starts that much earlier."""
+        `since` lookup starts that much earlier. `before_commit` runs before each commit of the group: a job
+        that writes events out makes them durable there, so a commit is never ahead of its output."""
         servers = bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else bootstrap_servers
         self.topic = topic
         self.select = select or EventFilter()
@@ -109,6 +111,7 @@ class EventReader:
         self._partitions = None if partitions is None else sorted(set(partitions))
         self._lateness_ms = int(lateness_s * 1000)
         self._on_bad_record, self._commit_interval_s = on_bad_record, commit_interval_s
+        self._before_commit = before_commit
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=list(servers),
             client_id=client_id,
@@ -184,6 +187,8 @@ class EventReader:
             if state.group_offset != state.committed
         }
         if offsets:
+            if self._before_commit is not None:
+                self._before_commit()
             await self._consumer.commit(offsets)
             for tp, meta in offsets.items():
                 self._parts[tp].committed = meta.offset

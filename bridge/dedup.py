@@ -15,19 +15,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bridge.envelope import CallbackId
 from bridge.errors import DeliveryTimeout
 from bridge.outcomes import Outcome
-
-CallbackId = str
-"""SdkAppid, CallbackCommand and record key: the identity of a callback. The command is part of it because
-two families may key alike (an official-account and a one-to-one message can share a MsgKey)."""
-
-
-def callback_id(sdk_app_id: str, command: str, key: str) -> CallbackId:
-    """One string rather than a tuple: with 100,000 callbacks remembered, tuples cost the bridge 12 % more
-    CPU per callback than strings (`bridge bench`, alternating runs). Unambiguous: neither an SdkAppid nor
-    a command name can hold the separator."""
-    return f"{sdk_app_id}\x1f{command}\x1f{key}"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from bridge.commands import route
-from bridge.envelope import SCHEMA
+from bridge.envelope import SCHEMA, CallbackId, callback_id
 from bridge.errors import InvalidField
 
 _SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
@@ -69,6 +69,11 @@ class Event:
     headers: tuple[tuple[str, bytes], ...]
     value: bytes = field(repr=False)
     """The record value exactly as stored: the envelope."""
+
+    @property
+    def identity(self) -> CallbackId:
+        """What makes two records copies of one callback: SdkAppid, command and key, as at the edge."""
+        return callback_id(self.sdk_app_id, self.command, self.key)
 
     @property
     def envelope(self) -> dict[str, Any]:
@@ -227,20 +232,22 @@ class EventFilter:
 
 
 class Deduplicator:
-    """Remembers keys seen, the most recent `max_keys` of them, to drop a callback delivered twice."""
+    """Remembers the callbacks seen (`Event.identity`), the most recent `max_keys` of them, to drop a
+    callback delivered twice. Two apps, or two commands, that use the same key are different callbacks."""
 
     def __init__(self, max_keys: int = 1_000_000) -> None:
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[CallbackId, None] = OrderedDict()
         self._max_keys = max_keys
         self.duplicates = 0
 
-    def first_time(self, key: str) -> bool:
-        """True the first time `key` is seen, False (and counted as a duplicate) after that."""
-        if key in self._seen:
-            self._seen.move_to_end(key)
+    def first_time(self, event: Event) -> bool:
+        """True the first time this callback is seen, False (and counted as a duplicate) after that."""
+        identity = event.identity
+        if identity in self._seen:
+            self._seen.move_to_end(identity)
             self.duplicates += 1
             return False
-        self._seen[key] = None
+        self._seen[identity] = None
         if len(self._seen) > self._max_keys:
             self._seen.popitem(last=False)
         return True
@@ -249,8 +256,9 @@ class Deduplicator:
 async def unique(
     events: AsyncIterable[Event], deduplicator: Deduplicator | None = None
 ) -> AsyncIterator[Event]:
-    """`events` without the repeats of a key already seen (Tencent's retries, a 503'd write that landed)."""
+    """`events` without the repeats of a callback already seen (Tencent's retries, a 503'd write that
+    landed): the same SdkAppid, command and key."""
     deduplicator = deduplicator or Deduplicator()
     async for event in events:
-        if deduplicator.first_time(event.key):
+        if deduplicator.first_time(event):
             yield event

@@ -19,6 +19,8 @@ class Tally:
     duplicates: int = 0
     filtered_out: int = 0
     errors: int = 0
+    refused: int = 0
+    """Of the errors, the records the destination refused for good, set aside in the skipped file."""
 
     @property
     def handled(self) -> int:

@@ -2,17 +2,21 @@
 
 The reader (`consumer.EventReader`) finds the start, filters by event time on this side too and stops by
 itself; deliveries run `--concurrency` at a time, under `--rate`, each retried `--retries` times when the
-failure may pass. A delivery that fails for good (a 4xx, a record the broker refuses) is reported with its
-coordinates and counted as an error; one that still fails after its retries stops the replay.
+failure may pass (`sinks.Failure`). A record the destination refuses for good (HTTP 400, 413, 422, a
+record too large for the topic) is reported with its coordinates, counted as an error and set aside in the
+`--skipped` file, to be re-sent once fixed. A refusal that would hit every record (a redirect, 401, 403,
+404, 405, an authorization failure), or a delivery still failing after its retries, stops the replay with
+the checkpoint before that record.
 
 `--checkpoint FILE` holds, per partition, the offset below which every record is handled (copied, dropped
-as a duplicate, filtered out or reported). It is written every second and at the end, after the
-destination has confirmed or flushed what it covers, so a replay stopped with Ctrl-C and run again copies
-every record once. After a crash, records copied since the last write are copied again. The checkpoint
-names the replay it belongs to (topic, window, offsets, filters, destination): a different replay refuses
-it rather than skip what it never copied.
+as a duplicate, filtered out, reported or set aside). It is written every second and at the end, after the
+destination and the skipped file have confirmed or fsynced what it covers (`durable_files`), so a replay
+stopped with Ctrl-C and run again copies every record once. After a crash, records copied since the last
+write are copied again. The checkpoint names the replay it belongs to (topic, window, offsets, filters,
+destination): a different replay refuses it rather than skip what it never copied.
 
-Before reading anything, the destination file and the checkpoint are checked to be writable.
+Before reading anything, the destination file, the skipped file and the checkpoint are checked to be
+writable.
 """
 
 from __future__ import annotations
@@ -25,18 +29,19 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 from aiokafka.errors import KafkaError
 
+from bridge import durable_files
 from bridge.boundary import kafka_failed, stop_signals
 from bridge.consumer import EventReader, ReaderError
 from bridge.events import BadRecord, Deduplicator, Event, EventFilter
 from bridge.kafka_security import kafka_connection_options
 from bridge.progress import Progress, Tally
 from bridge.settings import Settings
-from bridge.sinks import DeliveryFailed, Sink, sink_for
+from bridge.sinks import DeliveryFailed, Failure, Sink, sink_for
 
 _CHECKPOINT_EVERY_S = 1.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
@@ -68,7 +73,8 @@ def replay_identity(settings: Settings) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """Per-partition progress of one replay (`replay_identity`), in a JSON file replaced atomically."""
+    """Per-partition progress of one replay (`replay_identity`), in a JSON file (0600) replaced atomically
+    and durably."""
 
     path: Path
     replay: Mapping[str, Any]
@@ -94,21 +100,43 @@ class Checkpoint:
         """Raise `ReplayError` now if the checkpoint could not be saved later."""
         if self.path.is_dir():
             raise ReplayError(f"cannot write --checkpoint {self.path}: it is a directory")
-        temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            temporary.write_bytes(b"")
-            temporary.unlink()
+            durable_files.check_writable(self.path)
         except OSError as exc:
             raise ReplayError(f"cannot write --checkpoint {self.path}: {exc.strerror}") from None
 
     def save(self, positions: Mapping[int, int]) -> None:
         data = {"replay": self.replay, "positions": {str(p): o for p, o in sorted(positions.items())}}
-        temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            temporary.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-            os.replace(temporary, self.path)
+            durable_files.replace(self.path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
         except OSError as exc:
             raise ReplayError(f"cannot write --checkpoint {self.path}: {exc.strerror}") from None
+
+
+class SkippedRecords:
+    """The records the destination refused for good, appended to a file as JSON Lines envelopes (the
+    `--to-file` format), to be looked at and re-sent. The file (0600) is created at the first one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+
+    def add(self, event: Event) -> None:
+        try:
+            if self._file is None:
+                self._file = durable_files.open_append(self.path)
+            self._file.write(event.json_line())
+        except OSError as exc:
+            raise ReplayError(f"cannot write --skipped {self.path}: {exc.strerror}") from None
+
+    def sync(self) -> None:
+        if self._file is not None:
+            durable_files.sync(self._file)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class RateLimit:
@@ -140,6 +168,7 @@ class Replay:
             Checkpoint(Path(settings.checkpoint), replay_identity(settings)) if settings.checkpoint else None
         )
         self._dedup = Deduplicator() if settings.dedup else None
+        self.skipped = SkippedRecords(Path(settings.skipped))
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._rate = RateLimit(settings.rate)
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -174,6 +203,7 @@ class Replay:
             async with reader:
                 await self._copy(reader, progress)
         finally:
+            self.skipped.close()
             await self._sink.close()
         if progress is not None:
             progress.update(self.tally, reader.progress(), final=True)
@@ -201,12 +231,15 @@ class Replay:
             await self._save(reader)
 
     async def _start_delivery(self, reader: EventReader, event: Event) -> None:
-        if self._dedup is not None and not self._dedup.first_time(event.key):
+        if self._dedup is not None and not self._dedup.first_time(event):
             self.tally.duplicates += 1
             reader.done(event)
             return
         await self._slots.acquire()
         await self._rate.wait()
+        if self.stop.is_set():  # stopped while waiting: this record is left for the next run
+            self._slots.release()
+            return
         task = asyncio.create_task(self._deliver(reader, event))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -218,15 +251,16 @@ class Replay:
                 try:
                     await self._sink.deliver(event)
                 except DeliveryFailed as exc:
-                    if not exc.retriable:
-                        self._error(f"{event.coordinates}: not copied: {exc.reason}")
-                        reader.done(event)
+                    if exc.failure is Failure.RECORD:
+                        self._set_aside(reader, event, exc.reason)
+                        return
+                    if exc.failure is Failure.DESTINATION:
+                        self._fail(f"{event.coordinates}: {exc.reason}")
                         return
                     if attempt == self._settings.retries:
-                        # Not done: the checkpoint stays before this record, so a re-run tries it again.
-                        self.tally.errors += 1
-                        self.failure = f"{event.coordinates}: {exc.reason} (after {attempt} retries)"
-                        self.interrupt()
+                        self._fail(f"{event.coordinates}: {exc.reason} (after {attempt} retries)")
+                        return
+                    if self.failure is not None:  # another delivery stopped the replay: no more retries
                         return
                     await asyncio.sleep(delay)  # backoff before a retry
                     delay = min(delay * 2, _RETRY_MAX_S)
@@ -237,9 +271,29 @@ class Replay:
         finally:
             self._slots.release()
 
+    def _set_aside(self, reader: EventReader, event: Event, reason: str) -> None:
+        try:
+            self.skipped.add(event)
+        except ReplayError as exc:
+            self._fail(f"{event.coordinates}: {reason}, and {exc}")
+            return
+        self.tally.refused += 1
+        self._error(f"{event.coordinates}: refused, set aside in {self.skipped.path}: {reason}")
+        reader.done(event)
+
+    def _fail(self, reason: str) -> None:
+        """Stop the replay; the event is not done, so the checkpoint stays before it for a re-run. The
+        deliveries in flight that fail for the same reason count as one error with it."""
+        if self.failure is None:
+            self.tally.errors += 1
+            self.failure = reason
+        self.interrupt()
+
     async def _save(self, reader: EventReader) -> None:
         if self._checkpoint is not None:
+            # The data before the checkpoint that says it is copied, each fsynced.
             await self._sink.flush()
+            self.skipped.sync()
             self._checkpoint.save(reader.positions())
 
     def _bad_record(self, bad: BadRecord) -> None:
@@ -292,17 +346,23 @@ def run_replay(settings: Settings) -> int:
     return asyncio.run(_main(settings))
 
 
+def _check_appendable(path: Path, option: str) -> None:
+    existed = path.exists()
+    try:
+        durable_files.open_append(path).close()
+    except OSError as exc:
+        raise ReplayError(f"cannot write {option} {path}: {exc.strerror}") from None
+    if not existed:
+        path.unlink()
+
+
 def _check_files(settings: Settings) -> None:
-    """Before reading: the destination file and the checkpoint can be written, the checkpoint is ours."""
+    """Before reading: the destination file, the skipped file (for a destination that can refuse records)
+    and the checkpoint can be written, the checkpoint is ours."""
     if settings.to_file is not None:
-        path = Path(settings.to_file)
-        existed = path.exists()
-        try:
-            path.open("ab").close()
-        except OSError as exc:
-            raise ReplayError(f"cannot write --to-file {settings.to_file}: {exc.strerror}") from None
-        if not existed:
-            path.unlink()
+        _check_appendable(Path(settings.to_file), "--to-file")
+    else:
+        _check_appendable(Path(settings.skipped), "--skipped")
     if settings.checkpoint is not None:
         checkpoint = Checkpoint(Path(settings.checkpoint), replay_identity(settings))
         checkpoint.check_writable()
@@ -323,9 +383,14 @@ async def _main(settings: Settings) -> int:
     except OSError as exc:
         print(f"bridge replay: {exc}", file=sys.stderr)
         return 1
-    print(f"replay: {tally.summary(progress.elapsed)}", file=sys.stderr)
+    summary = tally.summary(progress.elapsed)
+    if tally.refused:
+        summary += f"; {plural(tally.refused, 'record')} refused, set aside in {replay.skipped.path}"
+    print(f"replay: {summary}", file=sys.stderr)
     if replay.failure is not None:
-        print(f"bridge replay: stopped: {replay.failure}", file=sys.stderr)
+        again = f"; fix that and run the same command: --checkpoint {settings.checkpoint} continues here"
+        hint = again if settings.checkpoint else ""
+        print(f"bridge replay: stopped: {replay.failure}{hint}", file=sys.stderr)
         return 1
     if replay.interrupted:
         hint = f"; run it again with --checkpoint {settings.checkpoint}" if settings.checkpoint else ""

@@ -18,8 +18,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.admission import Admission
 from bridge.commands import route
-from bridge.dedup import EdgeDedup, callback_id
-from bridge.envelope import build_record
+from bridge.dedup import EdgeDedup
+from bridge.envelope import build_record, callback_id
 from bridge.errors import (
     BodyTimeout,
     BodyTooLarge,

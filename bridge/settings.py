@@ -98,6 +98,7 @@ class Settings:
     retries: int = 5
     rate: float | None = None
     checkpoint: str | None = None
+    skipped: str = "replay-skipped.jsonl"
     dedup: bool = False
     # `bridge bench`
     url: str | None = None
@@ -293,7 +294,18 @@ READER_OPTIONS: tuple[Option, ...] = (
         "(none)",
     ),
     Option(
-        "dedup", "Drop records whose key was already copied in this run.", values.boolean, commands=REPLAY
+        "skipped",
+        "File the records the destination refuses for good (HTTP 400, 413, 422, a record too large) are "
+        "appended to, as JSON Lines envelopes, to be re-sent once fixed.",
+        values.text,
+        "FILE",
+        REPLAY,
+    ),
+    Option(
+        "dedup",
+        "Drop records of a callback already copied in this run (same SdkAppid, command and key).",
+        values.boolean,
+        commands=REPLAY,
     ),
 )
 BENCH_OPTIONS: tuple[Option, ...] = (

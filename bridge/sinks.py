@@ -1,19 +1,32 @@
 """Where `bridge replay` copies callbacks to: another topic, a JSON Lines file, or an HTTP endpoint.
 
 Each destination delivers one event at a time (the replay runs several at once) and raises
-`DeliveryFailed`, saying whether trying again may help.
+`DeliveryFailed`, saying what the failure means (`Failure`): it may pass, so try again; this record is
+refused for good, so set it aside; or the destination refuses every record, so stop. Only a refusal that
+names the record itself sets it aside: a wrong URL, token or permission would otherwise consume the whole
+window, each record "failed for good" and the checkpoint moved past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from enum import Enum
 from pathlib import Path
 from typing import IO, Protocol
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+from yarl import URL
 
+from bridge import durable_files
 from bridge.events import Event
 from bridge.kafka_security import kafka_connection_options
 from bridge.partitioner import partition_for
@@ -24,10 +37,57 @@ _HTTP_TIMEOUT_S = 10.0
 _PRODUCE_TIMEOUT_S = 30.0
 
 
+# HTTP answers about the record itself: malformed, too large, failing the receiver's checks.
+_RECORD_REFUSED_STATUSES = frozenset({400, 413, 422})
+# The receiver's passing trouble, worth trying again.
+_PASSING_STATUSES = frozenset({408, 429})
+# Broker errors about the record itself; any other error that is not retriable (an authorization failure,
+# a topic that cannot be used, an unsupported version) would refuse every record.
+_RECORD_REFUSED_ERRORS = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    CorruptRecordException,
+    InvalidTimestampError,
+)
+
+
+class Failure(Enum):
+    """What a failed delivery means for the replay."""
+
+    PASSING = "passing"
+    """It may pass: try again, after a backoff (a network error, a timeout, a 5xx, a retriable error)."""
+    RECORD = "record"
+    """This record is refused for good: set it aside in the skipped file and go on."""
+    DESTINATION = "destination"
+    """The destination would refuse every record (a redirect, 401, 403, 404, 405, an authorization
+    failure): stop, with the checkpoint before this record."""
+
+
 class DeliveryFailed(Exception):
-    def __init__(self, reason: str, *, retriable: bool) -> None:
+    def __init__(self, reason: str, failure: Failure) -> None:
         super().__init__(reason)
-        self.reason, self.retriable = reason, retriable
+        self.reason, self.failure = reason, failure
+
+
+def http_failure(status: int) -> Failure | None:
+    """What an HTTP answer means; None for a 2xx, the receiver's acceptance. Redirects are not followed
+    (a 302 would become a GET whose 200 says nothing of the record), so a 3xx stops the replay too."""
+    if 200 <= status < 300:
+        return None
+    if status >= 500 or status in _PASSING_STATUSES:
+        return Failure.PASSING
+    if status in _RECORD_REFUSED_STATUSES:
+        return Failure.RECORD
+    return Failure.DESTINATION
+
+
+def kafka_failure(exc: KafkaError) -> Failure:
+    if exc.retriable:
+        return Failure.PASSING
+    if isinstance(exc, _RECORD_REFUSED_ERRORS):
+        return Failure.RECORD
+    return Failure.DESTINATION
 
 
 class Sink(Protocol):
@@ -38,14 +98,14 @@ class Sink(Protocol):
     async def deliver(self, event: Event) -> None: ...
 
     async def flush(self) -> None:
-        """Make every delivered event durable, before a checkpoint says it was copied."""
+        """Make every delivered event durable (fsynced), before a checkpoint says it was copied."""
         ...
 
     async def close(self) -> None: ...
 
 
 class FileSink:
-    """Appends each envelope as one JSON line."""
+    """Appends each envelope as one JSON line, to a file created 0600."""
 
     def __init__(self, path: str) -> None:
         self.name = path
@@ -53,19 +113,19 @@ class FileSink:
         self._file: IO[bytes] | None = None
 
     async def open(self) -> None:
-        self._file = self._path.open("ab")
+        self._file = durable_files.open_append(self._path)
 
     async def deliver(self, event: Event) -> None:
         if self._file is None:
-            raise DeliveryFailed(f"{self._path} is not open", retriable=False)
+            raise DeliveryFailed(f"{self._path} is not open", Failure.DESTINATION)
         try:
             self._file.write(event.json_line())
         except OSError as exc:
-            raise DeliveryFailed(f"cannot write {self._path}: {exc}", retriable=True) from None
+            raise DeliveryFailed(f"cannot write {self._path}: {exc}", Failure.PASSING) from None
 
     async def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            durable_files.sync(self._file)
 
     async def close(self) -> None:
         if self._file is not None:
@@ -101,7 +161,8 @@ class TopicSink:
             partitions = await self._producer.partitions_for(self._topic)
         except KafkaError as exc:
             await self._producer.stop()
-            raise DeliveryFailed(f"topic {self._topic!r} cannot be used: {exc}", retriable=False) from None
+            reason = f"topic {self._topic!r} cannot be used: {exc}"
+            raise DeliveryFailed(reason, Failure.DESTINATION) from None
         self._partitions = len(partitions)
 
     async def deliver(self, event: Event) -> None:
@@ -116,9 +177,9 @@ class TopicSink:
                     headers=list(event.headers),
                 )
         except TimeoutError:
-            raise DeliveryFailed("the broker did not confirm the write", retriable=True) from None
+            raise DeliveryFailed("the broker did not confirm the write", Failure.PASSING) from None
         except KafkaError as exc:
-            raise DeliveryFailed(f"the broker refused the write: {exc!r}", retriable=exc.retriable) from None
+            raise DeliveryFailed(f"the broker refused the write: {exc!r}", kafka_failure(exc)) from None
 
     async def flush(self) -> None:
         """Nothing to do: `deliver` returns once the broker has confirmed the write."""
@@ -129,11 +190,13 @@ class TopicSink:
 
 class UrlSink:
     """POSTs each callback body, as Tencent posted it, with the query stored in the envelope (without `Sign`,
-    which the bridge never stores: a receiver that verifies signatures refuses these posts)."""
+    which the bridge never stores: a receiver that verifies signatures refuses these posts). Redirects are
+    not followed; messages show the URL without its password."""
 
     def __init__(self, url: str) -> None:
-        self.name = url
         self._url = url
+        parsed = URL(url)
+        self.name = str(parsed.with_password("********")) if parsed.password else url
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -141,24 +204,29 @@ class UrlSink:
 
     async def deliver(self, event: Event) -> None:
         if self._session is None:
-            raise DeliveryFailed("the HTTP session is not open", retriable=False)
+            raise DeliveryFailed("the HTTP session is not open", Failure.DESTINATION)
         try:
             async with self._session.post(
                 self._url,
                 params=event.query,
                 data=event.raw_callback(),
                 headers={"Content-Type": "application/json"},
+                allow_redirects=False,
             ) as response:
                 await response.read()
                 status = response.status
+                location = response.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DeliveryFailed(f"POST {self._url}: {exc!r}", retriable=True) from None
-        if status != 200:
-            # A 4xx will be the same next time; a 5xx or 429 is the receiver's passing trouble.
-            raise DeliveryFailed(f"POST {self._url}: HTTP {status}", retriable=status >= 500 or status == 429)
+            raise DeliveryFailed(f"POST {self.name}: {exc!r}", Failure.PASSING) from None
+        failure = http_failure(status)
+        if failure is not None:
+            reason = f"POST {self.name}: HTTP {status}"
+            if 300 <= status < 400:
+                reason += f" to {location or '(no Location)'}; redirects are not followed"
+            raise DeliveryFailed(reason, failure)
 
     async def flush(self) -> None:
-        """Nothing to do: `deliver` returns once the receiver has answered 200."""
+        """Nothing to do: `deliver` returns once the receiver has answered 2xx."""
 
     async def close(self) -> None:
         if self._session is not None:

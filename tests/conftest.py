@@ -14,6 +14,7 @@ from bridge.settings import Settings
 from tests.support import (
     FakePublisher,
     Posted,
+    Receiver,
     broker_choice,
     kafka_broker,
     post_all,
@@ -69,3 +70,12 @@ async def posted(settings: Settings) -> list[Posted]:
         await wait_until_ready(client)
         await post_all(client, callbacks)
     return callbacks
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A local HTTP receiver for `replay --to-url`, serving until the test ends."""
+    target = Receiver()
+    target.server = TestServer(target.app())
+    async with target.server:
+        yield target

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from bridge.embedded import EmbeddedBroker
@@ -281,6 +282,16 @@ async def _at_end(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -
     return [await consumer.position(tp) >= end for tp, end in ends.items()]
 
 
+async def create_topic(bootstrap_servers: str, topic: str, partitions: int) -> None:
+    """A new topic of `partitions` partitions, replication factor 1: a destination for `replay --to-topic`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
 async def count_records(bootstrap_servers: str, topics: Sequence[str]) -> int:
     """How many records `topics` hold by their end offsets: exact for an empty topic on any broker."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
@@ -404,3 +415,51 @@ async def post_all(client: TestClient[web.Request, web.Application], callbacks: 
     for callback in callbacks:
         response = await client.post("/callback", params=callback.query, data=orjson.dumps(callback.body))
         assert response.status == 200, await response.text()
+
+
+@dataclass
+class Receiver:
+    """A local HTTP endpoint standing in for a second bridge, for `replay --to-url`: records what is posted
+    to `/callback`. `status` answers every post (a 302 redirects to a GET of `/moved`, which answers 200, as
+    a login page or a moved endpoint would); `refuse` answers a body with its status every time,
+    `fail_first` with a 503 once; `after_each` runs after each callback received."""
+
+    status: int = 200
+    refuse: dict[bytes, int] = field(default_factory=dict)
+    fail_first: set[bytes] = field(default_factory=set)
+    after_each: Callable[[], None] | None = None
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    redirected_gets: int = 0
+    server: TestServer | None = None
+    """Set while it serves (the `receiver` fixture)."""
+
+    def url(self, path: str = "/callback") -> str:
+        assert self.server is not None, "the receiver is not serving"
+        return str(self.server.make_url(path))
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/callback", self._post)
+        app.router.add_get("/moved", self._moved)
+        app.router.add_get("/get-only", self._moved)
+        return app
+
+    async def _post(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if body in self.refuse:
+            return web.Response(status=self.refuse[body])
+        if body in self.fail_first:
+            self.fail_first.discard(body)
+            return web.Response(status=503)
+        if self.status == 302:
+            raise web.HTTPFound("/moved")
+        if self.status != 200:
+            return web.Response(status=self.status)
+        self.received.append((dict(request.query), body))
+        if self.after_each is not None:
+            self.after_each()
+        return web.json_response({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
+
+    async def _moved(self, _request: web.Request) -> web.Response:
+        self.redirected_gets += 1
+        return web.json_response({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})

@@ -9,16 +9,12 @@ import shlex
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from bridge.embedded import free_port
@@ -32,6 +28,8 @@ from tests.support import (
     DAY_MS,
     FIRST_DAY_MS,
     Posted,
+    Receiver,
+    create_topic,
     message,
     one_line_error,
     post_all,
@@ -99,12 +97,7 @@ async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_
     posted: list[Posted], settings: Settings, kafka: str
 ) -> None:
     destination = f"{settings.topic}.backfill"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(destination, 3, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka, destination, 3)
     window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True)
     replay = await replay_to(window, TopicSink(window, destination))
 
@@ -126,38 +119,10 @@ async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_
     assert {normalized(orjson.loads(c.value or b"")["callback"]) for c in copies} == set(expected)
 
 
-class Receiver:
-    """A local HTTP endpoint standing in for a second bridge: records what is posted, can fail on demand."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.fail_first: set[bytes] = set()
-        self.after_each: Callable[[], None] | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if body in self.fail_first:
-            self.fail_first.discard(body)
-            return web.Response(status=503)
-        self.received.append((dict(request.query), body))
-        if self.after_each is not None:
-            self.after_each()
-        return web.json_response({"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0})
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    target = Receiver()
-    app = web.Application()
-    app.router.add_post("/callback", target.handle)
-    async with TestServer(app) as server:
-        yield target, str(server.make_url("/callback"))
-
-
 async def test_a_day_reposted_to_a_url_arrives_with_its_original_query_and_bytes_despite_a_503(
-    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, str]
+    posted: list[Posted], settings: Settings, receiver: Receiver
 ) -> None:
-    target, url = receiver
+    target, url = receiver, receiver.url()
     first = in_day(posted, 1)[0]
     target.fail_first.add(orjson.dumps(first.body))  # the bridge posted orjson.dumps(body): same bytes
     window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=4, rate=500.0)
@@ -172,9 +137,9 @@ async def test_a_day_reposted_to_a_url_arrives_with_its_original_query_and_bytes
 
 
 async def test_an_interrupted_replay_resumed_from_its_checkpoint_copies_each_record_once(
-    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, str], tmp_path: Path
+    posted: list[Posted], settings: Settings, receiver: Receiver, tmp_path: Path
 ) -> None:
-    target, url = receiver
+    target, url = receiver, receiver.url()
     checkpoint = tmp_path / "checkpoint.json"
     everything = replace(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
     first = Replay(everything, UrlSink(url), report=io.StringIO())
@@ -321,9 +286,9 @@ async def test_a_checkpoint_refuses_to_resume_a_replay_of_another_window_or_dest
 
 
 async def test_a_delivery_that_stops_the_replay_after_its_retries_counts_as_an_error(
-    posted: list[Posted], settings: Settings, receiver: tuple[Receiver, str]
+    posted: list[Posted], settings: Settings, receiver: Receiver
 ) -> None:
-    target, url = receiver
+    target, url = receiver, receiver.url()
     first = in_day(posted, 1)[0]
     target.fail_first.add(orjson.dumps(first.body))
     window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=1, retries=0)
