@@ -372,3 +372,12 @@ def test_the_kubernetes_secrets_placeholder_is_refused_as_a_token(tmp_path: Path
     result = run_bridge("serve", "--bootstrap-servers", "127.0.0.1:1", "--callback-token", value)
     assert result.returncode == 2
     assert "placeholder" in one_line_error(result)
+
+
+def test_bridge_devs_curl_is_signed_for_the_app_of_its_first_token_when_that_token_is_one_apps() -> None:
+    from bridge.dev import banner  # noqa: PLC0415 - only this test needs dev's banner
+
+    text = banner(Settings(callback_token=(CallbackToken("xxxxyyyy", APP_TWO),)), 8080, "127.0.0.1:9092")
+    curl = next(line for line in text.splitlines() if "curl" in line)
+    assert f"SdkAppid={APP_TWO}" in curl
+    assert "Sign=" in curl
