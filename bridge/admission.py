@@ -1,8 +1,13 @@
-"""Which callbacks the bridge takes on: the in-flight limit, and the phases of a graceful shutdown.
+"""Which callbacks the bridge takes on: the bounds on bodies arriving and on callbacks in flight, and the
+phases of a graceful shutdown.
 
-Every callback waiting for the broker holds its body in memory, and so does every record answered 503 that
-the producer still holds; both count against `--max-in-flight`, so memory stays bounded whatever the broker
-does. Past the limit a callback gets 503 at once, before its body is read.
+A callback passes two gates. While its body is still arriving it holds one of `--max-pending-bodies`
+places (a body that came with the headers, as Tencent's usually do, takes none): a cheap bound, so clients
+trickling bodies can hold only those places and never the slots of callbacks that have theirs. Once its
+body is in, it takes one of `--max-in-flight` slots until answered. Every callback waiting for the broker
+holds its body in memory, and so does every record answered 503 that the producer still holds; both count
+against `--max-in-flight`, so memory stays bounded whatever the broker does. Past either bound a callback
+gets 503 at once.
 """
 
 from __future__ import annotations
@@ -15,37 +20,76 @@ from bridge.errors import Overloaded, ShuttingDown
 
 
 class Admission:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_pending_bodies: int = 256) -> None:
         self.limit = limit
+        self.max_pending_bodies = max_pending_bodies
         self.in_flight = 0
+        """Callbacks whose body is in, until answered."""
+        self.pending_bodies = 0
+        """Callbacks whose body is still arriving."""
+        self._handling = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
         """SIGTERM arrived: /readyz says 503, callbacks are still served during `--shutdown-delay`."""
         self.closing = False
-        """Close has begun: callbacks get 503 at once, those in flight get their real answer."""
+        """Close has begun: callbacks get 503 at once, those already taken on get their real answer."""
 
     @contextmanager
-    def admit(self, abandoned: int) -> Iterator[None]:
-        """Hold an in-flight slot for one callback; `abandoned` is what the producer still holds."""
+    def enter(self) -> Iterator[Callback]:
+        """Take on one callback until it is answered (refused once the bridge is closing); its in-flight
+        slot, taken with `Callback.take_slot`, is freed with it."""
         if self.closing:
             raise ShuttingDown("the bridge is shutting down; the callback was not written")
-        if self.in_flight + abandoned >= self.limit:
-            raise Overloaded(
-                f"{self.limit} callbacks are already waiting for Kafka (--max-in-flight); "
-                "the callback was not written"
-            )
-        self.in_flight += 1
+        self._handling += 1
         self._idle.clear()
+        callback = Callback(self)
+        try:
+            yield callback
+        finally:
+            if callback.holds_slot:
+                self.in_flight -= 1
+            self._handling -= 1
+            if self._handling == 0:
+                self._idle.set()
+
+    @contextmanager
+    def waiting_for_body(self) -> Iterator[None]:
+        """Hold one of the places of callbacks whose body is still arriving."""
+        if self.pending_bodies >= self.max_pending_bodies:
+            raise Overloaded(
+                f"{self.max_pending_bodies} callbacks are already sending their body "
+                "(--max-pending-bodies); the callback was not written"
+            )
+        self.pending_bodies += 1
         try:
             yield
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.pending_bodies -= 1
 
     async def drained(self, timeout: float) -> None:
-        """Wait, at most `timeout` seconds, until no callback is in flight."""
+        """Wait, at most `timeout` seconds, until every callback taken on has been answered."""
         with suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
+
+
+class Callback:
+    """One callback taken on by `Admission.enter`."""
+
+    __slots__ = ("_admission", "holds_slot")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.holds_slot = False
+
+    def take_slot(self, abandoned: int) -> None:
+        """Take an in-flight slot, the body being in; `abandoned` is what the producer still holds."""
+        admission = self._admission
+        if admission.in_flight + abandoned >= admission.limit:
+            raise Overloaded(
+                f"{admission.limit} callbacks are already waiting for Kafka (--max-in-flight); "
+                "the callback was not written"
+            )
+        admission.in_flight += 1
+        self.holds_slot = True

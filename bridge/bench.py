@@ -89,7 +89,8 @@ def run_bench(settings: Settings) -> int:
 
 def _bridge_command(port: int, servers: str, *, embedded: bool) -> list[str]:
     command = [sys.executable, "-m", "bridge", "serve", "--bootstrap-servers", servers]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    # The generator posts unsigned callbacks, on the loopback interface.
+    command += ["--host", "127.0.0.1", "--port", str(port), "--allow-unsigned"]
     if embedded:
         command += ["--create-topics", "--replication-factor", "1"]
     return command

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from bridge import __version__
 from bridge.errors import describe
@@ -23,6 +23,7 @@ from bridge.settings import (
     build,
     default,
     describe_default,
+    require_authentication,
 )
 
 _DESCRIPTION = """\
@@ -78,6 +79,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             file=sys.stderr,
         )
         return 2
+    try:
+        require_authentication(args.subcommand, settings)
+    except SettingsError as exc:
+        parser.exit(2, f"bridge {args.subcommand}: {exc}\n")
     configure_logging(settings.log_level, settings.log_format)
     runners: dict[str, Callable[[Settings], int]] = {
         "serve": _serve,
@@ -162,8 +167,15 @@ def _topics(settings: Settings) -> int:
     return 1 if any(report.drifts for report in reports) else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value told in one line, the bridge's own, not after the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bridge",
         description=_DESCRIPTION,
         epilog=_options_table(),

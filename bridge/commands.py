@@ -21,6 +21,12 @@ from bridge.protocol import json_type
 
 _DECIMAL = re.compile(r"[0-9]{1,19}")
 _INT64_MAX = 2**63 - 1
+MAX_ID_BYTES = 256
+"""The most UTF-8 bytes of a field that names the owning entity or goes into the record key (`MsgKey`,
+`Official_Account`, `GroupId`, `From_Account`...). Tencent's own limits are far lower: a UserID is at most
+32 bytes, a custom group ID 48, and a MsgKey is three decimal numbers joined by `_`. 256 leaves five times
+the margin, while a hostile value can no longer make the partition hash (pure Python, on the event loop),
+the partition cache or the dedup window pay for megabytes."""
 
 
 class TopicGroup(StrEnum):
@@ -105,10 +111,29 @@ def optional(name: str, check: FieldCheck) -> Field:
 EntityRule = Callable[[Mapping[str, Any]], str | None]
 
 
+class IdentifierTooLong(Exception):
+    """An entity or key field over `MAX_ID_BYTES`; `path` names it (`Info.To_Account`). `route` turns it
+    into the `InvalidField` answered."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+def identifier(body: Mapping[str, Any], field: str, path: str | None = None) -> str | None:
+    """`body[field]` when it is a non-empty string, else None; raises `IdentifierTooLong` past the limit."""
+    value = body.get(field)
+    if not (isinstance(value, str) and value):
+        return None
+    # A character is at least one UTF-8 byte: only a short string needs encoding to be measured.
+    if len(value) > MAX_ID_BYTES or len(value.encode("utf-8")) > MAX_ID_BYTES:
+        raise IdentifierTooLong(path or field)
+    return value
+
+
 def account(field: str) -> EntityRule:
     def rule(body: Mapping[str, Any]) -> str | None:
-        value = body.get(field)
-        return value if isinstance(value, str) and value else None
+        return identifier(body, field)
 
     return rule
 
@@ -117,8 +142,8 @@ def account_pair(first: str, second: str) -> EntityRule:
     """A conversation: both accounts sorted by code point and joined with ':' so either side maps alike."""
 
     def rule(body: Mapping[str, Any]) -> str | None:
-        one, other = body.get(first), body.get(second)
-        if not (isinstance(one, str) and one and isinstance(other, str) and other):
+        one, other = identifier(body, first), identifier(body, second)
+        if one is None or other is None:
             return None
         return ":".join(sorted((one, other)))
 
@@ -128,7 +153,7 @@ def account_pair(first: str, second: str) -> EntityRule:
 def nested_account(parent: str, field: str) -> EntityRule:
     def rule(body: Mapping[str, Any]) -> str | None:
         inner = body.get(parent)
-        return account(field)(inner) if isinstance(inner, dict) else None
+        return identifier(inner, field, f"{parent}.{field}") if isinstance(inner, dict) else None
 
     return rule
 
@@ -137,7 +162,7 @@ def first_pair_account(list_field: str, field: str) -> EntityRule:
     def rule(body: Mapping[str, Any]) -> str | None:
         pairs = body.get(list_field)
         if isinstance(pairs, list) and pairs and isinstance(pairs[0], dict):
-            return account(field)(pairs[0])
+            return identifier(pairs[0], field, f"{list_field}[0].{field}")
         return None
 
     return rule
@@ -160,8 +185,8 @@ def event_key(command: str, body: Mapping[str, Any]) -> str:
     not collide with the message itself), else `<command>:sha256:<digest of the body with sorted keys>`,
     which is the same for a retried callback and different for any other event.
     """
-    msg_key = body.get("MsgKey")
-    if isinstance(msg_key, str) and msg_key:
+    msg_key = identifier(body, "MsgKey")
+    if msg_key is not None:
         return f"{command}:{msg_key}"
     canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     return f"{command}:sha256:{hashlib.sha256(canonical).hexdigest()}"
@@ -169,16 +194,14 @@ def event_key(command: str, body: Mapping[str, Any]) -> str:
 
 def message_key(command: str, body: Mapping[str, Any]) -> str:
     """A new one-to-one or official-account message: its own `MsgKey`."""
-    msg_key = body.get("MsgKey")
-    if isinstance(msg_key, str) and msg_key:
-        return msg_key
-    return event_key(command, body)
+    msg_key = identifier(body, "MsgKey")
+    return event_key(command, body) if msg_key is None else msg_key
 
 
 def group_message_key(command: str, body: Mapping[str, Any]) -> str:
     """A new group message: `<GroupId>:<MsgSeq>`, Tencent's identity of a group message."""
-    group_id, msg_seq = body.get("GroupId"), body.get("MsgSeq")
-    if isinstance(group_id, str) and group_id and integer(msg_seq) is None:
+    group_id, msg_seq = identifier(body, "GroupId"), body.get("MsgSeq")
+    if group_id is not None and integer(msg_seq) is None:
         return f"{group_id}:{msg_seq}"
     return event_key(command, body)
 
@@ -354,7 +377,8 @@ class RoutedCallback:
 def route(command: str, sdk_app_id: str, body: Mapping[str, Any]) -> RoutedCallback:
     """Validate a known command's fields and work out its topic group, owning entity, key and event time.
 
-    Raises `InvalidField` naming the first field that is missing or of the wrong JSON type.
+    Raises `InvalidField` naming the first field that is missing or of the wrong JSON type, or, for any
+    command, an entity or key field longer than `MAX_ID_BYTES`.
     """
     spec = COMMANDS.get(command)
     if spec is not None:
@@ -363,12 +387,19 @@ def route(command: str, sdk_app_id: str, body: Mapping[str, Any]) -> RoutedCallb
     else:
         family = FAMILIES.get(command.partition(".")[0], UNKNOWN_FAMILY)
         entity_rule, key_rule = family.entity, event_key
+    try:
+        entity, key = entity_rule(body) or sdk_app_id, key_rule(command, body)
+    except IdentifierTooLong as exc:
+        raise InvalidField(
+            f"{command}: field '{exc.path}' is longer than {MAX_ID_BYTES} bytes, the limit of the fields "
+            "that name the owning entity or key a record"
+        ) from None
     return RoutedCallback(
         command=command,
         family=family.name or "unknown",
         topic_group=family.topic_group,
-        entity=entity_rule(body) or sdk_app_id,
-        key=key_rule(command, body),
+        entity=entity,
+        key=key,
         event_time_ms=_event_time_ms(body.get("EventTime")),
         known=spec is not None,
     )

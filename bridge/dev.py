@@ -14,6 +14,7 @@ from aiohttp import web
 
 from bridge.embedded import EmbeddedBroker
 from bridge.runner import run_server
+from bridge.secret import CallbackToken
 from bridge.server import PUBLISHER
 from bridge.settings import Settings
 from bridge.signature import expected_sign
@@ -53,17 +54,19 @@ def base_url(host: str, port: int) -> str:
 
 
 def banner(settings: Settings, port: int, bootstrap_servers: str) -> str:
-    url = f"{base_url(settings.host, port)}{settings.path}?{urlencode(SEED_QUERY)}"
     query = dict(SEED_QUERY)
     signed = ""
     if settings.callback_tokens:
-        # Signed as Tencent would, with the first token; the signature goes stale after --max-clock-skew.
+        # Signed as Tencent would, with the first token (for its app, if it is one app's); the signature
+        # goes stale after --max-clock-skew.
+        token = settings.callback_tokens[0]
+        if isinstance(token, CallbackToken) and token.sdk_app_id is not None:
+            query["SdkAppid"] = token.sdk_app_id
         request_time = str(int(time.time()))
-        query |= {
-            "RequestTime": request_time,
-            "Sign": expected_sign(settings.callback_tokens[0].reveal(), request_time),
-        }
+        query |= {"RequestTime": request_time, "Sign": expected_sign(token.reveal(), request_time)}
         signed = f" (signed with the first token: valid for {settings.max_clock_skew:g} s from now)"
+    unsigned = {name: value for name, value in query.items() if name not in {"RequestTime", "Sign"}}
+    url = f"{base_url(settings.host, port)}{settings.path}?{urlencode(unsigned)}"
     target = f"{base_url(settings.host, port)}{settings.path}?{urlencode(query)}"
     body = orjson.dumps(SEED_CALLBACK).decode()
     curl = (

@@ -3,16 +3,19 @@
 Every line logged while a request is handled carries that request's id (`request_id`), which is also the
 `X-Request-Id` of the answer, so a log line and a caller's report of a failure can be matched. Successful
 callbacks are logged only at debug level; a failed one is logged once, by the error middleware, with its
-status and reason.
+status and reason. The lines of 4xx answers, which any client can cause, pass a `LineBudget`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -70,6 +73,65 @@ class TextFormatter(logging.Formatter):
         text = super().format(record)
         request_id = getattr(record, "request_id", None)
         return text if request_id is None else f"{text} [request {request_id}]"
+
+
+class LineBudget:
+    """At most `per_second` lines a second of one kind; the rest are counted and told in one line.
+
+    A flood of bad requests then costs the log a few lines a second, not one per request: the disk cannot
+    fill however fast a client sends. The summary is logged at the end of each second that went over
+    (`loop.call_later`), or, off an event loop, with the next line allowed.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        per_second: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._what = what
+        self.per_second = per_second
+        self._clock = clock
+        self._window_end = 0.0
+        self._used = 0
+        self.suppressed = 0
+        self._flush: asyncio.TimerHandle | None = None
+
+    def allow(self) -> bool:
+        """Whether to log the next line; if not, it is counted for the summary."""
+        now = self._clock()
+        if now >= self._window_end:
+            self.summarize()
+            self._window_end, self._used = now + 1.0, 0
+        if self._used < self.per_second:
+            self._used += 1
+            return True
+        self.suppressed += 1
+        if self._flush is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                self._flush = loop.call_later(max(self._window_end - now, 0.0), self.summarize)
+        return False
+
+    def summarize(self) -> None:
+        """Log how many lines were left out since the last summary, if any."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self.suppressed:
+            count, self.suppressed = self.suppressed, 0
+            self._logger.info(
+                "%d more %s were not logged (at most %d lines a second)",
+                count,
+                self._what,
+                self.per_second,
+                extra={"suppressed": count},
+            )
 
 
 def _quiet_bad_requests(record: logging.LogRecord) -> bool:

@@ -5,19 +5,30 @@ headers, a malformed request line or header, bad chunked framing: aiohttp answer
 `RequestHandler.handle_error`, without the application or its middlewares, with a plain-text 400. aiohttp
 has no hook for that answer (aio-libs/aiohttp#3287), so `BridgeRunner` serves the application through a
 `web.Server` whose request handlers override `handle_error`. aiohttp still logs the refusal (one INFO line,
-see `bridge.logs`) and closes the connection; the bridge only replaces the answer's body and headers.
+see `bridge.logs`, within the application's budget of lines for 4xx answers) and closes the connection;
+the bridge only replaces the answer's body and headers.
+
+The same server caps the connections open at once (`--max-connections`): one more is answered 503 with a
+Tencent-style body as soon as it is accepted, and closed, before anything of it is read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from bridge.errors import BridgeError, InternalError, MalformedRequest
-from bridge.logs import REQUEST_ID, new_request_id
-from bridge.server import fail_response
+from bridge.errors import BridgeError, InternalError, MalformedRequest, Overloaded
+from bridge.logs import REQUEST_ID, LineBudget, new_request_id
+from bridge.protocol import fail_body
+from bridge.server import REJECTION_LOG, SETTINGS, fail_response
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
 
 _TOO_MANY_HEADERS = "Too many headers"
 # aiohttp's parser messages put an excerpt of the offending bytes after a blank line: the reason is before it.
@@ -29,6 +40,41 @@ class TencentRequestHandler(web.RequestHandler):
     """aiohttp's request handler (one per connection), answering what it refuses with a FAIL body."""
 
     __slots__ = ()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # A refusal of the parser is a 4xx any client can cause: its line is within the budget.
+        budget = getattr(self._manager, "rejection_log", None)
+        refused = isinstance(kw.get("exc_info"), HttpProcessingError)
+        if refused and budget is not None and not budget.allow():
+            return
+        super().log_exception(*args, **kw)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Refused only once aiohttp has started the connection's task: closed the way aiohttp closes an
+        # idle connection, by `force_close`.
+        super().connection_made(transport)
+        manager = self._manager
+        if isinstance(manager, _TencentServer) and manager.over_capacity:
+            self.refuse_connection(manager.max_connections)
+
+    def refuse_connection(self, max_connections: int) -> None:
+        """Answer 503 on a connection over `--max-connections` at once, and close it."""
+        error = Overloaded(
+            f"{max_connections} connections are already open (--max-connections); the callback was not "
+            "written"
+        )
+        body = fail_body(error)
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nX-Request-Id: {new_request_id()}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        if self.transport is not None:
+            self.transport.write(head.encode("ascii") + body)
+        self.force_close()
+        budget = getattr(self._manager, "rejection_log", None)
+        if budget is None or budget.allow():
+            log.warning("a connection was answered 503 and closed: %s", error.info)
 
     def handle_error(
         self,
@@ -78,9 +124,21 @@ class TencentRequestHandler(web.RequestHandler):
 
 
 class _TencentServer(web.Server):
+    def __init__(
+        self, *args: Any, max_connections: int, rejection_log: LineBudget | None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.rejection_log = rejection_log
+
     def __call__(self) -> web.RequestHandler:
         # web.Server.__call__ with the bridge's request handler, given the same arguments.
         return TencentRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    @property
+    def over_capacity(self) -> bool:
+        # aiohttp forgets a connection once its handler has finished: one being closed still counts.
+        return len(self._connections) > self.max_connections
 
 
 class BridgeRunner(web.AppRunner):
@@ -95,5 +153,7 @@ class BridgeRunner(web.AppRunner):
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
+            max_connections=(self.app.get(SETTINGS) or Settings()).max_connections,
+            rejection_log=self.app.get(REJECTION_LOG),
             **server._kwargs,
         )

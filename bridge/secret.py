@@ -33,7 +33,7 @@ class Secret:
         return HIDDEN
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return type(other) is type(self) and isinstance(other, Secret) and other._value == self._value
 
     def __hash__(self) -> int:
         return hash(self._value)
@@ -41,3 +41,30 @@ class Secret:
     def __reduce__(self) -> str | tuple[object, ...]:
         # Pickling would copy the value somewhere it is not hidden.
         raise TypeError("a Secret cannot be pickled")
+
+
+class CallbackToken(Secret):
+    """A webhook authentication token: for one app (`--callback-token APPID=TOKEN`) or, bare, for any app.
+
+    Tencent's `Sign` covers neither the body nor the `SdkAppid`, so with several apps only a token bound to
+    its app stops one app's token from signing callbacks that claim to be another's.
+    """
+
+    __slots__ = ("sdk_app_id",)
+
+    def __init__(self, value: str, sdk_app_id: str | None = None) -> None:
+        super().__init__(value)
+        self.sdk_app_id = sdk_app_id
+
+    def signs_for(self, sdk_app_id: str) -> bool:
+        return self.sdk_app_id is None or self.sdk_app_id == sdk_app_id
+
+    def __repr__(self) -> str:
+        app = "" if self.sdk_app_id is None else f", sdk_app_id={self.sdk_app_id!r}"
+        return f"CallbackToken({HIDDEN!r}{app})"
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and getattr(other, "sdk_app_id", None) == self.sdk_app_id
+
+    def __hash__(self) -> int:
+        return hash((self.reveal(), self.sdk_app_id))

@@ -1,7 +1,8 @@
 """The HTTP side: the aiohttp application, the callback handler and the probes.
 
 The path of a callback: query (`protocol`) -> signature and app (`signature`, before the body is read, so
-an unauthenticated request costs next to nothing) -> body (`protocol`) -> command (`commands`) -> record
+an unauthenticated request costs next to nothing) -> body (`protocol`; one still arriving holds one of
+`--max-pending-bodies` places) -> an in-flight slot (`admission`) -> command (`commands`) -> record
 (`envelope`, `partitioner`) -> Kafka (`publisher`) -> the answer. Every failure is a `BridgeError`, turned
 into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so.
 """
@@ -33,6 +34,7 @@ from bridge.errors import (
     PublishError,
     UnreadableBody,
 )
+from bridge.logs import LineBudget
 from bridge.metrics import (
     METRICS,
     install_metrics,
@@ -56,6 +58,9 @@ OUTCOMES = web.AppKey("outcomes", Outcomes)
 ADMISSION = web.AppKey("admission", Admission)
 DEDUP = web.AppKey("dedup", EdgeDedup)
 SIGNATURE = web.AppKey("signature", SignatureCheck)
+REJECTION_LOG = web.AppKey("rejection_log", LineBudget)
+"""The budget of the log lines any client can cause: the 4xx answers of the error middleware and of the
+HTTP parser, and the connections refused over `--max-connections`."""
 
 _JSON = "application/json"
 # Each answer to a callback says what became of it: confirmed, a duplicate, rejected, failed, ambiguous.
@@ -71,11 +76,13 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     )
     app[SETTINGS] = settings
     app[OUTCOMES] = Outcomes()
-    app[ADMISSION] = Admission(settings.max_in_flight)
-    app[DEDUP] = EdgeDedup(settings.dedup_window, settings.dedup_max_keys)
+    app[ADMISSION] = Admission(settings.max_in_flight, settings.max_pending_bodies)
+    app[DEDUP] = EdgeDedup(settings.dedup_window, settings.dedup_max_keys, settings.dedup_max_bytes)
+    app[REJECTION_LOG] = LineBudget(log, "lines about refused requests")
     if settings.callback_tokens:
         app[SIGNATURE] = SignatureCheck(settings.callback_tokens, settings.max_clock_skew)
     app.on_startup.append(_warn_if_open)
+    app.on_cleanup.append(_summarize_rejections)
     install_metrics(app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready)
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
@@ -91,9 +98,15 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
 async def _warn_if_open(app: web.Application) -> None:
     if SIGNATURE not in app:
         log.warning(
-            "callbacks are NOT authenticated: anyone who knows the URL can write to Kafka; set "
-            "--callback-token (BRIDGE_CALLBACK_TOKEN) to the Tencent console's webhook authentication token"
+            "UNSIGNED CALLBACKS ACCEPTED (--allow-unsigned): callbacks are NOT authenticated. Anyone who "
+            "can reach this port can write records to Kafka, and can post a guessed MsgKey first so that "
+            "Tencent's genuine callback is answered as a duplicate and never written. Set --callback-token "
+            "(BRIDGE_CALLBACK_TOKEN) to the Tencent console's webhook authentication token"
         )
+
+
+async def _summarize_rejections(app: web.Application) -> None:
+    app[REJECTION_LOG].summarize()
 
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
@@ -109,14 +122,16 @@ async def handle_callback(request: web.Request) -> web.Response:
     if request.method != "POST":
         raise MethodNotAllowed(f"{request.method} is not allowed here; Tencent callbacks are POSTed")
     app = request.app
-    settings, publisher = app[SETTINGS], app[PUBLISHER]
-    with app[ADMISSION].admit(publisher.abandoned):
+    settings, publisher, admission = app[SETTINGS], app[PUBLISHER], app[ADMISSION]
+    with admission.enter() as callback:
         query = parse_query(request.query.items())
         if SIGNATURE in app:
-            app[SIGNATURE].verify(query.sign, query.params.get("RequestTime"))
+            app[SIGNATURE].verify(query.sign, query.params.get("RequestTime"), query.sdk_app_id)
         if settings.sdk_app_id and query.sdk_app_id not in settings.sdk_app_id:
             raise ForbiddenApp(f"SdkAppid {query.sdk_app_id} is not an app of this bridge (--sdk-app-id)")
-        raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout)
+        raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout, admission)
+        # The in-flight slot only now: a client slow to send its body holds a pending-body place, not this.
+        callback.take_slot(publisher.abandoned)
         received_at_ms = time.time_ns() // 1_000_000
         # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.
         deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
@@ -170,21 +185,23 @@ async def stats(request: web.Request) -> web.Response:
         {
             "outcomes": app[OUTCOMES].snapshot(),
             "in_flight": app[ADMISSION].in_flight,
+            "pending_bodies": app[ADMISSION].pending_bodies,
             "abandoned": app[PUBLISHER].abandoned,
             "dedup_remembered": app[DEDUP].remembered,
         }
     )
 
 
-async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout: float, admission: Admission) -> bytes:
     too_large = BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     try:
-        if request.content.is_eof():  # the whole body came with the headers: no wait, no timer
+        if request.content.is_eof():  # the whole body came with the headers: no wait, no timer, no place
             return await request.read()
-        async with asyncio.timeout(timeout):
-            return await request.read()
+        with admission.waiting_for_body():
+            async with asyncio.timeout(timeout):
+                return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
     except TimeoutError:
@@ -223,16 +240,18 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
     request.app[OUTCOMES].record(request[OUTCOME])
     note_failure(request, error)
     level = logging.INFO if error.status < 500 else logging.WARNING
-    log.log(
-        level,
-        "%s %r -> %d: %s",  # %r: a path may hold a newline that would forge a log line
-        request.method,
-        request.path,
-        error.status,
-        error.info,
-        # fields of the JSON log line
-        extra={"status": error.status, "error_code": error.error_code, "reason": error.info},
-    )
+    # Any client can cause a 4xx: a flood of them is told in a few lines a second and a count.
+    if error.status >= 500 or request.app[REJECTION_LOG].allow():
+        log.log(
+            level,
+            "%s %r -> %d: %s",  # %r: a path may hold a newline that would forge a log line
+            request.method,
+            request.path,
+            error.status,
+            error.info,
+            # fields of the JSON log line
+            extra={"status": error.status, "error_code": error.error_code, "reason": error.info},
+        )
     response = fail_response(error)
     if isinstance(error, MethodNotAllowed):
         response.headers["Allow"] = allow

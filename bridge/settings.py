@@ -13,7 +13,7 @@ from typing import Any
 
 from bridge import values
 from bridge.commands import TopicGroup
-from bridge.secret import Secret
+from bridge.secret import HIDDEN, Secret
 
 ENV_PREFIX = "BRIDGE_"
 COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")
@@ -48,14 +48,18 @@ class Settings:
     max_in_flight: int = 512
     dedup_window: float = 300.0
     dedup_max_keys: int = 100_000
+    dedup_max_bytes: int = 32 << 20
     shutdown_delay: float = 0.0
     shutdown_timeout: float = 10.0
     max_body_bytes: int = 1024 * 1024
     body_timeout: float = 5.0
-    # security: who may post (issue 4)
+    max_pending_bodies: int = 256
+    # security: who may post (issues 4 and 12)
     callback_token: tuple[Secret, ...] = ()
+    """Bare `Secret`s sign for any app; a `CallbackToken` with an `sdk_app_id` for that app only."""
     callback_token_file: tuple[Secret, ...] = ()
     """The tokens read from `--callback-token-file`, one a line."""
+    allow_unsigned: bool = False
     max_clock_skew: float = 60.0
     sdk_app_id: tuple[str, ...] = ()
     # what a connection may send and how long it may take (aiohttp's request handler)
@@ -63,6 +67,7 @@ class Settings:
     max_header_bytes: int = 8190
     max_headers: int = 100
     idle_timeout: float = 75.0
+    max_connections: int = 1024
     # the connection to Kafka
     security_protocol: str = "PLAINTEXT"
     ssl_cafile: str | None = None
@@ -152,6 +157,8 @@ class Option:
     """What a default of None means, in `--help` and the README."""
     repeatable: bool = False
     """A flag that may be given several times, each adding to the list (the variable is comma-separated)."""
+    hidden: bool = False
+    """A secret: a message about a bad value names the variable, never repeats the value."""
 
     @property
     def flag(self) -> str:
@@ -463,6 +470,14 @@ OPTIONS: tuple[Option, ...] = (
         SERVING,
     ),
     Option(
+        "dedup_max_bytes",
+        "Most memory the dedup window may take, in bytes, whatever the keys (each key counts its size "
+        "plus 150 bytes); the oldest keys go first.",
+        values.int_between(0, 1 << 40),
+        "BYTES",
+        SERVING,
+    ),
+    Option(
         "shutdown_delay",
         "Seconds to keep serving after SIGTERM while /readyz says 503, so a load balancer can notice.",
         values.seconds_or_zero,
@@ -490,22 +505,39 @@ OPTIONS: tuple[Option, ...] = (
         SERVING,
     ),
     Option(
+        "max_pending_bodies",
+        "Callbacks whose body is still arriving at once (a body sent with the headers takes none); more "
+        "get 503 at once.",
+        values.int_between(1, 100_000),
+        "N",
+        SERVING,
+    ),
+    Option(
         "callback_token",
         "Tencent webhook authentication token: a callback is accepted only when signed with one of "
-        "these. Repeat the flag, or separate with commas, to accept the old and the new token in a rotation.",
+        "these. APPID=TOKEN signs for that SDKAppID only, a bare TOKEN for any app. Repeat the flag, or "
+        "separate with commas, to accept the old and the new token in a rotation.",
         values.tokens,
-        "TOKEN",
+        "[APPID=]TOKEN",
         SERVING,
         "(none)",
         repeatable=True,
+        hidden=True,
     ),
     Option(
         "callback_token_file",
-        "File holding more tokens, one a line (a container secret).",
+        "File holding more tokens, one a line, each TOKEN or APPID=TOKEN (a container secret).",
         values.token_file,
         "FILE",
         SERVING,
         "(none)",
+    ),
+    Option(
+        "allow_unsigned",
+        "Accept callbacks without a signature when no token is set; without a token and without this, "
+        "serve refuses to start.",
+        values.boolean,
+        commands=SERVING,
     ),
     Option(
         "max_clock_skew",
@@ -550,6 +582,14 @@ OPTIONS: tuple[Option, ...] = (
         "before the bridge closes it.",
         values.seconds,
         "SECONDS",
+        SERVING,
+    ),
+    Option(
+        "max_connections",
+        "Most client connections open at once; one more is answered 503 and closed (keep it below the "
+        "file descriptor limit).",
+        values.int_between(1, 1_000_000),
+        "N",
         SERVING,
     ),
     Option(
@@ -607,7 +647,9 @@ OPTIONS: tuple[Option, ...] = (
         "(none)",
     ),
     Option("sasl_username", "SASL user name.", values.text, "USER", KAFKA_CLIENTS, "(none)"),
-    Option("sasl_password", "SASL password.", values.password, "PASSWORD", KAFKA_CLIENTS, "(none)"),
+    Option(
+        "sasl_password", "SASL password.", values.password, "PASSWORD", KAFKA_CLIENTS, "(none)", hidden=True
+    ),
     Option(
         "sasl_password_file",
         "File holding the SASL password (a container secret); one final line break is ignored.",
@@ -627,8 +669,14 @@ OPTIONS: tuple[Option, ...] = (
     *BENCH_OPTIONS,
 )
 
-# Defaults that differ for `bridge dev`: loopback only, and topics created on a single in-memory broker.
-DEV_DEFAULTS: Mapping[str, Any] = {"host": "127.0.0.1", "create_topics": True, "replication_factor": 1}
+# Defaults that differ for `bridge dev`: loopback only, topics created on a single in-memory broker, and
+# unsigned callbacks accepted, so the quick start's curl works as it is.
+DEV_DEFAULTS: Mapping[str, Any] = {
+    "host": "127.0.0.1",
+    "create_topics": True,
+    "replication_factor": 1,
+    "allow_unsigned": True,
+}
 
 
 def default(option: Option, command: str) -> Any:
@@ -652,7 +700,18 @@ def parse_value(option: Option, text: str, source: str) -> Any:
     try:
         return option.parse(text)
     except ValueError as exc:
-        raise SettingsError(f"{source}={text!r}: {exc}") from None
+        shown = HIDDEN if option.hidden else repr(text)
+        raise SettingsError(f"{source}={shown}: {exc}") from None
+
+
+def require_authentication(command: str, settings: Settings) -> None:
+    """`serve` does not start open to anyone by accident: a token, or `--allow-unsigned` said out loud."""
+    if command == "serve" and not settings.callback_tokens and not settings.allow_unsigned:
+        raise SettingsError(
+            "no callback token: set --callback-token (BRIDGE_CALLBACK_TOKEN) or --callback-token-file to "
+            "the webhook authentication token of the Tencent Cloud Chat console, or pass --allow-unsigned "
+            "(BRIDGE_ALLOW_UNSIGNED=true) to accept callbacks anyone can forge"
+        )
 
 
 def build(command: str, flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:

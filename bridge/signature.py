@@ -3,7 +3,9 @@
 With a token set in the Tencent console, Tencent appends `RequestTime` (Unix seconds) and
 `Sign` = lowercase hex SHA-256 of token + `RequestTime` (the exact string in the URL) to every callback URL.
 It is a plain hash, not an HMAC, and covers neither the body nor the app: it proves the sender knows the
-token, and `RequestTime` bounds how long a captured URL can be replayed.
+token, and `RequestTime` bounds how long a captured URL can be replayed. So a token bound to an app
+(`CallbackToken.sdk_app_id`, from `--callback-token APPID=TOKEN`) signs only callbacks naming that app in
+`SdkAppid`; a bare token signs for any.
 
 The check runs on the query alone, before the body is read, so a request without a valid signature costs
 the bridge a hash per configured token and nothing more. Its errors say which check failed, never the
@@ -20,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bridge.errors import MalformedSignature, MissingSignature, SignatureMismatch, StaleSignature
-from bridge.secret import Secret
+from bridge.secret import CallbackToken, Secret
 
 SIGN = "Sign"
 REQUEST_TIME = "RequestTime"
@@ -34,17 +36,22 @@ def expected_sign(token: str, request_time: str) -> str:
     return hashlib.sha256((token + request_time).encode("utf-8")).hexdigest()
 
 
+def _signs_for(token: Secret, sdk_app_id: str) -> bool:
+    return token.signs_for(sdk_app_id) if isinstance(token, CallbackToken) else True
+
+
 @dataclass(frozen=True, slots=True)
 class SignatureCheck:
-    """Accepts a callback signed with any of `tokens` (several during a rotation) at most
-    `max_clock_skew` seconds from now, in either direction."""
+    """Accepts a callback signed with one of `tokens` (several during a rotation) that signs for its app,
+    at most `max_clock_skew` seconds from now, in either direction."""
 
     tokens: Sequence[Secret]
     max_clock_skew: float
     clock: Callable[[], float] = field(default=time.time, repr=False)
 
-    def verify(self, sign: str | None, request_time: str | None) -> None:
-        """Return if the signature is valid; else raise the `Unauthorized` naming the failed check."""
+    def verify(self, sign: str | None, request_time: str | None, sdk_app_id: str) -> None:
+        """Return if the signature is valid for `sdk_app_id`; else raise the `Unauthorized` naming the
+        failed check."""
         if sign is None or request_time is None:
             absent = " and ".join(
                 repr(name) for name, value in ((SIGN, sign), (REQUEST_TIME, request_time)) if value is None
@@ -65,7 +72,12 @@ class SignatureCheck:
             )
         received = sign.lower().encode("ascii")
         matched = False
-        for token in self.tokens:  # every token, match or not: the time taken says nothing of which
-            matched |= hmac.compare_digest(expected_sign(token.reveal(), request_time).encode(), received)
+        # Every token, whichever app it signs for and match or not: the time taken says nothing of which
+        # token matched, nor of which apps have tokens of their own.
+        for token in self.tokens:
+            same = hmac.compare_digest(expected_sign(token.reveal(), request_time).encode(), received)
+            matched |= same & _signs_for(token, sdk_app_id)
         if not matched:
-            raise SignatureMismatch("signature mismatch: 'Sign' does not match any configured token")
+            raise SignatureMismatch(
+                f"signature mismatch: 'Sign' does not match any token configured for SdkAppid {sdk_app_id}"
+            )

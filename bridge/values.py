@@ -7,12 +7,16 @@ import re
 from collections.abc import Callable
 
 from bridge.events import parse_instant
-from bridge.secret import Secret
+from bridge.secret import CallbackToken, Secret
 
 # Paths the bridge serves itself; the callback path must be another one.
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _SERVER = re.compile(r"[^\s,:/]+:[0-9]{1,5}")
+_SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
+_APP_TOKEN = re.compile(r"([0-9]+)\s*=(.*)", re.DOTALL)
+PLACEHOLDER_TOKENS = frozenset({"change-me"})
+"""Values shipped in the deployment files to be replaced (deploy/kubernetes/secret.yaml): never a token."""
 
 
 def servers(text: str) -> tuple[str, ...]:
@@ -27,9 +31,12 @@ def servers(text: str) -> tuple[str, ...]:
 
 def int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1  # not a whole number: the same message as one out of range
         if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
+            raise ValueError(f"must be a whole number between {low} and {high}")
         return value
 
     return parse
@@ -39,7 +46,11 @@ def number(low: float, high: float, *, zero: bool, what: str) -> Callable[[str],
     """A parser of numbers from `low` (excluded unless `zero`) to `high`; `what` completes the message."""
 
     def parse(text: str) -> float:
-        value = float(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be {what}") from None
+        # NaN fails every comparison, so it is refused here too.
         if not (low <= value if zero else low < value) or not value <= high:
             raise ValueError(f"must be {what}")
         return value
@@ -109,8 +120,28 @@ def url(text: str) -> str:
     return text
 
 
-def tokens(text: str) -> tuple[Secret, ...]:
-    tokens = tuple(Secret(part.strip()) for part in text.split(",") if part.strip())
+def callback_token(text: str) -> CallbackToken:
+    """`TOKEN` (for any app) or `APPID=TOKEN` (for that app only). The message never repeats the token."""
+    text = text.strip()
+    sdk_app_id = None
+    if (scoped := _APP_TOKEN.fullmatch(text)) is not None:
+        sdk_app_id, text = scoped.group(1), scoped.group(2).strip()
+        if not _SDK_APP_ID.fullmatch(sdk_app_id) or int(sdk_app_id) > 2**63 - 1:
+            raise ValueError(
+                "a token for one app is APPID=TOKEN, APPID an SDKAppID (a positive decimal integer)"
+            )
+        if not text:
+            raise ValueError(f"no token after {sdk_app_id}=")
+    if text.lower() in PLACEHOLDER_TOKENS:
+        raise ValueError(
+            f"{text!r} is the placeholder of deploy/kubernetes/secret.yaml, not a token: put the webhook "
+            "authentication token of the Tencent Cloud Chat console there"
+        )
+    return CallbackToken(text, sdk_app_id)
+
+
+def tokens(text: str) -> tuple[CallbackToken, ...]:
+    tokens = tuple(callback_token(part) for part in text.split(",") if part.strip())
     if not tokens:
         raise ValueError("no token given")
     return tokens
@@ -125,13 +156,21 @@ def _read_secret_file(path: str) -> str:
         raise ValueError(
             f"cannot read the file: {getattr(exc, 'strerror', None) or type(exc).__name__}"
         ) from None
+    except ValueError:  # a NUL in the path
+        raise ValueError("cannot read the file: not a file name") from None
 
 
-def token_file(path: str) -> tuple[Secret, ...]:
-    tokens = tuple(Secret(line.strip()) for line in _read_secret_file(path).splitlines() if line.strip())
+def token_file(path: str) -> tuple[CallbackToken, ...]:
+    tokens = []
+    for number, line in enumerate(_read_secret_file(path).splitlines(), start=1):
+        if line.strip():
+            try:
+                tokens.append(callback_token(line))
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
     if not tokens:
         raise ValueError("the file holds no token (one a line)")
-    return tokens
+    return tuple(tokens)
 
 
 def password(text: str) -> Secret:
@@ -148,7 +187,7 @@ def password_file(path: str) -> Secret:
 def sdk_app_ids(text: str) -> tuple[str, ...]:
     ids = tuple(part.strip() for part in text.split(",") if part.strip())
     for app_id in ids:
-        if not re.fullmatch(r"[1-9][0-9]{0,18}", app_id):
+        if not _SDK_APP_ID.fullmatch(app_id):
             raise ValueError(f"{app_id!r} is not an SDKAppID (a positive decimal integer)")
     if not ids:
         raise ValueError("no SDKAppID given")
@@ -161,6 +200,8 @@ def existing_file(path: str) -> str:
             pass
     except OSError as exc:
         raise ValueError(f"cannot read the file {path}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path
+        raise ValueError("cannot read the file: not a file name") from None
     return path
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bridge import values
 from bridge.cli import main
-from bridge.settings import OPTIONS, SettingsError, build
+from bridge.settings import OPTIONS, Option, SettingsError, build
 
 BRIDGE = [sys.executable, "-m", "bridge"]
 
@@ -229,7 +230,12 @@ def test_a_port_in_use_is_reported_in_one_line_not_a_traceback(command: str) -> 
         taken.listen()
         port = str(taken.getsockname()[1])
         result = run_bridge(
-            command, "--host", "127.0.0.1", "--port", port, env={"BRIDGE_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+            command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            env={"BRIDGE_BOOTSTRAP_SERVERS": "127.0.0.1:1", "BRIDGE_ALLOW_UNSIGNED": "true"},
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
@@ -269,3 +275,65 @@ def test_bridge_dev_with_a_token_prints_a_curl_that_is_signed_and_accepted(tmp_p
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)
+
+
+def test_a_port_that_is_not_a_number_gets_the_bridges_own_one_line_message() -> None:
+    result = run_bridge("serve", "--bootstrap-servers", "kafka:9092", "--port", "abc")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "bridge serve: argument --port: must be a whole number between 0 and 65535 "
+        "(see `bridge serve --help`)\n"
+    )
+    from_env = run_bridge("serve", env={"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9092", "BRIDGE_PORT": "abc"})
+    assert from_env.stderr == "bridge serve: BRIDGE_PORT='abc': must be a whole number between 0 and 65535\n"
+
+
+BAD_VALUES = ["abc", "", " ", "-1", "0", "1.5", "nan", "inf", "1e999", "9" * 30, "\x00", "é", "1=", "a,,b"]
+PYTHONS_WORDS = ("invalid literal", "could not convert", "base 10", "embedded null", "Errno", "object")
+
+
+def refusal(option: Option, value: str) -> str | None:
+    """The message `option` refuses `value` with, or None if it takes it; any other exception fails."""
+    try:
+        option.parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def first_command(option: Option) -> str:
+    return next(
+        name for name in ("serve", "dev", "consume", "replay", "bench", "topics") if name in option.commands
+    )
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if not o.is_switch], ids=lambda o: o.flag)
+def test_every_bad_value_of_every_option_gets_the_bridges_own_one_line_message(
+    option: Option, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From a flag or a variable; never Python's wording, a traceback, or a secret's value."""
+    command = first_command(option)
+    argv = ["topics", "ensure"] if command == "topics" else [command]
+    refused = 0
+    for value in BAD_VALUES:
+        message = refusal(option, value)
+        if message is None:
+            continue
+        assert not any(word in message for word in PYTHONS_WORDS), (value, message)
+        refused += 1
+        if refused > 2:  # the command line and the environment are tried with the first two refused
+            continue
+        tries: list[tuple[list[str], dict[str, str]]] = [([*argv, option.flag, value], {})]
+        if value.strip():  # an empty variable counts as unset
+            tries.append((argv, {option.env: value}))
+        for arguments, environ in tries:
+            with pytest.raises(SystemExit) as exited:
+                main(arguments, environ)
+            assert exited.value.code == 2
+            errors = capsys.readouterr().err
+            assert errors.count("\n") == 1, errors
+            assert errors.startswith(f"bridge {' '.join(argv)}: ".replace(" ensure", "")), errors
+            assert option.flag in errors or option.env in errors
+            if option.hidden and value.strip():
+                assert repr(value) not in errors
+    assert refused or option.parse in {values.text, values.path}, f"{option.flag} refused no bad value"

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.server import create_app
-from bridge.settings import OPTIONS, Settings, build
+from bridge.settings import OPTIONS, Settings, SettingsError, build, require_authentication
 from bridge.topics import intended_topic
 from tests.support import FakePublisher
 
@@ -49,7 +49,11 @@ POD = DEPLOYMENT["spec"]["template"]["spec"]
 
 
 def env_of(service: str) -> dict[str, str]:
-    return {name: str(value) for name, value in SERVICES[service].get("environment", {}).items()}
+    """A service's environment as compose sets it from an empty shell: `${NAME:-default}` is the default."""
+    return {
+        name: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+        for name, value in SERVICES[service].get("environment", {}).items()
+    }
 
 
 def drain_seconds(settings: Settings) -> float:
@@ -172,7 +176,7 @@ def test_compose_sets_only_bridge_settings_with_values_the_bridge_accepts(servic
 def test_the_bridge_port_its_healthcheck_and_the_prometheus_target_agree() -> None:
     settings = build("serve", {}, env_of("bridge"))
     bridge = SERVICES["bridge"]
-    assert f"{settings.port}:{settings.port}" in bridge["ports"]
+    assert f"127.0.0.1:{settings.port}:{settings.port}" in bridge["ports"]
     assert f"127.0.0.1:{settings.port}/healthz" in " ".join(bridge["healthcheck"]["test"])
     prometheus = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     (job,) = prometheus["scrape_configs"]
@@ -246,6 +250,25 @@ def test_the_configmap_holds_settings_the_bridge_accepts_and_the_secret_only_tok
     assert set(secret) <= OPTION_ENVS | set(PLANNED_ENVS)
     assert not set(secret) & set(CONFIG)
     assert not any(word in name for name in CONFIG for word in ("TOKEN", "PASSWORD", "SECRET"))
+
+
+def test_the_secret_as_shipped_stops_the_bridge_until_its_placeholder_is_replaced() -> None:
+    """A forgotten FILL IN must not run a bridge whose token anyone can read in this repository."""
+    secret = MANIFESTS["Secret"]["stringData"]
+    with pytest.raises(SettingsError, match=r"BRIDGE_CALLBACK_TOKEN=\*+: 'change-me' is the placeholder"):
+        build("serve", {}, {**CONFIG, **secret})
+    filled = build("serve", {}, {**CONFIG, **secret, "BRIDGE_CALLBACK_TOKEN": "1400000001=a-real-token"})
+    require_authentication("serve", filled)
+    with pytest.raises(SettingsError, match="no callback token"):
+        require_authentication("serve", build("serve", {}, CONFIG))
+
+
+def test_compose_starts_the_bridge_open_on_loopback_only_and_signed_once_a_token_is_given() -> None:
+    env = env_of("bridge")
+    require_authentication("serve", build("serve", {}, env))
+    assert all(str(port).startswith("127.0.0.1:") for port in SERVICES["bridge"]["ports"])
+    signed = build("serve", {}, {**env, "BRIDGE_CALLBACK_TOKEN": "xxxxyyyy"})
+    assert signed.callback_tokens
 
 
 def test_names_planned_for_other_issues_are_not_options_yet() -> None:

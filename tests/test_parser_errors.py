@@ -41,6 +41,7 @@ def test_bridge_serve_answers_a_request_line_over_its_limit_with_a_tencent_400(
     environment = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
     command = [sys.executable, "-m", "bridge", "serve", "--bootstrap-servers", kafka, "--host", "127.0.0.1"]
     command += ["--port", "0", "--max-url-bytes", "256", "--topic", settings.topic, "--log-format", "json"]
+    command += ["--allow-unsigned"]
     stderr_path = tmp_path / "stderr"
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)

@@ -73,6 +73,7 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["--bootstrap-servers", bootstrap_servers, "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--create-topics", "--topic", f"shutdown-{self.port}", "--log-format", "text"]
+        args += ["--allow-unsigned"]
         for name, value in flags.items():
             args += [f"--{name.replace('_', '-')}", value]
         clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -16,12 +20,19 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.cli import _parser
 from bridge.runner import request_handler_options
-from bridge.secret import Secret
+from bridge.secret import CallbackToken, Secret
 from bridge.server import PUBLISHER, create_app
-from bridge.settings import Settings, SettingsError, build
+from bridge.settings import Settings, SettingsError, build, require_authentication
 from bridge.signature import expected_sign
 from tests.conftest import BridgeClient
-from tests.support import BridgeTestServer, FakePublisher, fixture, unique_settings
+from tests.support import (
+    BridgeTestServer,
+    FakePublisher,
+    fixture,
+    one_line_error,
+    run_bridge,
+    unique_settings,
+)
 
 SEED = fixture("oa-after-send-text")
 OLD_TOKEN, NEW_TOKEN = "my_token", "next-token-2024"
@@ -226,3 +237,147 @@ def test_tokens_from_flags_and_a_file_one_a_line_are_all_accepted(tmp_path: Path
     assert [t.reveal() for t in tokens] == ["a", "b", "c", "from-file-1", "from-file-2"]
     env_tokens = build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": "old,new"}).callback_tokens
     assert [t.reveal() for t in env_tokens] == ["old", "new"]
+
+
+# --- one app's token does not sign for another (issue 12) --------------------------------------------------
+
+APP_ONE, APP_TWO = "1400000001", "1400000002"
+PER_APP = Settings(
+    callback_token=(CallbackToken("token-of-app-one", APP_ONE), CallbackToken("token-of-app-two", APP_TWO))
+)
+
+
+@pytest.fixture
+async def per_app(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
+    async with TestClient(TestServer(create_app(PER_APP, publisher=publisher))) as client:
+        yield client
+
+
+async def test_each_apps_callbacks_are_checked_with_that_apps_own_tokens(
+    per_app: BridgeClient, publisher: FakePublisher
+) -> None:
+    for app, token in ((APP_ONE, "token-of-app-one"), (APP_TWO, "token-of-app-two")):
+        query = signed({**SEED.query, "SdkAppid": app}, token)
+        assert (await per_app.post("/callback", params=query, data=SEED.raw_body)).status == 200
+    assert len(publisher.records) == 2
+
+
+async def test_a_callback_signed_with_one_apps_token_but_claiming_another_app_gets_401_unwritten(
+    per_app: BridgeClient, publisher: FakePublisher
+) -> None:
+    query = signed({**SEED.query, "SdkAppid": APP_TWO}, "token-of-app-one")
+    info = await fail_info(await per_app.post("/callback", params=query, data=SEED.raw_body), 401)
+    assert info == f"signature mismatch: 'Sign' does not match any token configured for SdkAppid {APP_TWO}"
+    unlisted = signed({**SEED.query, "SdkAppid": "1400000003"}, "token-of-app-one")
+    await fail_info(await per_app.post("/callback", params=unlisted, data=SEED.raw_body), 401)
+    assert publisher.records == []
+
+
+def test_app_tokens_come_as_appid_equals_token_from_flags_the_environment_and_the_file(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{APP_TWO}=from-file\nbare-from-file\n")
+    args = _parser().parse_args(
+        ["serve", "--callback-token", f"{APP_ONE}=from-flag", "--callback-token-file", str(token_file)]
+    )
+    tokens = build("serve", vars(args), {}).callback_tokens
+    assert [(t.reveal(), getattr(t, "sdk_app_id", None)) for t in tokens] == [
+        ("from-flag", APP_ONE),
+        ("from-file", APP_TWO),
+        ("bare-from-file", None),
+    ]
+    env_tokens = build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": f"{APP_ONE}=a, {APP_TWO} = b,bare"})
+    assert [(t.reveal(), getattr(t, "sdk_app_id", None)) for t in env_tokens.callback_tokens] == [
+        ("a", APP_ONE),
+        ("b", APP_TWO),
+        ("bare", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "phrase"),
+    [("0123=secret-x", "APPID an SDKAppID"), (f"{APP_ONE}=", f"no token after {APP_ONE}=")],
+)
+def test_a_malformed_app_token_is_refused_in_one_line_that_never_repeats_it(
+    tmp_path: Path, value: str, phrase: str
+) -> None:
+    with pytest.raises(SettingsError) as from_env:
+        build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": value})
+    assert phrase in str(from_env.value)
+    assert "BRIDGE_CALLBACK_TOKEN=********" in str(from_env.value)
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"good\n{value}\n")
+    with pytest.raises(SettingsError) as from_file:
+        build("serve", {}, {"BRIDGE_CALLBACK_TOKEN_FILE": str(token_file)})
+    assert "line 2: " in str(from_file.value)
+    assert phrase in str(from_file.value)
+    for message in (str(from_env.value), str(from_file.value)):
+        assert "secret-x" not in message
+
+
+# --- serve refuses to start open, and refuses the placeholder (issue 12) ---------------------------------
+
+
+def test_serve_without_a_token_refuses_to_start_in_one_line_naming_the_token_and_the_opt_out() -> None:
+    result = run_bridge("serve", "--bootstrap-servers", "127.0.0.1:1")
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert line.startswith("bridge serve: no callback token: ")
+    for name in ("--callback-token", "BRIDGE_CALLBACK_TOKEN", "--allow-unsigned", "BRIDGE_ALLOW_UNSIGNED"):
+        assert name in line
+
+
+def test_serve_with_allow_unsigned_starts_and_warns_loudly_that_anyone_can_write(tmp_path: Path) -> None:
+    log_path = tmp_path / "serve.log"
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
+    environment = {**clean, "BRIDGE_ALLOW_UNSIGNED": "true", "BRIDGE_LOG_FORMAT": "json"}
+    command = [sys.executable, "-m", "bridge", "serve", "--bootstrap-servers", "127.0.0.1:1", "--port", "0"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log, env=environment)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on port" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    warnings = [
+        line for line in map(orjson.loads, log_path.read_text().splitlines()) if line["level"] == "warning"
+    ]
+    loud = "UNSIGNED CALLBACKS ACCEPTED (--allow-unsigned)"
+    assert any(line["message"].startswith(loud) for line in warnings)
+
+
+def test_dev_stays_open_by_default_for_the_quick_start_and_serve_does_not() -> None:
+    assert build("dev", {}, {}).allow_unsigned is True
+    assert build("serve", {}, {}).allow_unsigned is False
+    require_authentication("dev", build("dev", {}, {}))
+    with pytest.raises(SettingsError):
+        require_authentication("serve", build("serve", {}, {}))
+    require_authentication("serve", build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": "real"}))
+    require_authentication("serve", build("serve", {}, {"BRIDGE_ALLOW_UNSIGNED": "true"}))
+
+
+@pytest.mark.parametrize("value", ["change-me", " CHANGE-ME ", f"{APP_ONE}=change-me", "real,change-me"])
+def test_the_kubernetes_secrets_placeholder_is_refused_as_a_token(tmp_path: Path, value: str) -> None:
+    with pytest.raises(SettingsError, match=r"placeholder of deploy/kubernetes/secret\.yaml"):
+        build("serve", {}, {"BRIDGE_CALLBACK_TOKEN": value})
+    token_file = tmp_path / "tokens"
+    token_file.write_text(value.replace(",", "\n"))
+    with pytest.raises(SettingsError, match="placeholder"):
+        build("serve", {}, {"BRIDGE_CALLBACK_TOKEN_FILE": str(token_file)})
+    result = run_bridge("serve", "--bootstrap-servers", "127.0.0.1:1", "--callback-token", value)
+    assert result.returncode == 2
+    assert "placeholder" in one_line_error(result)
+
+
+def test_bridge_devs_curl_is_signed_for_the_app_of_its_first_token_when_that_token_is_one_apps() -> None:
+    from bridge.dev import banner  # noqa: PLC0415 - only this test needs dev's banner
+
+    text = banner(Settings(callback_token=(CallbackToken("xxxxyyyy", APP_TWO),)), 8080, "127.0.0.1:9092")
+    curl = next(line for line in text.splitlines() if "curl" in line)
+    assert f"SdkAppid={APP_TWO}" in curl
+    assert "Sign=" in curl
