@@ -3,7 +3,9 @@
 The path of a callback: query (`protocol`) -> signature and app (`signature`, before the body is read, so
 an unauthenticated request costs next to nothing) -> body (`protocol`) -> command (`commands`) -> record
 (`envelope`, `partitioner`) -> Kafka (`publisher`) -> the answer. Every failure is a `BridgeError`, turned
-into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so.
+into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so. The steps before Kafka,
+but for reading the body, are two pure functions, `checked_query` and `callback_record`, which the fuzz
+target (`tests/fuzz_target.py`) drives as the handler does.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def callback_record(
     """The record of a callback whose query is checked: body, command, fields, topic, partition, envelope.
 
     Pure, no I/O: the whole path from the posted bytes to the record the publisher is given (the fuzz
-    target `tests/fuzz_request.py` drives it with `checked_query`). `on_command` is told the command as
+    target `tests/fuzz_target.py` drives it with `checked_query`). `on_command` is told the command as
     soon as it is known; `not_ready` says why when `partition_count` knows no count for the topic. Every
     refusal is a `BridgeError`.
     """

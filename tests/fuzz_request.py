@@ -14,6 +14,7 @@ inputs over it (tests/test_fuzz_request.py).
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import shlex
 import subprocess
@@ -69,13 +70,15 @@ class Summary:
         elif _REPLAYED.match(line):
             self.runs += 1
         elif merged := _MERGED.search(line):
-            self.merged = f"{merged[1]} files kept, {merged[2]} features, {merged[3]} coverage edges"
+            self.merged = f"{merged[1]} inputs kept, reaching {merged[2]} features"
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.crashes
 
     def line(self) -> str:
+        if self.merged:
+            return f"fuzz_request: merged in {self.seconds:.0f} s: {self.merged}"
         rate = self.runs / self.seconds if self.seconds else 0.0
         text = (
             f"fuzz_request: {self.runs} inputs in {self.seconds:.0f} s ({rate:.0f} a second); "
@@ -88,8 +91,6 @@ class Summary:
             text += "; inputs: " + ", ".join(self.artifacts) + " (run one again with --replay FILE)"
         elif self.exit_code != 0:
             text += f"; libFuzzer exited with status {self.exit_code}"
-        if self.merged:
-            text += f"; merge: {self.merged}"
         return text
 
 
@@ -149,25 +150,42 @@ def run(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tests.fuzz_request",
-        description=__doc__.split("\n\n", 1)[1],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Anything after -- goes to libFuzzer as it is (e.g. -- -jobs=2 -workers=2, -- -dict=FILE).",
+        epilog="Anything after -- goes to libFuzzer as it is (e.g. -- -use_value_profile=1 -dict=FILE).",
     )
-    parser.add_argument("--runs", type=int, default=1_000_000, help="inputs to run (default: 1000000)")
-    parser.add_argument("--corpus", type=Path, help="a directory to keep the new interesting inputs in")
+    parser.add_argument(
+        "--runs", type=int, metavar="N", default=1_000_000, help="inputs to run (default: 1000000)"
+    )
+    parser.add_argument(
+        "--corpus", type=Path, metavar="DIR", help="a directory to keep the new interesting inputs in"
+    )
     parser.add_argument(
         "--seed-corpus",
         type=Path,
+        metavar="DIR",
         action="append",
         help=f"inputs to start from, read only (repeatable; default: {CORPUS.relative_to(ROOT)})",
     )
     parser.add_argument(
-        "--artifacts", type=Path, default=Path(), help="where crashing inputs are written (default: .)"
+        "--artifacts",
+        type=Path,
+        metavar="DIR",
+        default=Path(),
+        help="where crashing inputs are written (default: .)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="libFuzzer's random seed (default 0: random)")
-    parser.add_argument("--max-len", type=int, default=4096, help="longest input in bytes (default: 4096)")
     parser.add_argument(
-        "--timeout", type=int, default=10, help="seconds one input may take before it counts as a crash"
+        "--seed", type=int, metavar="N", default=0, help="libFuzzer's random seed (default 0: random)"
+    )
+    parser.add_argument(
+        "--max-len", type=int, metavar="BYTES", default=4096, help="longest input in bytes (default: 4096)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=int,
+        metavar="S",
+        default=10,
+        help="seconds one input may take before it counts as a crash (default: 10)",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary line, not libFuzzer's")
     mode = parser.add_mutually_exclusive_group()
@@ -188,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
         "--merge-into",
         type=Path,
         metavar="DIR",
-        help="minimise: copy into DIR the fewest inputs of --corpus and --seed-corpus covering the same",
+        help="minimise: copy into DIR the fewest inputs of --corpus and --seed-corpus reaching its edges",
     )
     return parser
 
@@ -216,9 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.merge_into:
         args.merge_into.mkdir(parents=True, exist_ok=True)
         inputs = [str(path) for path in [*([args.corpus] if args.corpus else []), *seeds]]
-        summary = fuzz(
-            ["-merge=1", f"-max_len={args.max_len}", *extra, str(args.merge_into), *inputs], echo=echo
-        )
+        # The fewest inputs that reach every edge (not every hit-count bucket): tens, not hundreds.
+        flags = ["-set_cover_merge=1", "-use_counters=0", f"-max_len={args.max_len}"]
+        summary = fuzz([*flags, *extra, str(args.merge_into), *inputs], echo=echo)
     else:
         summary = run(
             args.runs,
@@ -239,6 +257,10 @@ def _worker(libfuzzer_args: Sequence[str]) -> NoReturn:
     """The child: the target, instrumented, under libFuzzer, which ends the process when it is done."""
     import atheris  # noqa: PLC0415 - only the child needs it, and before the bridge is imported
 
+    # The bridge's dependencies first: the RegEx hook then sees the bridge's own patterns, not theirs.
+    importlib.import_module("aiohttp.web")
+    importlib.import_module("aiokafka")
+    importlib.import_module("prometheus_client")
     atheris.enabled_hooks.add("RegEx")  # guide inputs through the bridge's regular expressions
     atheris.enabled_hooks.add("str")  # and its startswith/endswith
     with atheris.instrument_imports(include=INSTRUMENTED):

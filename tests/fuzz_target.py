@@ -33,7 +33,7 @@ from yarl import URL
 from bridge import commands
 from bridge.commands import COMMANDS, RoutedCallback
 from bridge.envelope import SCHEMA, Record
-from bridge.errors import BridgeError
+from bridge.errors import BadCallback, BridgeError, ForbiddenApp, Unauthorized
 from bridge.protocol import EXCLUDED_FROM_ENVELOPE, CallbackQuery, fail_body
 from bridge.secret import Secret
 from bridge.server import callback_record, checked_query
@@ -359,11 +359,15 @@ def handler_query(query_string: str) -> list[tuple[str, str]] | None:
 
 def one_input(data: bytes) -> None:
     """The fuzz target: one request from `data`; an exception escaping is a crash."""
+    outcome(data)
+
+
+def outcome(data: bytes) -> Record | BridgeError | None:
+    """What became of the request made of `data`: its record, its refusal, or None if aiohttp's parser
+    refuses it before the bridge sees it."""
     case = case_from(atheris.FuzzedDataProvider(data))
     pairs = handler_query(case.query_string)
-    if pairs is None:
-        return
-    check(case, pairs)
+    return None if pairs is None else check(case, pairs)
 
 
 class Crash(AssertionError):
@@ -375,7 +379,7 @@ def expect(condition: bool, what: str) -> None:
         raise Crash(what)
 
 
-def check(case: Case, pairs: list[tuple[str, str]]) -> None:
+def check(case: Case, pairs: list[tuple[str, str]]) -> Record | BridgeError:
     """Run the request path on one request; it must end in a record or a 4xx `BridgeError`."""
     try:
         query = checked_query(pairs, case.signature, case.sdk_app_ids)
@@ -383,10 +387,42 @@ def check(case: Case, pairs: list[tuple[str, str]]) -> None:
             query, case.body, received_at_ms=NOW_MS, topic_for=TOPIC_FOR, partition_count=lambda _: PARTITIONS
         )
     except BridgeError as error:
-        expect(error.status in REFUSALS, f"answered {error.status}: {error!r}")
-        expect(orjson.loads(fail_body(error))["ErrorInfo"] == error.info, "the FAIL body lost the reason")
-        return
+        check_refused(case, error)
+        return error
     check_accepted(case, query, routed, record)
+    return record
+
+
+def check_refused(case: Case, error: BridgeError) -> None:
+    """A refusal is a bad callback, a failed signature check (only when signing is on) or another app
+    (only with a list of apps), answered 4xx with a FAIL body that encodes."""
+    if isinstance(error, BadCallback):
+        expect(error.status == 400, f"a bad callback answered {error.status}")
+    elif isinstance(error, Unauthorized):
+        expect(case.signature is not None, "a signature refused while signing is off")
+    elif isinstance(error, ForbiddenApp):
+        expect(bool(case.sdk_app_ids), "an app refused while every app is allowed")
+    else:
+        raise Crash(f"answered {error.status}: {error!r}")
+    expect(error.status in REFUSALS, f"answered {error.status}: {error!r}")
+    expect(orjson.loads(fail_body(error))["ErrorInfo"] == error.info, "the FAIL body lost the reason")
+
+
+def expected_topic(command: str) -> str:
+    """The README's table of topics, by the command's family (restated here, not read from the bridge)."""
+    match command.partition(".")[0]:
+        case "OfficialAccount":
+            return "tim.official-account"
+        case "C2C":
+            return "tim.c2c"
+        case "Group":
+            return "tim.group"
+        case "State" | "Profile" | "Sns" | "Follow":
+            return "tim.user"
+        case "Alert" | "Push" | "ContentCallback" | "Bot":
+            return "tim.app"
+        case _:
+            return "tim.unknown"
 
 
 def check_accepted(case: Case, query: CallbackQuery, routed: RoutedCallback, record: Record) -> None:
@@ -400,7 +436,7 @@ def check_accepted(case: Case, query: CallbackQuery, routed: RoutedCallback, rec
         expect(sign.lower() in expected, "a request with a wrong Sign was accepted")
     if case.sdk_app_ids:
         expect(query.sdk_app_id in case.sdk_app_ids, "a request of another app was accepted")
-    expect(record.topic == TOPIC_FOR(routed.topic_group), "the record is not on its family's topic")
+    expect(record.topic == expected_topic(routed.command), "the record is not on its family's topic")
     expect(0 <= record.partition < PARTITIONS, f"partition {record.partition} of {PARTITIONS}")
     expect(bool(record.key), "the record has an empty key")
     expect(0 <= record.timestamp_ms < 2**63, f"timestamp {record.timestamp_ms}")
