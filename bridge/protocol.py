@@ -67,6 +67,8 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
     """Check the query of a callback, given as (name, value) pairs in the order received, repeats included."""
     query: dict[str, str] = {}
     for name, value in pairs:
+        if not (_is_text(name) and _is_text(value)):
+            raise InvalidQuery(f"query parameter {_shorten(name)!r} is not UTF-8 text")
         if name in query:
             raise InvalidQuery(f"query parameter {name!r} is given more than once")
         query[name] = value
@@ -82,6 +84,17 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
         _check_command(command, "query parameter 'CallbackCommand'")
     params = {name: value for name, value in query.items() if name not in EXCLUDED_FROM_ENVELOPE}
     return CallbackQuery(sdk_app_id=sdk_app_id, command=command, params=params, sign=query.get("Sign"))
+
+
+def _is_text(text: str) -> bool:
+    """Whether `text` has no lone surrogate. aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS, or
+    no C extension) decodes the request target with surrogateescape, so a byte that is not UTF-8 reaches
+    the query as one, and the envelope's JSON cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The path of a callback: query (`protocol`) -> signature and app (`signature`, be
 an unauthenticated request costs next to nothing) -> body (`protocol`; one still arriving holds one of
 `--max-pending-bodies` places) -> an in-flight slot (`admission`) -> command (`commands`) -> record
 (`envelope`, `partitioner`) -> Kafka (`publisher`) -> the answer. Every failure is a `BridgeError`, turned
-into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so.
+into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so. The steps before Kafka,
+but for reading the body, are two pure functions, `checked_query` and `callback_record`, which the fuzz
+target (`tests/fuzz_target.py`) drives as the handler does.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.admission import Admission
-from bridge.commands import route
+from bridge.commands import RoutedCallback, TopicGroup, route
 from bridge.dedup import EdgeDedup
-from bridge.envelope import build_record, callback_id
+from bridge.envelope import Record, build_record, callback_id
 from bridge.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -45,7 +47,14 @@ from bridge.metrics import (
 )
 from bridge.outcomes import OUTCOME, Outcome, Outcomes
 from bridge.partitioner import partition_for
-from bridge.protocol import OK_BODY, decode_body, fail_body, parse_query, resolve_command
+from bridge.protocol import (
+    OK_BODY,
+    CallbackQuery,
+    decode_body,
+    fail_body,
+    parse_query,
+    resolve_command,
+)
 from bridge.publisher import KafkaPublisher, Publisher
 from bridge.settings import Settings
 from bridge.signature import SignatureCheck
@@ -124,34 +133,22 @@ async def handle_callback(request: web.Request) -> web.Response:
     app = request.app
     settings, publisher, admission = app[SETTINGS], app[PUBLISHER], app[ADMISSION]
     with admission.enter() as callback:
-        query = parse_query(request.query.items())
-        if SIGNATURE in app:
-            app[SIGNATURE].verify(query.sign, query.params.get("RequestTime"), query.sdk_app_id)
-        if settings.sdk_app_id and query.sdk_app_id not in settings.sdk_app_id:
-            raise ForbiddenApp(f"SdkAppid {query.sdk_app_id} is not an app of this bridge (--sdk-app-id)")
+        query = checked_query(request.query.items(), app.get(SIGNATURE), settings.sdk_app_id)
         raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout, admission)
         # The in-flight slot only now: a client slow to send its body holds a pending-body place, not this.
         callback.take_slot(publisher.abandoned)
         received_at_ms = time.time_ns() // 1_000_000
         # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.
         deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
-        body = decode_body(raw_body)
-        command = resolve_command(query, body)
-        note_command(request, command)
-        routed = route(command, query.sdk_app_id, body)
-        topic = settings.topic_for(routed.topic_group)
-        partitions = publisher.partition_count(topic)
-        if partitions is None:
-            raise BrokerNotReady(f"Kafka is not ready ({publisher.status}); the callback was not written")
-        record = build_record(
-            routed,
-            sdk_app_id=query.sdk_app_id,
-            raw_body=raw_body,
-            query=query.params,
+        routed, record = callback_record(
+            query,
+            raw_body,
             received_at_ms=received_at_ms,
-            topic=topic,
-            partition=partition_for(routed.entity, partitions),
+            topic_for=settings.topic_for,
+            partition_count=publisher.partition_count,
             max_event_age_ms=settings.max_event_age_ms,
+            on_command=lambda command: note_command(request, command),
+            not_ready=lambda: publisher.status,
         )
 
         async def publish(timeout: float) -> None:
@@ -162,6 +159,58 @@ async def handle_callback(request: web.Request) -> web.Response:
         identity = callback_id(query.sdk_app_id, routed.command, routed.key)
         request[OUTCOME] = await app[DEDUP].publish_once(identity, publish, deadline)
     return web.Response(body=OK_BODY, content_type=_JSON)
+
+
+def checked_query(
+    pairs: Iterable[tuple[str, str]], signature: SignatureCheck | None, sdk_app_ids: tuple[str, ...]
+) -> CallbackQuery:
+    """The query of a callback, checked, signed (when `signature` is set) and of one of `sdk_app_ids`
+    (any app when empty): everything the bridge decides before it reads the body. Raises `BridgeError`."""
+    query = parse_query(pairs)
+    if signature is not None:
+        signature.verify(query.sign, query.params.get("RequestTime"), query.sdk_app_id)
+    if sdk_app_ids and query.sdk_app_id not in sdk_app_ids:
+        raise ForbiddenApp(f"SdkAppid {query.sdk_app_id} is not an app of this bridge (--sdk-app-id)")
+    return query
+
+
+def callback_record(
+    query: CallbackQuery,
+    raw_body: bytes,
+    *,
+    received_at_ms: int,
+    topic_for: Callable[[TopicGroup], str],
+    partition_count: Callable[[str], int | None],
+    max_event_age_ms: int,
+    on_command: Callable[[str], None] = lambda _command: None,
+    not_ready: Callable[[], str] = lambda: "no partition count",
+) -> tuple[RoutedCallback, Record]:
+    """The record of a callback whose query is checked: body, command, fields, topic, partition, envelope.
+
+    Pure, no I/O: the whole path from the posted bytes to the record the publisher is given (the fuzz
+    target `tests/fuzz_target.py` drives it with `checked_query`). `on_command` is told the command as
+    soon as it is known; `not_ready` says why when `partition_count` knows no count for the topic. Every
+    refusal is a `BridgeError`.
+    """
+    body = decode_body(raw_body)
+    command = resolve_command(query, body)
+    on_command(command)
+    routed = route(command, query.sdk_app_id, body)
+    topic = topic_for(routed.topic_group)
+    partitions = partition_count(topic)
+    if partitions is None:
+        raise BrokerNotReady(f"Kafka is not ready ({not_ready()}); the callback was not written")
+    record = build_record(
+        routed,
+        sdk_app_id=query.sdk_app_id,
+        raw_body=raw_body,
+        query=query.params,
+        received_at_ms=received_at_ms,
+        topic=topic,
+        partition=partition_for(routed.entity, partitions),
+        max_event_age_ms=max_event_age_ms,
+    )
+    return routed, record
 
 
 async def healthz(_request: web.Request) -> web.Response:
