@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from bridge.settings import build
@@ -296,3 +299,53 @@ def every_environment(native: NativeStack) -> list[dict[str, str]]:
         native.kafka_environment(name) if native.kind(name) == "kafka" else native.bridge_environment(name)
         for name in native.services
     ]
+
+
+# --- the file, loaded by the Compose Specification's reference loader ------------------------------------
+
+COMPOSE_CHECK = Path(__file__).parent / "compose_check"
+
+
+def compose_check() -> Path:
+    """tests/compose_check built with Go (compose-go, which `docker compose config` uses), cached by hash."""
+    sources = [*sorted(COMPOSE_CHECK.glob("*.go")), COMPOSE_CHECK / "go.mod", COMPOSE_CHECK / "go.sum"]
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+    target = jars.cache_root() / f"composecheck-{key}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f"{target.name}.{os.getpid()}")
+        env = os.environ | {"GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"}
+        result = subprocess.run(
+            ["go", "build", "-o", str(staging), "."],  # noqa: S607 - go from PATH, as a developer runs it
+            cwd=COMPOSE_CHECK,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, f"go build failed:\n{result.stdout}{result.stderr}"
+        staging.rename(target)
+    return target
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="the compose-go check needs Go (tests/compose_check)")
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_compose_go_loads_the_file_and_resolves_what_the_native_run_starts(profile: str) -> None:
+    clean = {name: value for name, value in os.environ.items() if not name.startswith(("BRIDGE_", "KAFKA_"))}
+    profiles = PROFILES[profile]
+    result = subprocess.run(
+        [str(compose_check()), str(compose.COMPOSE_FILE), *profiles],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = yaml.safe_load(result.stdout)["services"]
+    native = NativeStack(Path("/nonexistent"), profiles)
+    assert set(loaded) == set(native.services)
+    for name, service in native.services.items():
+        resolved = compose.service_environment(service, {})
+        assert (loaded[name].get("environment") or {}) == resolved, name
