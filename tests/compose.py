@@ -445,7 +445,7 @@ class NativeStack:
             cluster=env["CLUSTER_ID"],
             client_port=self.kafka_client_port(name),
             exact_properties=properties,
-            standalone=False,  # the image formats with the cluster id only
+            standalone=False,  # the image formats with the cluster id only, never --standalone
         )
 
     def _start_bridge(self, name: str) -> None:
