@@ -165,7 +165,7 @@ def test_the_topics_service_runs_ensure_and_the_bridge_waits_for_it_and_a_health
 @pytest.mark.parametrize(("service", "command"), [("bridge", "serve"), ("topics", "topics")])
 def test_compose_sets_only_bridge_settings_with_values_the_bridge_accepts(service: str, command: str) -> None:
     env = env_of(service)
-    assert set(env) <= OPTION_ENVS
+    assert set(env) <= OPTION_ENVS | set(PLANNED_ENVS)
     settings = build(command, {}, env)
     for server in settings.bootstrap_servers:
         host, port = server.rsplit(":", 1)

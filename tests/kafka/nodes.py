@@ -99,12 +99,21 @@ class KafkaNode:
         voters: str | None = None,
         properties: Mapping[str, str] | None = None,
         short_lived: bool = False,
+        exact_properties: Mapping[str, str] | None = None,
+        standalone: bool = False,
     ) -> None:
         """`voters` is the static quorum (`1@host:port,...`); without it the node is a quorum of its own.
 
         `advertised_port` is the client port the node tells clients to use (a proxy's); `properties` are
         laid over the defaults; `short_lived` trades peak speed for a quicker start.
+
+        `exact_properties` replace all of that, verbatim (a configuration derived elsewhere, such as a
+        compose file's); `client_port` is then the port to wait for, and the storage is formatted for that
+        configuration itself: with the cluster id only (a static quorum, a broker-only node), or also with
+        `--standalone` if `standalone` (a controller that bootstraps a dynamic quorum of its own).
         """
+        if exact_properties is not None and properties is not None:
+            raise ValueError("give `properties` (laid over the defaults) or `exact_properties`, not both")
         self.directory = directory
         self.node_id = node_id
         self.cluster = cluster or _CLUSTER_ID
@@ -115,6 +124,8 @@ class KafkaNode:
         self.voters = voters
         self.extra = dict(properties or {})
         self.short_lived = short_lived
+        self.exact = None if exact_properties is None else dict(exact_properties)
+        self.standalone = standalone
         self.process: subprocess.Popen[bytes] | None = None
         self.formatted = False
 
@@ -131,6 +142,8 @@ class KafkaNode:
         return self.directory / "server.log"
 
     def properties(self) -> dict[str, str]:
+        if self.exact is not None:
+            return dict(self.exact)
         single = self.voters is None
         replication = "1" if single else "3"
         result = {
@@ -179,6 +192,18 @@ class KafkaNode:
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "server.properties"
+        if self.exact is not None:  # its own storage layout, formatted for exactly this configuration
+            config.write_text(_properties_text(self.exact))
+            command = [*self._java(heap="128m"), "kafka.tools.StorageTool", "format"]
+            command += ["--cluster-id", self.cluster, "--config", str(config)]
+            if self.standalone:
+                command.append("--standalone")
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+            if result.returncode != 0:
+                output = result.stdout + result.stderr
+                raise KafkaNodeError(f"formatting node {self.node_id} failed:\n{output}")
+            self.formatted = True
+            return
         config.write_text(_properties_text(self.properties()))
         shutil.copytree(self._template(), self.data_dir, dirs_exist_ok=True)
         self.formatted = True
