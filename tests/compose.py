@@ -40,13 +40,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 
 from bridge.embedded import free_port
-from tests.kafka.nodes import KafkaNode
+from tests.kafka.nodes import KafkaNode, Started
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -315,7 +314,7 @@ START_TIMEOUT_S = 60.0
 ONE_SHOT_TIMEOUT_S = 60.0
 
 
-class NativeStack:
+class NativeStack(Started):
     """The services of `profiles`, started natively in `directory`: Kafka nodes and bridge processes.
 
     A context manager: `start()` on entry, `stop()` on exit, whatever happened.
@@ -489,18 +488,6 @@ class NativeStack:
                 return
             time.sleep(0.2)
         raise ComposeError(f"{name} was not healthy in {START_TIMEOUT_S:g} s:\n{self.log(name)}")
-
-    def __enter__(self) -> NativeStack:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _dockerfile_entrypoint() -> list[str]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from bridge.embedded import free_port
 from tests.kafka import jars
@@ -79,11 +80,33 @@ def _port_open(port: int) -> bool:
     return False
 
 
+class Started:
+    """A context manager over `start()` and `stop()`; `stop()` runs too when `start()` fails part way."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
 class KafkaNodeError(RuntimeError):
     """A node could not be formatted or did not start."""
 
 
-class KafkaNode:
+class KafkaNode(Started):
     """One combined broker+controller node. A context manager: formats, starts, waits, and kills on exit."""
 
     def __init__(
@@ -309,20 +332,8 @@ class KafkaNode:
             raise KafkaNodeError(f"node {self.node_id} is not running")
         os.kill(self.process.pid, signum)
 
-    def __enter__(self) -> KafkaNode:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class KafkaCluster:
+class KafkaCluster(Started):
     """Three combined nodes with a static quorum: replication factor 3, `min.insync.replicas` 2."""
 
     def __init__(
@@ -369,15 +380,3 @@ class KafkaCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> KafkaCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
