@@ -7,6 +7,11 @@ produce request in flight per broker, the bridge hands a broker new batches once
 ones it was given: meanwhile records keep filling the next batches. One task hands over, in one turn of the
 event loop, the batches of every partition that is free, so the producer's sender wakes once for them all.
 When the broker acknowledges a batch (acks=all), one callback resolves the futures of all its records.
+
+A batch is handed over only for a topic the producer's metadata holds. aiokafka asks the broker for an
+unknown topic by name, and such a metadata request lets a broker with `auto.create.topics.enable` create the
+topic anew, with the broker's default partition count: the producer must never send one, so the bridge
+answers such records as not written instead.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import asyncio
 import copy
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
 from bridge.envelope import Record
 
@@ -29,6 +35,45 @@ log = logging.getLogger(__name__)
 Partition = tuple[str, int]
 # A broker's node id; -1 or None when the partition has no leader or is unknown.
 Leader = int | None
+
+BATCH_BYTES = 16384
+"""The producer's batch size (aiokafka's default, set explicitly): a batch of several records stays within
+it; a record larger than it travels in a batch of its own."""
+_CODECS = {
+    "none": DefaultRecordBatch.CODEC_NONE,
+    "gzip": DefaultRecordBatch.CODEC_GZIP,
+    "snappy": DefaultRecordBatch.CODEC_SNAPPY,
+    "lz4": DefaultRecordBatch.CODEC_LZ4,
+    "zstd": DefaultRecordBatch.CODEC_ZSTD,
+}
+
+
+# A batch's header, and at most 5 bytes for each varint of a record: its length, attributes, offset and
+# timestamp deltas, key and value lengths, header count.
+_BATCH_HEADER_BYTES, _RECORD_OVERHEAD_BYTES = 61, 7 * 5
+
+
+def _headers(record: Record) -> list[tuple[str, bytes | None]]:
+    return list(record.headers)
+
+
+def record_bytes(record: Record) -> int:
+    """At most how many bytes `record` takes in a batch of its own, uncompressed (and so at most what it
+    adds to a batch). A bound, not aiokafka's exact count, which costs several times more per callback."""
+    size = _BATCH_HEADER_BYTES + _RECORD_OVERHEAD_BYTES + len(record.key) + len(record.value)
+    for name, value in record.headers:
+        size += 10 + 4 * len(name) + len(value)  # two varints, and a name's UTF-8 at most 4 bytes a character
+    return size
+
+
+def batch_bytes(record: Record, compression: str) -> int:
+    """The exact size on the wire of a batch holding only `record`: what the broker compares with a topic's
+    `max.message.bytes`. aiokafka sends a batch uncompressed when compression would not make it smaller, so
+    `record_bytes` bounds this too: callers build the batch only for a record that bound puts over a limit."""
+    codec = _CODECS[compression]
+    builder = DefaultRecordBatchBuilder(2, codec, 0, -1, -1, -1, BATCH_BYTES)
+    builder.append(0, record.timestamp_ms, key=record.key, value=record.value, headers=_headers(record))
+    return len(builder.build())
 
 
 class NotHandedOver(Exception):
@@ -40,15 +85,23 @@ class NotHandedOver(Exception):
 
 
 class Expired(Exception):
-    """The callback's deadline passed before the broker confirmed its record, which may still land."""
+    """The callback's deadline passed before the broker confirmed its record, which may still land.
+
+    `fate` resolves once the record's end is known: True if it landed after all, False if it was given up.
+    """
+
+    def __init__(self, fate: asyncio.Future[bool]) -> None:
+        super().__init__()
+        self.fate = fate
 
 
 class _Batch:
-    __slots__ = ("builder", "waiters")
+    __slots__ = ("builder", "handed_over", "waiters")
 
     def __init__(self, builder: Any) -> None:
         self.builder = builder
         self.waiters: list[asyncio.Future[None]] = []
+        self.handed_over = False
 
 
 class PartitionBatches:
@@ -59,12 +112,16 @@ class PartitionBatches:
         producer: AIOKafkaProducer,
         on_abandoned: Callable[[bool | None], None],
         on_queued: Callable[[int], None] | None = None,
+        batch_limits: Mapping[str, int] | None = None,
     ) -> None:
-        """`on_abandoned(None)` is told of each record whose callback expired, then `on_abandoned(landed)`
-        of how it ended; `on_queued(n)` of records handed to the producer (n > 0) and settled (n < 0)."""
+        """`on_abandoned(None)` is told of each record whose callback stopped waiting (expired, or its
+        handler was cancelled), then `on_abandoned(landed)` of how it ended; `on_queued(n)` of records
+        handed to the producer (n > 0) and settled (n < 0). `batch_limits` gives the topics whose
+        `max.message.bytes` is below `BATCH_BYTES`: their batches are cut at that size."""
         self._producer = producer
         self._on_abandoned = on_abandoned
         self._on_queued = on_queued
+        self._batch_limits = dict(batch_limits or {})
         self._queues: dict[Partition, deque[_Batch]] = {}
         """Batches not yet handed to the producer, oldest first."""
         self._in_producer: dict[
@@ -79,10 +136,10 @@ class PartitionBatches:
         self._leaders: dict[Partition, Leader] = {}
         self._known_topics: dict[str, bool] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._stragglers: set[asyncio.Task[None]] = set()
         self._emptied = asyncio.Event()
         self._emptied.set()
-        self._abandoned: set[asyncio.Future[None]] = set()
+        self._abandoned: dict[asyncio.Future[None], asyncio.Future[bool] | None] = {}
+        """Waiters whose callback stopped waiting, with the future that tells an expired one's fate."""
         self._closed: BaseException | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -96,7 +153,7 @@ class PartitionBatches:
         if queue is None:
             queue = self._queues[partition] = deque()
             self._emptied.clear()
-        if not queue or not self._append(queue[-1], record):
+        if not queue or not self._fits(queue[-1], record) or not self._append(queue[-1], record):
             batch = _Batch(self._producer.create_batch())
             queue.append(batch)
             self._append(batch, record)  # the first record always fits, however large
@@ -110,9 +167,21 @@ class PartitionBatches:
         Failing the waiter here, rather than cancelling it, marks it abandoned in the same step: its
         batch cannot settle in between unnoticed."""
         if not waiter.done():
-            waiter.set_exception(Expired())
-            self._abandoned.add(waiter)
+            fate = self._loop.create_future()
+            waiter.set_exception(Expired(fate))
+            self._abandoned[waiter] = fate
             self._on_abandoned(None)
+
+    def abandon(self, waiter: asyncio.Future[None]) -> None:
+        """The callback's handler was cancelled while waiting for `waiter` (at shutdown): follow its record
+        to its end as if it had expired. A record settled in the same turn is reported at once."""
+        if waiter in self._abandoned:
+            return  # expired just before
+        self._on_abandoned(None)
+        if waiter.cancelled() or not waiter.done():
+            self._abandoned[waiter] = None
+        else:
+            self._on_abandoned(waiter.exception() is None)
 
     def metadata_changed(self) -> None:
         """The cluster's metadata changed: look the topics and the partitions' leaders up again."""
@@ -127,9 +196,8 @@ class PartitionBatches:
         """Take no more records and give up on every batch not yet handed to the producer: their records
         were not written."""
         self._closed = reason
-        for task in (self._flusher, *self._stragglers):
-            if task is not None:
-                task.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
         queues, self._queues = self._queues, {}
         for queue in queues.values():
             for batch in queue:
@@ -141,9 +209,18 @@ class PartitionBatches:
         """The producer is stopped: whatever it still holds will never be settled by it, so settle it now.
 
         aiokafka resolves nothing when its sender task ends without an error (cancelled, say). Such
-        records may have reached the broker: the error is ambiguous."""
+        records may have reached the broker: the error is ambiguous. A batch the broker acknowledged while
+        the producer stopped is settled by that answer: its done callback may not have run yet."""
         for delivery in list(self._in_producer):
-            self._acknowledged(delivery, KafkaConnectionError(reason))
+            if delivery.done():
+                self._acknowledged(delivery)
+            else:
+                self._acknowledged(delivery, KafkaConnectionError(reason))
+
+    def _fits(self, batch: _Batch, record: Record) -> bool:
+        """Whether `record` may join `batch` within its topic's `max.message.bytes`, when that is small."""
+        limit = self._batch_limits.get(record.topic) if self._batch_limits else None
+        return limit is None or batch.builder.size() + record_bytes(record) <= limit
 
     def _append(self, batch: _Batch, record: Record) -> bool:
         metadata = batch.builder.append(
@@ -180,29 +257,36 @@ class PartitionBatches:
     async def _flush(self) -> None:
         """Hand over the oldest batch of each free partition (see `_free`)."""
         self._round = round_ = self._round + 1
+        batch: _Batch | None = None
+        claimed: tuple[Partition, Leader] | None = None
         try:
             for partition in list(self._queues):
                 queue = self._queues.get(partition)
                 if not queue or not self._free(partition, round_):
                     continue
-                batch = queue.popleft()  # records arriving from now on start the next batch
+                batch, claimed = queue.popleft(), None  # records arriving from now on start the next batch
                 if not queue:
                     del self._queues[partition]
+                if not self._topic_known(partition[0]):
+                    unknown = UnknownTopicOrPartitionError(f"topic {partition[0]} is not in the metadata")
+                    self._settle(batch.waiters, NotHandedOver(unknown))
+                    batch = None
+                    continue
                 leader = self._leader(partition)
                 self._busy.add(partition)
                 self._answering[leader] = round_
-                if self._topic_known(partition[0]):
-                    # At once: aiokafka holds no batch of this partition, and knows its topic.
-                    await self._hand_over(partition, leader, round_, batch)
-                else:  # aiokafka will wait for the topic's metadata: not in this round, which others share
-                    handing = self._hand_over(partition, leader, round_, batch)
-                    straggler = self._loop.create_task(handing, name="kafka-batch")
-                    self._stragglers.add(straggler)
-                    straggler.add_done_callback(self._stragglers.discard)
+                claimed = partition, leader
+                # At once: aiokafka holds no batch of this partition, and knows its topic.
+                await self._hand_over(partition, leader, round_, batch)
+                batch = None  # handed over, or settled by `_hand_over`
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug: say so; the next record or acknowledgement starts a new round
+        except Exception as exc:  # a bug: say so; the next record or acknowledgement starts a new round
             log.exception("unexpected failure while handing batches to the Kafka producer")
+            if batch is not None and not batch.handed_over:  # its records were not written: say so now
+                if claimed is not None:
+                    self._released(*claimed, round_)
+                self._settle(batch.waiters, NotHandedOver(exc))
             return  # not at once: a failure that repeats would go round and round
         finally:
             self._flusher = None
@@ -221,6 +305,7 @@ class PartitionBatches:
             self._released(partition, leader, round_)
             self._settle(batch.waiters, NotHandedOver(exc))
             return
+        batch.handed_over = True
         self._in_producer[delivery] = (partition, leader, round_, batch.waiters)
         delivery.add_done_callback(self._acknowledged)
         if self._on_queued is not None:
@@ -265,5 +350,7 @@ class PartitionBatches:
                     # One instance per waiter: each is raised in its own task, with its own traceback.
                     waiter.set_exception(copy.copy(error))
             elif waiter in self._abandoned:
-                self._abandoned.discard(waiter)
+                fate = self._abandoned.pop(waiter)
+                if fate is not None:
+                    fate.set_result(error is None)
                 self._on_abandoned(error is None)

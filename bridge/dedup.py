@@ -5,6 +5,10 @@ often arrives while the first is still waiting for the broker. The copy waits fo
 instead of writing again; a copy of one confirmed within the window is answered at once. This is an
 optimisation, not a guarantee: restarts, several replicas and ambiguous outcomes still let duplicates into
 Kafka, so consumers deduplicate by key too.
+
+A copy that stops waiting without an answer of its own (its deadline passed, or its handler was cancelled
+at shutdown) is an ambiguous answer whose record is the first write's: it is counted `ambiguous_landed` or
+`ambiguous_lost` as that write ends.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bridge.envelope import CallbackId
-from bridge.errors import DeliveryTimeout
-from bridge.outcomes import Outcome
+from bridge.errors import DeliveryTimeout, Unavailable
+from bridge.outcomes import Outcome, Outcomes
 
 
 @dataclass
 class _Write:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     confirmed: bool = False
+    failure: BaseException | None = None
+    followers: int = 0
+    """Copies answered ambiguous while this write went on: each ends as this write's record ends."""
 
 
 class EdgeDedup:
@@ -44,11 +51,14 @@ class EdgeDedup:
         max_keys: int,
         max_bytes: int = 32 << 20,
         clock: Callable[[], float] = time.monotonic,
+        outcomes: Outcomes | None = None,
     ) -> None:
+        """`outcomes` is told how the records of copies answered ambiguous ended."""
         self._window_s = window_s
         self._max_keys = max_keys
         self._max_bytes = max_bytes
         self._clock = clock
+        self._outcomes = outcomes
         self._confirmed: OrderedDict[CallbackId, float] = OrderedDict()
         self._writing: dict[CallbackId, _Write] = {}
         self.remembered_bytes = 0
@@ -72,11 +82,15 @@ class EdgeDedup:
                 async with asyncio.timeout_at(deadline):
                     await earlier.settled.wait()
             except TimeoutError:
+                self._follow(earlier)
                 raise DeliveryTimeout(
                     "an identical callback is still waiting for Kafka's confirmation; this copy is not "
                     "acknowledged",
                     ambiguous=True,
                 ) from None
+            except asyncio.CancelledError:
+                self._follow(earlier)
+                raise
             if earlier.confirmed:
                 return Outcome.DUPLICATE_IN_FLIGHT
             # The earlier write failed: this copy tries for itself, unless another copy already does.
@@ -85,10 +99,41 @@ class EdgeDedup:
             await publish(max(deadline - loop.time(), 0.0))
             write.confirmed = True
             self._remember(callback_id)
+        except BaseException as exc:
+            write.failure = exc
+            raise
         finally:
             write.settled.set()
             del self._writing[callback_id]
+            if write.followers:
+                self._settle_followers(write, write.followers)
         return Outcome.CONFIRMED
+
+    def _follow(self, write: _Write) -> None:
+        """A copy of `write` stopped waiting: its record is that write's; count how it ends."""
+        if write.settled.is_set():
+            self._settle_followers(write, 1)  # it ended in the same turn
+        else:
+            write.followers += 1
+
+    def _settle_followers(self, write: _Write, count: int) -> None:
+        outcomes = self._outcomes
+        if outcomes is None:
+            return
+
+        def ended(landed: bool) -> None:
+            for _ in range(count):
+                outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
+
+        failure = write.failure
+        if write.confirmed:
+            ended(True)
+        elif isinstance(failure, Unavailable) and failure.ambiguous and failure.fate is not None:
+            failure.fate.add_done_callback(lambda fate: ended(fate.result()))
+        else:
+            # Not written, a bug, or the write's own handler cancelled: the producer follows that record
+            # for the write itself, but not for its copies, which count it as lost.
+            ended(False)
 
     def _confirmed_recently(self, callback_id: CallbackId) -> bool:
         confirmed_at = self._confirmed.get(callback_id)

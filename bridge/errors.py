@@ -8,6 +8,8 @@ Tencent gives meaning to for "before" callbacks (1 rejects the user's action, 2 
 
 from __future__ import annotations
 
+import asyncio
+
 
 class BridgeError(Exception):
     """A failure that the bridge answers with a FAIL body and never a 200."""
@@ -120,25 +122,44 @@ class BodyTooLarge(BridgeError):
     error_code = 41300
 
 
-class PublishError(BridgeError):
-    """Kafka did not confirm the write; the callback may be sent again.
+class RecordTooLarge(BridgeError):
+    """The callback's record is larger than its topic takes (`max.message.bytes`, read at start): the broker
+    would refuse it, so it is not sent. A 413, not a 503: sending it again cannot help until the topic's
+    limit is raised, and the answer must say that nothing was written."""
 
-    `ambiguous` is true when the record may still land although the answer is 503: it was handed to the
-    producer, and the broker may have appended it (a timeout, a connection lost after sending, an error
-    the broker gives after appending).
+    status = 413
+    error_code = 41301
+
+
+class Unavailable(BridgeError):
+    """A 503: the callback was not acknowledged, and may be sent again.
+
+    `ambiguous` is true when the record may still land although the answer is 503. `fate`, when set, is
+    resolved once that is settled: True if the record landed after all, False if it was given up.
     """
 
     status = 503
     error_code = 50300
     retriable = True
 
-    def __init__(self, info: str, *, ambiguous: bool = False) -> None:
+    def __init__(
+        self, info: str, *, ambiguous: bool = False, fate: asyncio.Future[bool] | None = None
+    ) -> None:
         super().__init__(info)
         self.ambiguous = ambiguous
+        self.fate = fate
+
+
+class PublishError(Unavailable):
+    """Kafka did not confirm the write: the one kind of 503 that `bridge_publish_errors_total` counts.
+
+    Ambiguous when the record was handed to the producer and the broker may have appended it (a timeout, a
+    connection lost after sending, an error the broker gives after appending).
+    """
 
 
 class BrokerNotReady(PublishError):
-    """The producer is not connected, or the bridge's topics are missing."""
+    """The producer is not connected, or the bridge's topics are missing or not as at start."""
 
     error_code = 50301
 
@@ -155,20 +176,21 @@ class BrokerRejected(PublishError):
     error_code = 50303
 
 
-class Overloaded(PublishError):
+class Overloaded(Unavailable):
     """`--max-in-flight` callbacks are already waiting for the broker."""
 
     error_code = 50304
 
 
-class ShuttingDown(PublishError):
+class ShuttingDown(Unavailable):
     """The bridge is stopping and takes no new callbacks."""
 
     error_code = 50305
 
 
-class InternalError(PublishError):
-    """A bug in the bridge. Where in the path it struck is unknown, so the outcome is ambiguous."""
+class InternalError(Unavailable):
+    """A bug in the bridge. Where in the path it struck is unknown, so the outcome is ambiguous, and its
+    record, if any, cannot be followed: it counts as lost at once."""
 
     error_code = 50399
 

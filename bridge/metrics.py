@@ -141,7 +141,7 @@ class Metrics:
         )
         yield _counter(
             "bridge_publish_errors",
-            "Writes to Kafka that failed, by kind: not_ready, delivery_timeout, a Kafka error.",
+            "Writes Kafka did not confirm, by kind: not_ready, delivery_timeout, a Kafka error.",
             ("kind",),
             {(kind,): count for kind, count in self.publish_errors.items()},
         )
@@ -161,7 +161,7 @@ class Metrics:
         )
         yield GaugeMetricFamily(
             "bridge_broker_ready",
-            "1 when the producer is connected and every topic exists, else 0.",
+            "1 when the producer is connected and every topic exists as at start, else 0.",
             value=1 if self._is_ready() else 0,
         )
         yield GaugeMetricFamily(

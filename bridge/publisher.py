@@ -3,6 +3,16 @@
 `KafkaPublisher.start()` returns at once and connects in the background, so the bridge serves `/healthz`
 and answers callbacks with 503 while the brokers are unreachable or its topics are missing; it becomes
 ready by itself. Every await on aiokafka runs under a deadline.
+
+Readiness also needs every topic as it was at start: present, with the partition count read when the bridge
+first became ready (`partition_for` maps entities with it, so a changed count would remap accounts). The
+probe checks that every second from metadata of every topic; a topic gone or changed makes the bridge not
+ready, its callbacks get 503 "not written", and the log says why. The bridge never asks for a topic's
+metadata by name (see `bridge.batching`): a broker with `auto.create.topics.enable` creates a topic so asked
+for, which after a deletion would bring it back with the broker's default partition count.
+
+At each connection the topics' `max.message.bytes` is read (DescribeConfigs): a record larger than its
+topic takes is answered 413 before it is sent, rather than refused by the broker after the hand-over.
 """
 
 from __future__ import annotations
@@ -17,13 +27,20 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from bridge.batching import Expired, NotHandedOver, PartitionBatches
+from bridge.batching import (
+    BATCH_BYTES,
+    Expired,
+    NotHandedOver,
+    PartitionBatches,
+    batch_bytes,
+    record_bytes,
+)
 from bridge.envelope import Record
-from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, describe
+from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, RecordTooLarge, describe
 from bridge.kafka_security import kafka_connection_options
 from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
-from bridge.topics import create_topics, how_to_create, max_record_bytes
+from bridge.topics import create_topics, how_to_create, max_message_bytes, max_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +72,8 @@ class Publisher(Protocol):
     def partition_count(self, topic: str) -> int | None: ...
 
     async def publish(self, record: Record, timeout: float) -> None:
-        """Return once the broker has confirmed the record with acks=all; raise `PublishError` otherwise."""
+        """Return once the broker has confirmed the record with acks=all; raise `PublishError` otherwise,
+        or `RecordTooLarge` for a record its topic would refuse."""
         ...
 
 
@@ -74,8 +92,13 @@ class KafkaPublisher:
         self._on_queued = on_queued
         self._producer: AIOKafkaProducer | None = None
         self._batches: PartitionBatches | None = None
-        self._partition_counts: dict[str, int] = {}
+        self._start_partitions: dict[str, int] = {}
+        """Each topic's partition count when the bridge first became ready: the one `partition_for` uses."""
+        self._topic_problems: dict[str, str] = {}
+        """Topics gone or changed since start, and what is wrong with each: their callbacks get 503."""
         self._max_record_bytes = max_record_bytes(settings)
+        self._record_limits: dict[str, int] = {}
+        """Each topic's `max.message.bytes`, where the broker told it and it is below the bridge's own."""
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
         self._abandoned = 0
@@ -85,7 +108,12 @@ class KafkaPublisher:
     @property
     def ready(self) -> bool:
         producer = self._producer
-        return producer is not None and self._answering and bool(producer.client.cluster.brokers())
+        return (
+            producer is not None
+            and self._answering
+            and not self._topic_problems
+            and bool(producer.client.cluster.brokers())
+        )
 
     @property
     def abandoned(self) -> int:
@@ -93,21 +121,56 @@ class KafkaPublisher:
 
     @property
     def status(self) -> str:
-        return "ready" if self.ready else self._status
+        if self.ready:
+            return "ready"
+        if self._producer is not None and self._answering and self._topic_problems:
+            return "; ".join(self._topic_problems.values())
+        return self._status
 
     def partition_count(self, topic: str) -> int | None:
-        return self._partition_counts.get(topic) if self._producer is not None else None
+        if self._producer is None or topic in self._topic_problems:
+            return None
+        return self._start_partitions.get(topic)
 
-    def _count_partitions(self, cluster: ClusterMetadata) -> None:
-        """Keep the partition counts of the topics at hand: aiokafka builds a set each time it is asked."""
-        counts = {}
-        for topic in self._settings.topics:
-            partitions = cluster.partitions_for_topic(topic)
-            if partitions:
-                counts[topic] = len(partitions)
-        self._partition_counts = counts
+    def _metadata_changed(self, cluster: ClusterMetadata) -> None:
+        """The producer's metadata changed (every topic's, as it never names one): look at the topics."""
+        self._check_topics(cluster)
         if self._batches is not None:
             self._batches.metadata_changed()
+
+    def _check_topics(self, cluster: ClusterMetadata) -> None:
+        """Compare the topics in `cluster`, metadata of every topic, with the start; log what changed."""
+        problems = {}
+        for topic in self._settings.topics:
+            partitions = cluster.partitions_for_topic(topic)
+            at_start = self._start_partitions.get(topic)
+            if not partitions:
+                problems[topic] = f"topic {topic} is missing"
+            elif at_start is not None and len(partitions) != at_start:
+                problems[topic] = (
+                    f"topic {topic} has {len(partitions)} partitions, not the {at_start} it had at start"
+                )
+        if problems == self._topic_problems:
+            return
+        for topic, problem in problems.items():
+            if self._topic_problems.get(topic) == problem:
+                continue
+            if topic not in cluster.topics():
+                hint = (
+                    "its callbacks get 503 until it is back. The bridge does not re-create a topic while it "
+                    "runs, and the broker must not either (auto.create.topics.enable=false): create it again "
+                    f"with {self._start_partitions.get(topic, self._settings.partitions)} partitions, e.g. "
+                    "with `bridge topics ensure`"
+                )
+            else:
+                hint = (
+                    "a changed count maps accounts to other partitions, so its callbacks get 503 until the "
+                    "bridge is restarted to take the new count"
+                )
+            log.error("not ready: %s; %s", problem, hint)
+        for topic in self._topic_problems.keys() - problems.keys():
+            log.info("topic %s is back as at start, with %d partitions", topic, self._start_partitions[topic])
+        self._topic_problems = problems
 
     async def start(self) -> None:
         self._connector = asyncio.create_task(self._supervise(), name="kafka-producer")
@@ -135,7 +198,7 @@ class KafkaPublisher:
         self, producer: AIOKafkaProducer, batches: PartitionBatches, reason: str, timeout: float
     ) -> None:
         """Stop `producer` and settle every record it and `batches` still hold."""
-        producer.client.cluster.remove_listener(self._count_partitions)
+        producer.client.cluster.remove_listener(self._metadata_changed)
         batches.close(KafkaConnectionError(reason))
         await self._stop(producer, timeout)
         batches.abort_in_producer(reason)
@@ -148,33 +211,56 @@ class KafkaPublisher:
             raise DeliveryTimeout(
                 "no time was left to write the callback; it was not written", ambiguous=False
             )
-        if len(record.key) + len(record.value) > self._max_record_bytes:
-            raise BrokerRejected(
-                f"the record is larger than the producer's limit of {self._max_record_bytes} bytes; the "
-                "callback was not written",
-                ambiguous=False,
-            )
+        self._check_size(record)
         try:
             delivery = batches.add(record)
         except NotHandedOver as exc:
             raise self._not_written(exc) from None
-        deadline = asyncio.get_running_loop().call_later(timeout, batches.expire, delivery)
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(timeout, batches.expire, delivery)
         try:
             await delivery
-        except Expired:
-            # The record stays queued: it may still be written after this answer.
+        except Expired as exc:
+            # The record stays queued: it may still be written after this answer, and is followed.
             raise DeliveryTimeout(
                 f"Kafka did not confirm the write within {timeout:.3g} s; the callback is not acknowledged",
                 ambiguous=True,
+                fate=exc.fate,
             ) from None
         except NotHandedOver as exc:
             raise self._not_written(exc) from None
         except KafkaError as exc:
             # A batch handed to the producer may have been appended by an attempt whose answer was lost;
-            # aiokafka retries and reports only the last attempt's error. So: ambiguous.
-            raise BrokerRejected(f"Kafka refused the write: {describe(exc)}", ambiguous=True) from None
+            # aiokafka retries and reports only the last attempt's error. So: ambiguous, and given up.
+            self._outcomes.record(Outcome.AMBIGUOUS_LOST)
+            given_up = loop.create_future()
+            given_up.set_result(False)
+            raise BrokerRejected(
+                f"Kafka refused the write: {describe(exc)}", ambiguous=True, fate=given_up
+            ) from None
+        except asyncio.CancelledError:
+            batches.abandon(delivery)  # the handler was cancelled (at shutdown): follow the record still
+            raise
         finally:
             deadline.cancel()
+
+    def _check_size(self, record: Record) -> None:
+        """Refuse a record its topic would refuse (`max.message.bytes`), or over the bridge's own limit."""
+        limit = self._record_limits.get(record.topic, self._max_record_bytes)
+        if record_bytes(record) <= limit:
+            return
+        size = batch_bytes(record, self._settings.compression)
+        if size <= limit:
+            return
+        whose = (
+            f"topic {record.topic}'s max.message.bytes"
+            if record.topic in self._record_limits
+            else "the bridge's limit (twice --max-body-bytes plus 64 KiB)"
+        )
+        raise RecordTooLarge(
+            f"the callback's record takes {size} bytes, more than {whose} of {limit}; the callback was not "
+            "written"
+        )
 
     @staticmethod
     def _not_written(exc: NotHandedOver) -> BrokerNotReady:
@@ -191,24 +277,57 @@ class KafkaPublisher:
         self._outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
 
     async def _supervise(self) -> None:
-        """Connect; probe the broker while connected; when the producer dies, drop it and build a new one."""
+        """Connect; probe the broker while connected; when the producer dies, drop it and build a new one.
+
+        Whatever fails here is logged and followed by a new producer: the supervisor never ends by itself,
+        which would leave `/readyz` saying ready with no one watching the producer."""
         while True:
-            producer = await self._connect()
-            batches = PartitionBatches(producer, self._abandoned_changed, self._on_queued)
-            self._count_partitions(producer.client.cluster)
-            producer.client.cluster.add_listener(self._count_partitions)
-            self._producer, self._batches = producer, batches
-            self._status, self._answering = "ready", True
-            probing = asyncio.create_task(self._probe(producer), name="kafka-probe")
             try:
-                failure = await _wait_for_death(producer)
-            finally:
-                probing.cancel()
-                await asyncio.wait({probing})
-            self._producer, self._batches = None, None
-            self._status = f"the Kafka producer failed ({failure}); building a new one"
-            log.error("%s", self._status)
-            await self._retire(producer, batches, self._status, self._settings.shutdown_timeout)
+                await self._run_producer()
+            except Exception:
+                self._status = "the Kafka producer's supervisor failed; building a new producer"
+                log.exception("%s", self._status)
+                await asyncio.sleep(_RETRY_MAX_S)
+
+    async def _run_producer(self) -> None:
+        """Connect a producer, serve with it until it dies, and retire it."""
+        producer = await self._connect()
+        try:
+            batches = PartitionBatches(
+                producer,
+                self._abandoned_changed,
+                self._on_queued,
+                batch_limits={t: n for t, n in self._record_limits.items() if n < BATCH_BYTES},
+            )
+            if not self._start_partitions:
+                cluster = producer.client.cluster
+                self._start_partitions = {
+                    t: len(cluster.partitions_for_topic(t)) for t in self._settings.topics
+                }
+            self._check_topics(producer.client.cluster)  # a producer rebuilt later may find a topic changed
+            producer.client.cluster.add_listener(self._metadata_changed)
+        except BaseException:
+            await self._stop(producer, self._settings.shutdown_timeout)
+            raise
+        self._producer, self._batches = producer, batches
+        self._status, self._answering = "ready", True
+        probing = asyncio.create_task(self._probe(producer), name="kafka-probe")
+        rebuild_after = 0.0
+        try:
+            failure = await _wait_for_death(producer)
+        except Exception as exc:
+            # aiokafka changed under the bridge (say, renamed `_sender`): without a watch, a dead producer
+            # would go unnoticed. Rebuild, after a pause, so that a watch failing at once does not spin.
+            log.exception("cannot watch the Kafka producer for failure")
+            failure, rebuild_after = f"it cannot be watched: {describe(exc)}", _RETRY_MAX_S
+        finally:
+            probing.cancel()
+            await asyncio.wait({probing})
+        self._producer, self._batches = None, None
+        self._status = f"the Kafka producer failed ({failure}); building a new one"
+        log.error("%s", self._status)
+        await self._retire(producer, batches, self._status, self._settings.shutdown_timeout)
+        await asyncio.sleep(rebuild_after)
 
     async def _probe(self, producer: AIOKafkaProducer) -> None:
         """Ask the cluster for metadata every second; two failures in a row make the bridge not ready.
@@ -221,7 +340,8 @@ class KafkaPublisher:
             await asyncio.sleep(_PROBE_INTERVAL_S)
             try:
                 async with asyncio.timeout(_PROBE_INTERVAL_S):
-                    await producer.client.fetch_all_metadata()
+                    # Metadata of every topic: asking for none by name, it can create none.
+                    cluster = await producer.client.fetch_all_metadata()
             except Exception as exc:  # noqa: BLE001 - however the probe fails, Kafka did not answer it
                 failures += 1
                 if failures >= 2 and self._answering:
@@ -230,8 +350,9 @@ class KafkaPublisher:
                     log.warning("not ready: %s", self._status)
                 continue
             if not self._answering:
-                log.info("Kafka answers again; ready")
+                log.info("Kafka answers again")
             failures, self._answering, self._status = 0, True, "ready"
+            self._check_topics(cluster)
 
     async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
@@ -271,14 +392,18 @@ class KafkaPublisher:
             return producer
 
     async def _wait_for_topics(self, producer: AIOKafkaProducer) -> None:
-        """Return when every topic exists and its partitions are known; create them if allowed."""
+        """Return when every topic exists and the producer knows its partitions; read their limits.
+
+        With `--create-topics`, missing topics are created, but only before the bridge was first ready: a
+        topic deleted while it runs is an operator's matter (the log says so), not one to paper over.
+        """
         settings = self._settings
         reported: list[str] = []
         while True:
             async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                 cluster = await producer.client.fetch_all_metadata()
             missing = [topic for topic in settings.topics if topic not in cluster.topics()]
-            if missing and settings.create_topics:
+            if missing and settings.create_topics and not self._start_partitions:
                 try:
                     async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                         await create_topics(settings, missing, len(cluster.brokers()))
@@ -305,9 +430,41 @@ class KafkaPublisher:
                 )
                 reported = missing
             await asyncio.sleep(_TOPIC_RECHECK_S)
+        await self._read_limits()
+        # The producer's own metadata, refreshed for every topic: its list of topics is empty and stays so.
+        # `producer.partitions_for(topic)` would add the topic to that list, and every later refresh would
+        # name it: after a deletion, a broker that creates topics on demand would create it again. Last, so
+        # that the counts the caller reads are those of this refresh.
         async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
-            for topic in settings.topics:
-                await producer.partitions_for(topic)
+            while any(producer.client.cluster.partitions_for_topic(t) is None for t in settings.topics):
+                await producer.client.force_metadata_update()
+                if any(producer.client.cluster.partitions_for_topic(t) is None for t in settings.topics):
+                    await asyncio.sleep(_METADATA_SETTLE_S)
+
+    async def _read_limits(self) -> None:
+        """Read every topic's `max.message.bytes`; without it, records are checked against the bridge's own
+        limit only, and the broker refuses larger ones after the hand-over (a 503 that may still land)."""
+        topics = list(self._settings.topics)
+        try:
+            limits, unread = await max_message_bytes(self._settings, topics)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            limits, unread = {}, describe(exc)
+        if unread is not None:
+            log.warning(
+                "cannot read the topics' max.message.bytes (%s); records are checked against the "
+                "bridge's own limit of %d bytes",
+                unread,
+                self._max_record_bytes,
+            )
+        for topic, limit in limits.items():
+            if limit < self._max_record_bytes:
+                log.info(
+                    "topic %s takes records of at most %d bytes (max.message.bytes); larger callbacks "
+                    "get 413",
+                    topic,
+                    limit,
+                )
+        self._record_limits = {t: n for t, n in limits.items() if n < self._max_record_bytes}
 
     def _new_producer(self) -> AIOKafkaProducer:
         settings = self._settings
@@ -320,6 +477,7 @@ class KafkaPublisher:
             enable_idempotence=False,
             compression_type=None if settings.compression == "none" else settings.compression,
             linger_ms=settings.linger_ms,
+            max_batch_size=BATCH_BYTES,
             max_request_size=max_record_bytes(settings),
             # A produce request outliving the delivery deadline only delays noticing a dead connection.
             request_timeout_ms=max(1000, math.ceil(settings.delivery_timeout * 1000)),

@@ -33,7 +33,7 @@ from bridge.errors import (
     MethodNotAllowed,
     NotFound,
     Overloaded,
-    PublishError,
+    Unavailable,
     UnreadableBody,
 )
 from bridge.logs import LineBudget
@@ -86,7 +86,9 @@ def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Ap
     app[SETTINGS] = settings
     app[OUTCOMES] = Outcomes()
     app[ADMISSION] = Admission(settings.max_in_flight, settings.max_pending_bodies)
-    app[DEDUP] = EdgeDedup(settings.dedup_window, settings.dedup_max_keys, settings.dedup_max_bytes)
+    app[DEDUP] = EdgeDedup(
+        settings.dedup_window, settings.dedup_max_keys, settings.dedup_max_bytes, outcomes=app[OUTCOMES]
+    )
     app[REJECTION_LOG] = LineBudget(log, "lines about refused requests")
     if settings.callback_tokens:
         app[SIGNATURE] = SignatureCheck(settings.callback_tokens, settings.max_clock_skew)
@@ -132,6 +134,7 @@ async def handle_callback(request: web.Request) -> web.Response:
         raise MethodNotAllowed(f"{request.method} is not allowed here; Tencent callbacks are POSTed")
     app = request.app
     settings, publisher, admission = app[SETTINGS], app[PUBLISHER], app[ADMISSION]
+    request[OUTCOME] = Outcome.FAILED  # if the handler is cancelled before it writes (see `tencent_errors`)
     with admission.enter() as callback:
         query = checked_query(request.query.items(), app.get(SIGNATURE), settings.sdk_app_id)
         raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout, admission)
@@ -157,6 +160,9 @@ async def handle_callback(request: web.Request) -> web.Response:
             observe_publish(request, record, time.perf_counter() - started)
 
         identity = callback_id(query.sdk_app_id, routed.command, routed.key)
+        # Until the write answers: a handler cancelled from here on (at shutdown) leaves a record that may
+        # still land, which the publisher follows.
+        request[OUTCOME] = Outcome.AMBIGUOUS
         request[OUTCOME] = await app[DEDUP].publish_once(identity, publish, deadline)
     return web.Response(body=OK_BODY, content_type=_JSON)
 
@@ -279,6 +285,15 @@ async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamRe
         # A bug, not an input problem: keep the traceback in the log and out of the answer.
         log.exception("%s %s failed unexpectedly", request.method, request.path)
         error = InternalError()
+        # Ambiguous, and its record (if any) cannot be followed: counted as given up at once.
+        request.app[OUTCOMES].record(Outcome.AMBIGUOUS_LOST)
+    except asyncio.CancelledError:
+        # A callback's handler cancelled at shutdown, past the drain: no answer leaves. It left its outcome
+        # as far as it got: failed, or ambiguous once a write was under way.
+        outcome = request.get(OUTCOME)
+        if outcome is not None:
+            request.app[OUTCOMES].record(outcome)
+        raise
     else:
         outcome = request.get(OUTCOME)
         if outcome is not None:
@@ -319,6 +334,6 @@ def fail_response(error: BridgeError) -> web.Response:
 def _outcome_of(error: BridgeError) -> Outcome:
     if isinstance(error, Overloaded):
         return Outcome.OVERLOADED
-    if isinstance(error, PublishError):
+    if isinstance(error, Unavailable):
         return Outcome.AMBIGUOUS if error.ambiguous else Outcome.FAILED
     return Outcome.REJECTED if error.status < 500 else Outcome.FAILED

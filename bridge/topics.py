@@ -30,7 +30,14 @@ _MS_PER_HOUR = 3_600_000
 
 
 def max_record_bytes(settings: Settings) -> int:
-    """The largest record the bridge can write: the body, a key taken from the body, and the rest."""
+    """The largest record the bridge can write, and so the `max.message.bytes` its topics get.
+
+    Twice the body: the value embeds the body byte for byte, and the key is copied out of it (`MsgKey`, or
+    `<CallbackCommand>:<MsgKey>`), so a body that is nearly all `MsgKey` makes a key nearly its size. The
+    headroom holds the envelope's other fields (the query, at most `--max-url-bytes`, twice over if every
+    character needs escaping), the headers and the batch's framing. A record over the limit anyway (a
+    hostile command name, say) is refused before it is sent: see `KafkaPublisher`.
+    """
     return 2 * settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
 
 
@@ -247,6 +254,29 @@ async def _describe_configs(
                 return {}, f"DescribeConfigs failed for {name}: {error_message}"
             configs[name] = {entry[0]: entry[1] for entry in entries}
     return configs, None
+
+
+async def max_message_bytes(settings: Settings, topics: list[str]) -> tuple[dict[str, int], str | None]:
+    """Each topic's `max.message.bytes` (DescribeConfigs), and why some could not be read, if so.
+
+    A topic the broker lists no value for (Tansu lists only the configs set on a topic) is left out.
+    """
+    admin = _admin(settings)
+    try:
+        async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
+            await admin.start()
+            configs, unread = await _describe_configs(admin, topics)
+    finally:
+        await admin.close()
+    limits = {}
+    for topic in topics:
+        value = configs.get(topic, {}).get("max.message.bytes")
+        if value is not None and value.isdigit():
+            limits[topic] = int(value)
+    missing = [topic for topic in topics if topic not in limits]
+    if unread is None and missing:
+        unread = f"the broker lists no max.message.bytes for {', '.join(missing)}"
+    return limits, unread
 
 
 def fix_hint(settings: Settings, topic: str, drift: Drift) -> str:

@@ -76,6 +76,12 @@ class Report:
     faults: Counter[str]
 
     @property
+    def unsettled_ambiguous(self) -> int:
+        """Ambiguous answers minus those whose record was followed to its end: 0 once all has settled."""
+        outcomes = self.outcomes
+        return outcomes["ambiguous"] - outcomes["ambiguous_landed"] - outcomes["ambiguous_lost"]
+
+    @property
     def broken(self) -> bool:
         return bool(self.missing or self.rejected_but_present or self.failed_but_present)
 
@@ -92,6 +98,7 @@ class Report:
             ("503'd keys in Kafka anyway", str(self.answered_503_landed)),
             ("503'd keys absent", str(self.answered_503_absent)),
             ("keys in Kafka more than once", f"{self.duplicated_keys} ({self.extra_copies} extra copies)"),
+            ("ambiguous answers not followed to their end", str(self.unsettled_ambiguous)),
             *((f"fault {name}", str(count)) for name, count in sorted(self.faults.items())),
             ("verdict", "BROKEN" if self.broken else "every 200 is in Kafka, no 4xx is"),
         ]

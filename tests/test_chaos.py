@@ -14,6 +14,7 @@ async def test_under_random_faults_every_200_is_in_kafka_and_no_4xx_is(tmp_path:
     assert report.missing == [], "answered 200 but not in Kafka"
     assert report.rejected_but_present == [], "answered 4xx but in Kafka"
     assert report.failed_but_present == [], "answered 503 'failed' (nothing written) but in Kafka"
+    assert report.unsettled_ambiguous == 0, "ambiguous != ambiguous_landed + ambiguous_lost"
     assert report.answers["200"] > 100, "the history is too short to say anything"
     assert report.answers["400"] > 0, "no bad callbacks were sent"
     assert sum(report.faults.values()) >= 3, "too few faults were injected"

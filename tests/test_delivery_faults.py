@@ -149,15 +149,17 @@ async def test_persistent_replication_errors_get_503_within_the_deadline(rig: Ri
     assert outcomes["ambiguous"] + outcomes["failed"] == 1
 
 
-async def test_a_message_too_large_answer_is_a_fast_503_and_counted_as_ambiguous(rig: Rig) -> None:
+async def test_a_message_too_large_answer_is_a_fast_503_and_counted_as_ambiguous_and_lost(rig: Rig) -> None:
     """Not retried, so not waited for; ambiguous, since once a record was handed over an earlier attempt
-    may have been appended (here the broker did, and the proxy reported an error)."""
+    may have been appended (here the broker did, and the proxy reported an error). The producer gave up on
+    it: its end is known at once, so `ambiguous` and `ambiguous_landed + ambiguous_lost` agree."""
     rig.proxy.faults.produce_error = MESSAGE_TOO_LARGE
     status, body, elapsed = await rig.send("too-large")
     assert status == 503
     assert elapsed < DEADLINE_S / 2, "a non-retriable error must not wait for the deadline"
     assert "MessageSizeTooLargeError" in body["ErrorInfo"]
-    assert (await rig.stats())["outcomes"]["ambiguous"] == 1
+    outcomes = (await rig.stats())["outcomes"]
+    assert (outcomes["ambiguous"], outcomes["ambiguous_landed"], outcomes["ambiguous_lost"]) == (1, 0, 1)
 
 
 async def test_a_copy_in_flight_waits_for_the_first_write_and_a_confirmed_copy_is_not_written_again(
