@@ -255,7 +255,7 @@ class KafkaPublisher:
         whose = (
             f"topic {record.topic}'s max.message.bytes"
             if record.topic in self._record_limits
-            else "the bridge's limit (twice --max-body-bytes plus 64 KiB)"
+            else "the bridge's limit (--max-body-bytes plus 64 KiB)"
         )
         raise RecordTooLarge(
             f"the callback's record takes {size} bytes, more than {whose} of {limit}; the callback was not "

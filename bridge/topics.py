@@ -30,15 +30,17 @@ _MS_PER_HOUR = 3_600_000
 
 
 def max_record_bytes(settings: Settings) -> int:
-    """The largest record the bridge can write, and so the `max.message.bytes` its topics get.
+    """The largest record the bridge writes, and so the `max.message.bytes` its topics get: the body, which
+    the value embeds byte for byte, and 64 KiB for the rest.
 
-    Twice the body: the value embeds the body byte for byte, and the key is copied out of it (`MsgKey`, or
-    `<CallbackCommand>:<MsgKey>`), so a body that is nearly all `MsgKey` makes a key nearly its size. The
-    headroom holds the envelope's other fields (the query, at most `--max-url-bytes`, twice over if every
-    character needs escaping), the headers and the batch's framing. A record over the limit anyway (a
-    hostile command name, say) is refused before it is sent: see `KafkaPublisher`.
+    The rest is small and bounded: the key is built from fields of at most `MAX_ID_BYTES` (256) and a
+    command of at most 128 characters; the envelope's query is at most twice `--max-url-bytes` once
+    escaped (4096 by default); the headers and the batch's framing take a few hundred bytes more. (Before
+    key fields were bounded a key could be as long as the body, which the limit once paid for twice.) A
+    record over the limit anyway, with a `--max-url-bytes` above 31 KiB say, is refused before it is sent
+    (see `KafkaPublisher`).
     """
-    return 2 * settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
+    return settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.batching import batch_bytes
-from bridge.envelope import Record
+from bridge.batching import batch_bytes, record_bytes
+from bridge.commands import MAX_ID_BYTES
+from bridge.envelope import Record, envelope
 from bridge.errors import RecordTooLarge
 from bridge.outcomes import Outcomes
 from bridge.publisher import KafkaPublisher
@@ -150,8 +151,34 @@ async def test_with_compression_a_record_that_fits_only_compressed_is_written(
 
 
 def test_the_readme_gives_the_topics_limit_as_the_code_computes_it() -> None:
-    """Twice the body: the value embeds it, and the key is copied out of it; plus 64 KiB for the rest."""
     row = re.search(r"^\| `max.message.bytes` \| (.*?) \|", README, flags=re.MULTILINE)
     assert row is not None
-    assert row.group(1) == "2 \u00d7 `--max-body-bytes` + 64 KiB"
-    assert max_record_bytes(Settings(max_body_bytes=1000)) == 2 * 1000 + 64 * 1024
+    assert row.group(1) == "`--max-body-bytes` + 64 KiB"
+    assert max_record_bytes(Settings(max_body_bytes=1000)) == 1000 + 64 * 1024
+
+
+@pytest.mark.parametrize("max_url_bytes", [4096, 16384])
+def test_the_largest_record_the_bridge_can_build_fits_the_topics_limit(max_url_bytes: int) -> None:
+    """The largest body, the longest key (a command of 128 characters, `:`, a MsgKey of `MAX_ID_BYTES`), and
+    a query of `--max-url-bytes` that doubles when escaped (`%01` is 3 bytes of URL, `\\u0001` 6 of JSON)."""
+    settings = Settings(max_url_bytes=max_url_bytes)
+    command = "C." + "c" * 126
+    query = {
+        "SdkAppid": "1" * 19,
+        "CallbackCommand": command,
+        "x": "\x01" * (max_url_bytes // 3),
+    }
+    record = Record(
+        topic="t",
+        partition=0,
+        key=f"{command}:{'k' * MAX_ID_BYTES}".encode(),
+        value=envelope(b" " * settings.max_body_bytes, query, 1_764_143_520_123),
+        timestamp_ms=1_764_143_520_123,
+        headers=(
+            ("CallbackCommand", command.encode()),
+            ("SdkAppid", b"1" * 19),
+            ("content-type", b"application/json"),
+        ),
+    )
+    assert len(record.value) > settings.max_body_bytes + 2 * max_url_bytes - 50
+    assert record_bytes(record) <= max_record_bytes(settings)
