@@ -68,8 +68,8 @@ def record_bytes(record: Record) -> int:
 
 def batch_bytes(record: Record, compression: str) -> int:
     """The exact size on the wire of a batch holding only `record`: what the broker compares with a topic's
-    `max.message.bytes`. aiokafka sends a batch uncompressed when compression would not make it smaller, so
-    `record_bytes` bounds this too: callers build the batch only for a record that bound puts over a limit."""
+    `max.message.bytes`. Compressed, it may be larger than `record_bytes` (aiokafka's C builder keeps the
+    compressed batch even when it did not shrink): callers build it for records near a limit."""
     codec = _CODECS[compression]
     builder = DefaultRecordBatchBuilder(2, codec, 0, -1, -1, -1, BATCH_BYTES)
     builder.append(0, record.timestamp_ms, key=record.key, value=record.value, headers=_headers(record))

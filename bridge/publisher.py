@@ -40,7 +40,7 @@ from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, Recor
 from bridge.kafka_security import kafka_connection_options
 from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
-from bridge.topics import create_topics, how_to_create, max_message_bytes, max_record_bytes
+from bridge.topics import await_leaders, create_topics, how_to_create, max_message_bytes, max_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ _TOPIC_RECHECK_S = 5.0
 _PROBE_INTERVAL_S = 1.0
 _METADATA_SETTLE_S = 0.05
 _LEADER_RECHECK_S = 0.1
+_LEADER_WAIT_S = 30.0
 
 
 class Publisher(Protocol):
@@ -200,8 +201,10 @@ class KafkaPublisher:
         """Stop `producer` and settle every record it and `batches` still hold."""
         producer.client.cluster.remove_listener(self._metadata_changed)
         batches.close(KafkaConnectionError(reason))
-        await self._stop(producer, timeout)
-        batches.abort_in_producer(reason)
+        try:
+            await self._stop(producer, timeout)
+        finally:  # even when the stop is cancelled or fails: else their in-flight slots stay taken for good
+            batches.abort_in_producer(reason)
 
     async def publish(self, record: Record, timeout: float) -> None:
         batches = self._batches
@@ -247,7 +250,12 @@ class KafkaPublisher:
     def _check_size(self, record: Record) -> None:
         """Refuse a record its topic would refuse (`max.message.bytes`), or over the bridge's own limit."""
         limit = self._record_limits.get(record.topic, self._max_record_bytes)
-        if record_bytes(record) <= limit:
+        bound = record_bytes(record)
+        if self._settings.compression != "none":
+            # aiokafka's C batch builder keeps a compressed batch even when it came out larger (by 28-240
+            # bytes for a megabyte that does not compress): bound what a codec can add.
+            bound += bound // 6 + 64
+        if bound <= limit:
             return
         size = batch_bytes(record, self._settings.compression)
         if size <= limit:
@@ -314,16 +322,19 @@ class KafkaPublisher:
         probing = asyncio.create_task(self._probe(producer), name="kafka-probe")
         rebuild_after = 0.0
         try:
-            failure = await _wait_for_death(producer)
-        except Exception as exc:
-            # aiokafka changed under the bridge (say, renamed `_sender`): without a watch, a dead producer
-            # would go unnoticed. Rebuild, after a pause, so that a watch failing at once does not spin.
-            log.exception("cannot watch the Kafka producer for failure")
-            failure, rebuild_after = f"it cannot be watched: {describe(exc)}", _RETRY_MAX_S
+            try:
+                failure = await _wait_for_death(producer)
+            except Exception as exc:
+                # aiokafka changed under the bridge (say, renamed `_sender`): without a watch, a dead
+                # producer would go unnoticed. Rebuild, after a pause, so that a watch failing at once does
+                # not spin.
+                log.exception("cannot watch the Kafka producer for failure")
+                failure, rebuild_after = f"it cannot be watched: {describe(exc)}", _RETRY_MAX_S
+            # Not ready from here on, before anything else can run: the probe's ending below yields.
+            self._producer, self._batches = None, None
         finally:
             probing.cancel()
             await asyncio.wait({probing})
-        self._producer, self._batches = None, None
         self._status = f"the Kafka producer failed ({failure}); building a new one"
         log.error("%s", self._status)
         await self._retire(producer, batches, self._status, self._settings.shutdown_timeout)
@@ -407,7 +418,7 @@ class KafkaPublisher:
                 try:
                     async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                         await create_topics(settings, missing, len(cluster.brokers()))
-                except KafkaError as exc:
+                except (KafkaError, TimeoutError) as exc:
                     self._status = f"cannot create topics {', '.join(missing)}: {describe(exc)}"
                     log.error("not ready: %s", self._status)  # noqa: TRY400 - the message says it all
                     await asyncio.sleep(_TOPIC_RECHECK_S)
@@ -418,9 +429,10 @@ class KafkaPublisher:
                 # A topic just created has partitions before it has leaders (Apache Kafka elects them a
                 # moment later): a write then gets NOT_LEADER until the deadline. Ready once every one has.
                 leaderless = [topic for topic in settings.topics if _leaderless(cluster, topic)]
-                if not leaderless:
+                if not leaderless and await self._leaders_answer():
                     break
-                self._status = f"topics without a leader yet: {', '.join(leaderless)}"
+                if leaderless:
+                    self._status = f"topics without a leader yet: {', '.join(leaderless)}"
                 await asyncio.sleep(_LEADER_RECHECK_S)
                 continue
             self._status = f"topics missing: {', '.join(missing)}"
@@ -440,6 +452,17 @@ class KafkaPublisher:
                 await producer.client.force_metadata_update()
                 if any(producer.client.cluster.partitions_for_topic(t) is None for t in settings.topics):
                     await asyncio.sleep(_METADATA_SETTLE_S)
+
+    async def _leaders_answer(self) -> bool:
+        """Whether every partition's leader answers for it (ListOffsets): a leader in the metadata may not
+        have opened the partition yet, just after the topic was created, by this bridge or anyone."""
+        try:
+            async with asyncio.timeout(_LEADER_WAIT_S):
+                await await_leaders(self._settings, list(self._settings.topics))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self._status = f"the topics' leaders do not answer yet: {describe(exc)}"
+            return False
+        return True
 
     async def _read_limits(self) -> None:
         """Read every topic's `max.message.bytes`; without it, records are checked against the bridge's own

@@ -127,10 +127,9 @@ async def create_topics(settings: Settings, topics: list[str], broker_count: int
     admin = _admin(settings)
     try:
         await admin.start()
-        created = await _create(admin, topics, intended_topic(settings, broker_count))
+        await _create(admin, topics, intended_topic(settings, broker_count))
     finally:
         await admin.close()
-    await await_leaders(settings, created)
 
 
 async def await_leaders(settings: Settings, topics: list[str]) -> None:
@@ -150,8 +149,8 @@ async def await_leaders(settings: Settings, topics: list[str]) -> None:
         **kafka_connection_options(settings),
     )
     async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
-        await consumer.start()
         try:
+            await consumer.start()
             # consumer.topics() throws the partitions away: read them from the metadata request itself.
             cluster = await consumer._client.fetch_all_metadata()
             while not all(cluster.partitions_for_topic(topic) for topic in topics):

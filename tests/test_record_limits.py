@@ -182,3 +182,22 @@ def test_the_largest_record_the_bridge_can_build_fits_the_topics_limit(max_url_b
     )
     assert len(record.value) > settings.max_body_bytes + 2 * max_url_bytes - 50
     assert record_bytes(record) <= max_record_bytes(settings)
+
+
+@pytest.mark.parametrize("compression", ["snappy", "lz4", "gzip"])
+def test_a_compressed_record_that_grows_past_its_topics_limit_is_refused_up_front(compression: str) -> None:
+    """aiokafka's C builder keeps a compressed batch even when it came out larger than the record: a body that
+    does not compress, right at the limit uncompressed, must be measured compressed and refused."""
+    record = Record(
+        topic="t",
+        partition=0,
+        key=b"k",
+        value=os.urandom(1_000_000),
+        timestamp_ms=1_764_143_520_123,
+        headers=(("CallbackCommand", b"C.c"),),
+    )
+    assert batch_bytes(record, compression) > record_bytes(record), "the codec did not grow the batch"
+    publisher = KafkaPublisher(replace(Settings(), compression=compression), Outcomes())
+    publisher._record_limits = {"t": record_bytes(record)}
+    with pytest.raises(RecordTooLarge):
+        publisher._check_size(record)
