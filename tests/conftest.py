@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bridge.server import create_app
 from bridge.settings import Settings
@@ -35,6 +36,15 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap servers of a real Kafka-protocol broker, shared by the whole session."""
     with kafka_broker(tmp_path_factory.mktemp("kafka")) as bootstrap_servers:
         yield bootstrap_servers
+
+
+@pytest.fixture
+async def admin(kafka: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client of the session's broker, for tests that make or change topics themselves."""
+    client = AIOKafkaAdminClient(bootstrap_servers=kafka)
+    await client.start()
+    yield client
+    await client.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -30,14 +29,6 @@ OA = fixture("oa-after-send-text")
 C2C = fixture("c2c-after-send")
 NOTICE_S = 5.0
 """How soon a deleted or changed topic must make the bridge not ready: the probe looks every second."""
-
-
-@pytest.fixture
-async def admin(kafka: str) -> AsyncIterator[AIOKafkaAdminClient]:
-    client = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await client.start()
-    yield client
-    await client.close()
 
 
 async def post(client: BridgeClient, msg_key: str) -> tuple[int, dict[str, Any]]:

@@ -8,7 +8,6 @@ embedded Tansu has neither, so those two tests need Apache Kafka). Ensure itself
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
@@ -18,14 +17,6 @@ from bridge.settings import Settings
 from bridge.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
 from tests.support import broker_choice, unique_settings
 from tests.test_cli import run_bridge
-
-
-@pytest.fixture
-async def admin(kafka: str) -> AsyncIterator[AIOKafkaAdminClient]:
-    client = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await client.start()
-    yield client
-    await client.close()
 
 
 def small(kafka: str, **overrides: object) -> Settings:
