@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 
 import pytest
 from aiohttp import web
@@ -18,7 +17,7 @@ from tests.support import (
     Receiver,
     broker_choice,
     kafka_broker,
-    post_all,
+    post_through_a_bridge,
     three_days,
     unique_settings,
     wait_until_ready,
@@ -70,15 +69,10 @@ async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
 
 @pytest.fixture
 async def posted(settings: Settings) -> list[Posted]:
-    """The settings' official-account topic, filled through the bridge with three days of callbacks.
-
-    The bridge's edge dedup is off here, so the callbacks posted twice land twice, as they do in Kafka
-    after a restart, from two replicas, or after an ambiguous 503.
-    """
+    """The settings' official-account topic, filled through the bridge with three days of callbacks (the
+    bridge's edge dedup off, so the callbacks posted twice land twice)."""
     callbacks = three_days()
-    async with TestClient(TestServer(create_app(replace(settings, dedup_window=0)))) as client:
-        await wait_until_ready(client)
-        await post_all(client, callbacks)
+    await post_through_a_bridge(settings, callbacks)
     return callbacks
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from aiokafka.structs import ConsumerRecord
 from bridge.embedded import EmbeddedBroker
 from bridge.envelope import Record
 from bridge.parser_errors import BridgeRunner
+from bridge.server import create_app
 from bridge.settings import Settings
 from tests.kafka import jars
 from tests.kafka.nodes import KafkaNode
@@ -97,8 +99,11 @@ class BrokerChoice:
     description: str
 
 
+@functools.cache
 def broker_choice() -> BrokerChoice:
-    """The broker the session will use, in the documented order; raises NoTestBroker in CI without Kafka."""
+    """The broker the session will use, in the documented order; raises NoTestBroker in CI without Kafka.
+
+    Decided once per process: `read_records` asks at every call, and asking Docker is a socket round trip."""
     configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if configured:
         return BrokerChoice("external", f"KAFKA_BOOTSTRAP_SERVERS={configured}")
@@ -409,6 +414,14 @@ def three_days(first_day_ms: int = FIRST_DAY_MS) -> list[Posted]:
         posted += day_posts
     posted.append(posted[-5])  # a day-2 message that landed twice
     return posted
+
+
+async def post_through_a_bridge(settings: Settings, callbacks: Sequence[Posted]) -> None:
+    """Post `callbacks` through a bridge of `settings` whose edge dedup is off, so that the callbacks posted
+    twice land twice, as they do in Kafka after a restart, from two replicas, or after an ambiguous 503."""
+    async with TestClient(TestServer(create_app(replace(settings, dedup_window=0)))) as client:
+        await wait_until_ready(client)
+        await post_all(client, callbacks)
 
 
 async def post_all(client: TestClient[web.Request, web.Application], callbacks: Sequence[Posted]) -> None:

@@ -10,17 +10,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.consumer import EventReader
 from bridge.embedded import free_port
 from bridge.events import Event, EventFilter
-from bridge.server import create_app
 from bridge.settings import Settings
 from tests.support import (
     ACCOUNTS,
@@ -29,10 +26,9 @@ from tests.support import (
     Posted,
     broker_choice,
     one_line_error,
-    post_all,
+    post_through_a_bridge,
     run_bridge,
     three_days,
-    wait_until_ready,
 )
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -209,9 +205,7 @@ async def test_a_window_at_the_end_of_the_topic_is_found_by_time_and_reads_only_
         pytest.skip("Tansu answers ListOffsets by time with offset 0: only a full scan works there")
     today = int(time.time() * 1000) // DAY_MS * DAY_MS
     posted = three_days(first_day_ms=today - 3 * DAY_MS)
-    async with TestClient(TestServer(create_app(replace(settings, dedup_window=0)))) as client:
-        await wait_until_ready(client)
-        await post_all(client, posted)
+    await post_through_a_bridge(settings, posted)
     last_day = today - DAY_MS
     window = EventFilter.of(since=last_day, until=today)
     async with EventReader(kafka, settings.topic, select=window, lateness_s=0) as reader:
