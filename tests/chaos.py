@@ -1,14 +1,16 @@
-"""The history check: concurrent clients send callbacks while faults hit the broker; then every answer is
-checked against what Kafka holds.
+"""The history check: concurrent clients send callbacks of every bridge topic while faults hit the brokers,
+the network and the bridge itself; then every answer is checked against what Kafka holds (`tests.history`).
 
-Every 200'd key must be in Kafka; no 4xx'd key may be; 503s are counted by whether they landed anyway.
-Clients retry some 503s with the same key, as Tencent does after a timeout. The broker is a three-node
-Apache Kafka cluster (replication factor 3, min.insync.replicas 2), each node behind a fault proxy; the
-faults pause or kill-and-restart one node at a time, or hit the proxies. Run it as:
+The broker is a three-node Apache Kafka cluster (replication factor 3, `min.insync.replicas` 2, 3 on the
+group topic so that one follower down refuses its writes), each node behind a Kafka-aware fault proxy. The
+bridge runs in this process through `run_server`, the code `bridge serve` runs, so a SIGTERM fault stops
+it the real way; it is then started again. Faults come one at a time, each healed (and what it broke back)
+before the next, in rounds that hold every chosen kind once, in an order drawn from the seed. Run it as:
 
-    .venv/bin/python -m tests.chaos --duration 60 --clients 16 --seed 1
+    .venv/bin/python -m tests.chaos --duration 300 --clients 16 --seed 1 --history chaos.jsonl
 
-`--single` runs one node instead (Tansu where there is no java/mvn, or with BRIDGE_TEST_BROKER=tansu).
+`--single` runs one node instead (Tansu where there is no java/mvn, or with BRIDGE_TEST_BROKER=tansu), with
+the faults one node allows. `--replay chaos.jsonl` runs a history's fault schedule again.
 
 It prints a table and exits 1 if the history breaks the guarantee.
 """
@@ -18,13 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
+import hashlib
+import json
 import logging
 import random
+import signal
+import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,78 +38,124 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.embedded import free_port
-from bridge.server import OUTCOMES, PUBLISHER, create_app
+from bridge.publisher import Publisher
+from bridge.runner import run_server
+from bridge.server import OUTCOMES, PUBLISHER
+from bridge.settings import Settings
+from bridge.topics import intended_topic
+from tests.history import Attempt, Callback, Fault, History, Report, judge, read_run
 from tests.kafka.nodes import KafkaCluster, KafkaNode
+from tests.kafka.view import partition_states
 from tests.proxy import KafkaProxy
 from tests.support import FaultBroker, broker_choice, fault_broker, fixture, read_records, unique_settings
 
-SEED = fixture("oa-after-send-text")
-ERROR_CODES = {"NOT_LEADER_OR_FOLLOWER": 6, "MESSAGE_TOO_LARGE": 10, "NOT_ENOUGH_REPLICAS": 19,
-               "NOT_ENOUGH_REPLICAS_AFTER_APPEND": 20}  # fmt: skip
+log = logging.getLogger("chaos")
+
 BAD_SHARE = 0.05
+"""Callbacks sent invalid: they must be answered 4xx and never written."""
 RETRY_SHARE = 0.5
+"""503'd callbacks sent again, as Tencent does after a timeout."""
+COPY_SHARE = 0.03
+"""Callbacks sent as two or three concurrent copies: the edge dedup's in-flight path."""
+PARTITIONS = 6
+APP_ID = "1400000000"
+ISR_TOPIC_MIN_INSYNC = 3
+"""`min.insync.replicas` of the group topic: with three replicas, one follower down refuses its writes."""
+
+# Error codes a fault proxy gives Produce answers (Kafka's protocol: `Errors.java`).
+AFTER_APPEND_ERRORS = {"NOT_LEADER_OR_FOLLOWER": 6, "MESSAGE_TOO_LARGE": 10, "NOT_ENOUGH_REPLICAS": 19,
+                       "NOT_ENOUGH_REPLICAS_AFTER_APPEND": 20}  # fmt: skip
+NO_APPEND_ERRORS = {"NOT_LEADER_OR_FOLLOWER": 6, "REQUEST_TIMED_OUT": 7, "NOT_ENOUGH_REPLICAS": 19,
+                    "MESSAGE_TOO_LARGE": 10, "CORRUPT_MESSAGE": 2}  # fmt: skip
 
 
-@dataclass
-class History:
-    answers: dict[str, list[int | str]] = field(default_factory=dict)
-    outcomes: dict[str, list[str]] = field(default_factory=dict)
-    """What the bridge said became of each answer (its X-Bridge-Outcome header)."""
-    bad: set[str] = field(default_factory=set)
-    faults: Counter[str] = field(default_factory=Counter)
-
-    def note(self, key: str, answer: tuple[int | str, str]) -> None:
-        self.answers.setdefault(key, []).append(answer[0])
-        self.outcomes.setdefault(key, []).append(answer[1])
+# --- what the clients send ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Report:
-    duration_s: float
-    requests: int
-    answers: Counter[str]
-    outcomes: dict[str, int]
-    confirmed_keys: int
-    missing: list[str]
-    rejected_but_present: list[str]
-    failed_but_present: list[str]
-    answered_503_landed: int
-    answered_503_absent: int
-    duplicated_keys: int
-    extra_copies: int
-    faults: Counter[str]
+def _query(command: str, platform: str = "Web") -> dict[str, str]:
+    return {"SdkAppid": APP_ID, "CallbackCommand": command, "contenttype": "json", "ClientIP": "127.0.0.1",
+            "OptPlatform": platform}  # fmt: skip
 
-    @property
-    def unsettled_ambiguous(self) -> int:
-        """Ambiguous answers minus those whose record was followed to its end: 0 once all has settled."""
-        outcomes = self.outcomes
-        return outcomes["ambiguous"] - outcomes["ambiguous_landed"] - outcomes["ambiguous_lost"]
 
-    @property
-    def broken(self) -> bool:
-        return bool(self.missing or self.rejected_but_present or self.failed_but_present)
+def _sorted_sha256(body: dict[str, Any]) -> str:
+    """The digest Tencent-keyless callbacks are keyed by, computed here independently of the bridge."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return hashlib.sha256(canonical).hexdigest()
 
-    def table(self) -> str:
-        rows = [
-            ("duration", f"{self.duration_s:.0f} s"),
-            ("requests", f"{self.requests} ({self.requests / self.duration_s:.0f}/s)"),
-            *((f"answered {status}", str(count)) for status, count in sorted(self.answers.items())),
-            *((f"outcome {name}", str(count)) for name, count in self.outcomes.items() if count),
-            ("keys confirmed (a 200)", str(self.confirmed_keys)),
-            ("200'd keys missing from Kafka", str(len(self.missing))),
-            ("4xx'd keys present in Kafka", str(len(self.rejected_but_present))),
-            ("keys only answered 'failed' present", str(len(self.failed_but_present))),
-            ("503'd keys in Kafka anyway", str(self.answered_503_landed)),
-            ("503'd keys absent", str(self.answered_503_absent)),
-            ("keys in Kafka more than once", f"{self.duplicated_keys} ({self.extra_copies} extra copies)"),
-            ("ambiguous answers not followed to their end", str(self.unsettled_ambiguous)),
-            *((f"fault {name}", str(count)) for name, count in sorted(self.faults.items())),
-            ("verdict", "BROKEN" if self.broken else "every 200 is in Kafka, no 4xx is"),
-        ]
-        width = max(len(name) for name, _ in rows)
-        return "\n".join(f"| {name:<{width}} | {value} |" for name, value in rows)
+
+@dataclass(frozen=True)
+class Made:
+    body: dict[str, Any]
+    key: str
+    entity: str
+    invalid_field: str | None = None
+    """A field the bad variant of this callback gets a wrong type in; None: this kind has no bad variant."""
+
+
+Maker = Callable[[random.Random, str, int], Made]
+"""(rng, a unique id, a unique number) -> the callback."""
+
+OA, C2C, GROUP, STATE = (fixture(name) for name in ("oa-after-send-text", "c2c-after-send",
+                         "group-after-send-string-eventtime", "state-change-uppercase-ios"))  # fmt: skip
+
+
+def _official_account(rng: random.Random, unique: str, _number: int) -> Made:
+    account = f"@TOA#_{rng.randrange(50)}"
+    return Made({**OA.body, "MsgKey": unique, "Official_Account": account}, unique, account, "MsgTime")
+
+
+def _c2c(rng: random.Random, unique: str, _number: int) -> Made:
+    one, other = rng.sample([f"user{n}" for n in range(30)], 2)
+    body = {**C2C.body, "MsgKey": unique, "From_Account": one, "To_Account": other}
+    return Made(body, unique, ":".join(sorted((one, other))), "MsgTime")
+
+
+def _group(rng: random.Random, _unique: str, number: int) -> Made:
+    group = f"@TGS#_{rng.randrange(20)}"
+    return Made({**GROUP.body, "GroupId": group, "MsgSeq": number}, f"{group}:{number}", group)
+
+
+def _state(rng: random.Random, _unique: str, number: int) -> Made:
+    account = f"user{rng.randrange(30)}"
+    body = {**STATE.body, "Info": {**STATE.body["Info"], "To_Account": account},
+            "EventTime": int(time.time() * 1000), "ChaosSeq": number}  # fmt: skip
+    return Made(body, f"State.StateChange:sha256:{_sorted_sha256(body)}", account)
+
+
+def _app_level(command: str) -> Maker:
+    def make(_rng: random.Random, unique: str, _number: int) -> Made:
+        body = {"CallbackCommand": command, "MsgKey": unique, "EventTime": int(time.time() * 1000)}
+        return Made(body, f"{command}:{unique}", APP_ID)
+
+    return make
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    command: str
+    topic_setting: str
+    """The Settings field naming its topic."""
+    weight: float
+    make: Maker
+    platform: str = "Web"
+
+
+KINDS = (
+    Kind("official-account", "OfficialAccount.CallbackAfterSendMsg", "topic", 0.45, _official_account),
+    Kind("c2c", "C2C.CallbackAfterSendMsg", "c2c_topic", 0.15, _c2c),
+    Kind("group", "Group.CallbackAfterSendMsg", "group_topic", 0.15, _group, "Windows"),
+    Kind("user", "State.StateChange", "user_topic", 0.1, _state, "IOS"),
+    Kind("app", "Alert.CallbackChaosProbe", "app_topic", 0.08, _app_level("Alert.CallbackChaosProbe")),
+    Kind("unknown", "Chaos.CallbackProbe", "unknown_topic", 0.07, _app_level("Chaos.CallbackProbe")),
+)
+
+
+# --- the brokers, the bridge -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -117,9 +169,32 @@ class Brokers:
     def bootstrap_servers(self) -> str:
         return ",".join(proxy.bootstrap_servers for proxy in self.proxies)
 
+    @property
+    def cluster(self) -> bool:
+        return len(self.nodes) > 1
+
+    def node_by_id(self, node_id: int) -> KafkaNode:
+        node = self.nodes[node_id - 1]
+        assert isinstance(node, KafkaNode)
+        assert node.node_id == node_id
+        return node
+
 
 def cluster_possible() -> bool:
     return broker_choice().kind != "tansu"
+
+
+@contextlib.asynccontextmanager
+async def proxied(nodes: Sequence[FaultBroker], proxy_ports: Sequence[int]) -> AsyncIterator[Brokers]:
+    """A fault proxy on each of `proxy_ports`, in front of the node that advertises it."""
+    proxies = [
+        await KafkaProxy(node.port, port).start() for node, port in zip(nodes, proxy_ports, strict=True)
+    ]
+    try:
+        yield Brokers(list(nodes), proxies)
+    finally:
+        for proxy in proxies:
+            await proxy.close()
 
 
 @contextlib.asynccontextmanager
@@ -135,14 +210,105 @@ async def brokers(directory: Path, cluster: bool) -> AsyncIterator[Brokers]:
             node = fault_broker(directory, advertised_port=proxy_ports[0])
             stack.enter_context(node)
             nodes = [node]
-        proxies = [
-            await KafkaProxy(node.port, port).start() for node, port in zip(nodes, proxy_ports, strict=True)
-        ]
-        try:
-            yield Brokers(nodes, proxies)
-        finally:
-            for proxy in proxies:
-                await proxy.close()
+        async with proxied(nodes, proxy_ports) as chain:
+            yield chain
+
+
+Mutation = Callable[[Publisher], None]
+"""Breaks a bridge's publisher on purpose (the checker's negative controls)."""
+
+
+class Bridge:
+    """The bridge under test, run by `run_server` in this process: stopped by SIGTERM, started again."""
+
+    def __init__(self, settings: Settings, mutate: Mutation | None, history: History) -> None:
+        self.settings = settings
+        self.history = history
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.mutate = mutate
+        self.starts = 0
+        self.outcomes: dict[str, int] = {}
+        self._app: web.Application | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def publisher(self) -> Publisher:
+        assert self._app is not None
+        return self._app[PUBLISHER]
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        started: asyncio.Future[web.Application] = asyncio.get_running_loop().create_future()
+
+        async def on_started(app: web.Application, _port: int) -> None:
+            started.set_result(app)
+
+        self._task = asyncio.create_task(run_server(self.settings, on_started))
+        async with asyncio.timeout(60):
+            self._app = await asyncio.shield(started)
+        if self.mutate is not None:
+            self.mutate(self._app[PUBLISHER])  # before any callback: the clients wait for /readyz
+        self.starts += 1
+        await self.until_ready(session)
+
+    async def until_ready(self, session: aiohttp.ClientSession, timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+
+    async def sigterm(self) -> float:
+        """Stop it as an orchestrator does; the seconds it took to exit."""
+        assert self._task is not None
+        assert self._app is not None
+        began = time.monotonic()
+        self.history.stops.append(began - self.history.t0)
+        signal.raise_signal(signal.SIGTERM)  # run_server's handler, on this loop
+        settings = self.settings
+        budget = settings.shutdown_delay + settings.body_timeout + settings.delivery_timeout
+        async with asyncio.timeout(budget + settings.shutdown_timeout + 10):
+            await self._task
+        for name, count in self._app[OUTCOMES].snapshot().items():
+            self.outcomes[name] = self.outcomes.get(name, 0) + count
+        self._task = self._app = None
+        return time.monotonic() - began
+
+    async def settle(self, timeout: float = 60) -> None:
+        """Wait until the producer holds no record answered 503."""
+        async with asyncio.timeout(timeout):
+            while self.publisher.abandoned:
+                await asyncio.sleep(0.1)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """What the clients share: the topics not to send to for now, and the requests in flight per topic."""
+
+    quiet: set[str] = field(default_factory=set)
+    in_flight: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Chaos:
+    chain: Brokers
+    bridge: Bridge
+    session: aiohttp.ClientSession
+    history: History
+    load: Load
+    admin: AIOKafkaAdminClient
+    t0: float
+
+    def clock(self) -> float:
+        return time.monotonic() - self.t0
+
+    @property
+    def settings(self) -> Settings:
+        return self.bridge.settings
 
 
 async def run_chaos(
@@ -154,246 +320,531 @@ async def run_chaos(
     cluster: bool = True,
     directory: Path | None = None,
     faults: frozenset[str] | None = None,
+    schedule: list[Planned] | None = None,
+    nodes: Sequence[FaultBroker] | None = None,
+    proxy_ports: Sequence[int] | None = None,
+    mutate: Mutation | None = None,
+    history_file: Path | None = None,
 ) -> Report:
-    """`faults` names the fault kinds to inject (see FAULT_KINDS); None: all of them."""
+    """`faults` names the fault kinds to inject (see FAULT_KINDS); None: every kind the brokers allow.
+    `schedule` replaces the seed's fault schedule (a replay). `nodes` (already started, each advertising its
+    port of `proxy_ports`) replace brokers of the run's own. `mutate` breaks the bridge on purpose."""
     rng = random.Random(seed)
     history = History()
+    # run_server tunes the garbage collector for a serving process; this one goes on running tests.
+    thresholds = gc.get_threshold()
     with contextlib.ExitStack() as stack:
         if directory is None:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
-        async with brokers(directory, cluster) as chain:
-            settings = unique_settings(chain.bootstrap_servers, delivery_timeout=delivery_timeout_s)
-            app = create_app(settings)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            port = free_port()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            url = f"http://127.0.0.1:{port}"
+        async with contextlib.AsyncExitStack() as chains:
+            if nodes is not None:
+                assert proxy_ports is not None
+                chain = await chains.enter_async_context(proxied(nodes, proxy_ports))
+            else:
+                chain = await chains.enter_async_context(brokers(directory, cluster))
+            kinds = allowed_faults(chain) if faults is None else sorted(faults & set(allowed_faults(chain)))
+            planned = schedule if schedule is not None else plan(rng, kinds, duration_s, chain)
+            settings = unique_settings(
+                chain.bootstrap_servers,
+                port=free_port(),
+                delivery_timeout=delivery_timeout_s,
+                shutdown_timeout=5.0,
+                body_timeout=2.0,
+                partitions=PARTITIONS,
+            )
+            topics = {kind.name: getattr(settings, kind.topic_setting) for kind in KINDS}
+            history.run = {"seed": seed, "clients": clients, "duration_s": duration_s,
+                           "delivery_timeout_s": delivery_timeout_s, "cluster": chain.cluster,
+                           "topics": topics}  # fmt: skip
+            for kind in KINDS:
+                history.partition_counts[getattr(settings, kind.topic_setting)].add(PARTITIONS)
+            bridge = Bridge(settings, mutate, history)
+            admin = AIOKafkaAdminClient(bootstrap_servers=chain.bootstrap_servers, request_timeout_ms=15_000)
+            await admin.start()
+            chains.push_async_callback(admin.close)
             try:
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-                    await _until_ready(session, url)
-                    started = time.monotonic()
-                    end = started + duration_s
+                    log.info("brokers up; starting the bridge")
+                    await bridge.start(session)
+                    if chain.cluster:
+                        await _raise_min_insync(admin, settings.group_topic)
+                    history.t0 = time.monotonic()
+                    chaos = Chaos(chain, bridge, session, history, Load(), admin, history.t0)
+                    end = chaos.t0 + duration_s
                     await asyncio.gather(
-                        _fault_loop(rng, chain, history, end, faults),
-                        *(
-                            _client(n, random.Random(seed * 1000 + n), session, url, history, end)
-                            for n in range(clients)
-                        ),
+                        _fault_loop(chaos, planned, end),
+                        *(_client(chaos, n, random.Random(seed * 1000 + n), end) for n in range(clients)),
                     )
-                    elapsed = time.monotonic() - started
-                    await _heal_all(chain)
-                    publisher = app[PUBLISHER]
-                    async with asyncio.timeout(60):  # let every record answered 503 settle one way or another
-                        while publisher.abandoned:
-                            await asyncio.sleep(0.1)
-                    confirmed = sum(200 in answers for answers in history.answers.values())
-                    records = await read_records(
-                        chain.bootstrap_servers, [settings.topic], expect=confirmed, idle_s=2, timeout_s=60
-                    )
-                    outcomes = app[OUTCOMES].snapshot()
+                    elapsed = chaos.clock()
+                    log.info("load over after %.1f s; healing", elapsed)
+                    await _heal_all(chaos)
+                    await bridge.until_ready(session)
+                    log.info("healed at %.1f s", chaos.clock())
+                    await bridge.settle()  # every record answered 503 has landed or been given up
+                    await bridge.sigterm()
+                    log.info("settled and stopped at %.1f s", chaos.clock())
+                # The bridge has stopped: every record it wrote is below the end offsets read now. Never
+                # wait for as many records as there were 200s: a broken bridge would make that wait forever.
+                records = await read_records(
+                    chain.bootstrap_servers, list(settings.topics), expect=0, idle_s=2, timeout_s=90
+                )
             finally:
-                await runner.cleanup()
-    return _judge(history, records, outcomes, elapsed)
+                gc.unfreeze()
+                gc.set_threshold(*thresholds)
+    log.info("read %d records", len(records))
+    report = judge(history, records, bridge.outcomes, elapsed)
+    if history_file is not None:
+        history.write(history_file, report)
+    return report
 
 
-async def _heal_all(chain: Brokers) -> None:
-    for node in chain.nodes:
-        node.resume()
+async def _raise_min_insync(admin: AIOKafkaAdminClient, topic: str) -> None:
+    resource = ConfigResource(
+        ConfigResourceType.TOPIC, topic, {"min.insync.replicas": str(ISR_TOPIC_MIN_INSYNC)}
+    )
+    await admin.alter_configs([resource])
+
+
+async def _client(chaos: Chaos, number: int, rng: random.Random, end: float) -> None:
+    history, load = chaos.history, chaos.load
+    sent = 0
+    weights = [kind.weight for kind in KINDS]
+    while time.monotonic() < end:
+        sent += 1
+        kind = rng.choices(KINDS, weights)[0]
+        topic = getattr(chaos.settings, kind.topic_setting)
+        if topic in load.quiet:
+            kind, topic = KINDS[0], chaos.settings.topic
+        unique = f"{sent}_{number}_{int(chaos.t0)}"
+        made = kind.make(rng, unique, number * 10_000_000 + sent)
+        valid = made.invalid_field is None or rng.random() >= BAD_SHARE
+        body = made.body if valid else {**made.body, str(made.invalid_field): "not an integer"}
+        raw = orjson.dumps(body)
+        query = _query(kind.command, kind.platform)
+        callback = Callback(f"c{number}-{sent}", kind.name, topic, made.key, made.entity, kind.command, query,
+                            raw, valid)  # fmt: skip
+        history.callbacks[callback.id] = callback
+        load.in_flight[topic] = load.in_flight.get(topic, 0) + 1
+        try:
+            copies = rng.randint(2, 3) if rng.random() < COPY_SHARE else 1
+            whys = ["send", *["copy"] * (copies - 1)]
+            answers = await asyncio.gather(*(_post(chaos, callback, why) for why in whys))
+            if 503 in answers and rng.random() < RETRY_SHARE:
+                answers.append(await _post(chaos, callback, "retry"))
+        finally:
+            load.in_flight[topic] -= 1
+        if all(isinstance(answer, str) for answer in answers):
+            await asyncio.sleep(0.05)  # the bridge is restarting: no spinning on refused connections
+        elif 200 not in answers:
+            await asyncio.sleep(0.02)  # a bridge refusing at once would have the clients spin
+
+
+async def _post(chaos: Chaos, callback: Callback, why: str) -> int | str:
+    started, bridge = chaos.clock(), chaos.bridge.starts
+    status: int | str
+    try:
+        async with chaos.session.post(
+            f"{chaos.bridge.url}/callback", params=callback.query, data=callback.body
+        ) as response:
+            await response.read()
+            status, outcome = response.status, response.headers.get("X-Bridge-Outcome", "none")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        status, outcome = type(exc).__name__, "none"
+    chaos.history.attempts.append(Attempt(callback.id, why, started, chaos.clock(), status, outcome, bridge))
+    return status
+
+
+# --- the faults --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One fault of the schedule: after `gap` seconds, `kind` for `hold` seconds, with `params`."""
+
+    kind: str
+    gap: float
+    hold: float
+    params: dict[str, Any]
+
+
+FaultAction = Callable[[Chaos, Planned], Awaitable[str]]
+"""Injects a fault, holds it, heals it; returns what it did, in words."""
+
+NODE_FAULTS = frozenset({"pause", "kill", "leader-kill", "isr-below-min", "quorum-loss", "node-restart"})
+CLUSTER_ONLY = frozenset({"leader-kill", "isr-below-min", "quorum-loss", "node-restart", "kill"})
+KAFKA_ONLY = frozenset({"topic-delete", "partitions-grow"})
+"""Tansu acknowledges writes to deleted topics and cannot add partitions."""
+
+
+def allowed_faults(chain: Brokers) -> list[str]:
+    kinds = set(FAULT_KINDS)
+    if not chain.cluster:
+        kinds -= CLUSTER_ONLY
+    if not all(isinstance(node, KafkaNode) for node in chain.nodes):
+        kinds -= KAFKA_ONLY
+    return [kind for kind in FAULT_KINDS if kind in kinds]
+
+
+def _params(kind: str, rng: random.Random, chain: Brokers) -> tuple[float, dict[str, Any]]:
+    """How long `kind` is held, and what it hits."""
+    nodes, proxies = len(chain.nodes), len(chain.proxies)
+
+    def error(codes: dict[str, int]) -> dict[str, Any]:  # times None: every answer until healed
+        return {"proxy": rng.randrange(proxies), "error": rng.choice(sorted(codes)),
+                "times": rng.choice([1, 3, None])}  # fmt: skip
+
+    hold = rng.uniform(0.2, 2.0)
+    node = {"node": rng.randrange(nodes) + 1}
+    parameters: dict[str, Callable[[], tuple[float, dict[str, Any]]]] = {
+        "pause": lambda: (hold, node),
+        "kill": lambda: (hold, node),
+        "node-restart": lambda: (hold, node),
+        "leader-kill": lambda: (hold, {"partition": rng.randrange(PARTITIONS)}),
+        # past replica.lag.time.max.ms (3 s on the test nodes), so that the ISR shrinks
+        "isr-below-min": lambda: (rng.uniform(4.5, 6.0), {"partition": rng.randrange(PARTITIONS)}),
+        "quorum-loss": lambda: (rng.uniform(1.5, 3.0), {"nodes": sorted(rng.sample(range(1, nodes + 1), 2))}),
+        "slow": lambda: (hold, {"delay_s": round(rng.uniform(0.1, 1.5), 3)}),
+        "reset-produce": lambda: (
+            hold,
+            {
+                "proxy": rng.randrange(proxies),
+                "side": rng.choice(["before", "after"]),
+                "count": rng.randint(1, 3),
+            },
+        ),
+        "error-after-append": lambda: (hold, error(AFTER_APPEND_ERRORS)),
+        "error-no-append": lambda: (hold, error(NO_APPEND_ERRORS)),
+        "partition-error": lambda: (hold, error(NO_APPEND_ERRORS)),
+        "topic-delete": lambda: (rng.uniform(1.0, 3.0), {}),
+        "partitions-grow": lambda: (hold, {"by": 2}),
+    }
+    return parameters[kind]() if kind in parameters else (hold, {})
+
+
+def plan(rng: random.Random, kinds: Sequence[str], duration_s: float, chain: Brokers) -> list[Planned]:
+    """Rounds of every kind once, each round in its own order, enough to outlast `duration_s`."""
+    schedule: list[Planned] = []
+    elapsed = 0.0
+    while kinds and elapsed < duration_s:
+        for kind in rng.sample(list(kinds), len(kinds)):
+            hold, parameters = _params(kind, rng, chain)
+            gap = rng.uniform(0.3, 1.0)
+            schedule.append(Planned(kind, gap, hold, parameters))
+            elapsed += gap + hold + 1.0
+    return schedule
+
+
+def schedule_from(faults: list[dict[str, Any]]) -> list[Planned]:
+    """The schedule a history file's faults followed."""
+    return [Planned(f["kind"], f["gap"], f["hold"], f["params"]) for f in faults]
+
+
+async def _fault_loop(chaos: Chaos, schedule: list[Planned], end: float) -> None:
+    for planned in schedule:
+        await asyncio.sleep(min(planned.gap, max(end - time.monotonic(), 0)))
+        if time.monotonic() >= end:
+            return
+        started = chaos.clock()
+        detail = await FAULTS[planned.kind](chaos, planned)
+        await _recovered(chaos)
+        chaos.history.faults.append(
+            Fault(planned.kind, detail, started, chaos.clock(), planned.gap, planned.hold, planned.params)
+        )
+
+
+async def _recovered(chaos: Chaos) -> None:
+    """Every node up again before the next fault: one fault at a time."""
+    for node in chaos.chain.nodes:
         if isinstance(node, KafkaNode):
-            await asyncio.to_thread(node.wait_ready)  # a node killed last is still coming back
-    for proxy in chain.proxies:
+            if node.process is None:
+                node.launch()
+            await asyncio.to_thread(node.wait_ready)
+
+
+async def _heal_all(chaos: Chaos) -> None:
+    for node in chaos.chain.nodes:
+        node.resume()
+    await _recovered(chaos)
+    for proxy in chaos.chain.proxies:
         proxy.faults.clear()
         proxy.set_blackhole(False)
 
 
-def _judge(history: History, records: list[Any], outcomes: dict[str, int], elapsed: float) -> Report:
-    copies = Counter(record.key.decode() for record in records if record.key is not None)
-    confirmed = {key for key, answers in history.answers.items() if 200 in answers}
-    refused = {key for key, answers in history.answers.items() if 200 not in answers and 503 in answers}
-    # Answered 503 and each time told that nothing was handed to Kafka: such a key must be absent.
-    not_written = {"failed", "overloaded"}
-    never_written = {key for key in refused if set(history.outcomes[key]) <= not_written}
-    return Report(
-        duration_s=elapsed,
-        requests=sum(len(answers) for answers in history.answers.values()),
-        answers=Counter(str(answer) for answers in history.answers.values() for answer in answers),
-        outcomes=outcomes,
-        confirmed_keys=len(confirmed),
-        missing=sorted(confirmed - set(copies)),
-        rejected_but_present=sorted(history.bad & set(copies)),
-        failed_but_present=sorted(never_written & set(copies)),
-        answered_503_landed=len(refused & set(copies)),
-        answered_503_absent=len(refused - set(copies)),
-        duplicated_keys=sum(1 for count in copies.values() if count > 1),
-        extra_copies=sum(count - 1 for count in copies.values()),
-        faults=history.faults,
+def _node(chaos: Chaos, node_id: int) -> FaultBroker:
+    return chaos.chain.nodes[node_id - 1]
+
+
+async def _pause(chaos: Chaos, planned: Planned) -> str:
+    node = _node(chaos, planned.params["node"])
+    node.pause()
+    await asyncio.sleep(planned.hold)
+    node.resume()
+    return f"node {planned.params['node']} SIGSTOPped for {planned.hold:.1f} s"
+
+
+async def _kill_for(chaos: Chaos, node_ids: Sequence[int], hold: float) -> None:
+    """SIGKILL the nodes; start them again with their data `hold` seconds later, without waiting."""
+    for node_id in node_ids:
+        chaos.chain.node_by_id(node_id).kill()
+    await asyncio.sleep(hold)
+    for node_id in node_ids:
+        chaos.chain.node_by_id(node_id).launch()
+
+
+async def _kill(chaos: Chaos, planned: Planned) -> str:
+    await _kill_for(chaos, [planned.params["node"]], planned.hold)
+    return f"node {planned.params['node']} SIGKILLed, started again with its data after {planned.hold:.1f} s"
+
+
+async def _states(chaos: Chaos, topic: str) -> dict[int, Any]:
+    return await partition_states(chaos.chain.bootstrap_servers, topic)
+
+
+async def _leader_kill(chaos: Chaos, planned: Planned) -> str:
+    partition = planned.params["partition"]
+    topic = chaos.settings.topic
+    leader = (await _states(chaos, topic))[partition].leader
+    await _kill_for(chaos, [leader], planned.hold)
+    return f"node {leader}, leader of {topic}[{partition}], SIGKILLed for {planned.hold:.1f} s"
+
+
+async def _isr_below_min(chaos: Chaos, planned: Planned) -> str:
+    partition = planned.params["partition"]
+    topic = chaos.settings.group_topic
+    state = (await _states(chaos, topic))[partition]
+    follower = next(replica for replica in state.replicas if replica != state.leader)
+    await _kill_for(chaos, [follower], planned.hold)
+    return (
+        f"node {follower}, a follower of {topic}[{partition}] (min.insync.replicas {ISR_TOPIC_MIN_INSYNC}), "
+        f"SIGKILLed for {planned.hold:.1f} s"
     )
 
 
-async def _until_ready(session: aiohttp.ClientSession, url: str) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            async with session.get(f"{url}/readyz") as response:
-                if response.status == 200:
-                    return
-            await asyncio.sleep(0.05)
+async def _quorum_loss(chaos: Chaos, planned: Planned) -> str:
+    await _kill_for(chaos, planned.params["nodes"], planned.hold)
+    return f"nodes {planned.params['nodes']} SIGKILLed for {planned.hold:.1f} s: no controller quorum"
 
 
-async def _client(
-    number: int, rng: random.Random, session: aiohttp.ClientSession, url: str, history: History, end: float
-) -> None:
-    sent = 0
-    while time.monotonic() < end:
-        sent += 1
-        key = f"c{number}-{sent}"
-        body = {**SEED.body, "MsgKey": key, "Official_Account": f"@TOA#_{rng.randrange(50)}"}
-        if rng.random() < BAD_SHARE:
-            body["MsgTime"] = "not an integer"
-            history.bad.add(key)
-        answer = await _post(session, url, orjson.dumps(body))
-        history.note(key, answer)
-        if answer[0] == 503 and rng.random() < RETRY_SHARE:  # Tencent's retry after a timeout
-            history.note(key, await _post(session, url, orjson.dumps(body)))
-
-
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int | str, str]:
-    """The status (or the client error) and the outcome the bridge reported."""
+async def _node_restart(chaos: Chaos, planned: Planned) -> str:
+    """A rolling restart's step: SIGTERM (Kafka's controlled shutdown moves its leaderships), then start."""
+    node = chaos.chain.node_by_id(planned.params["node"])
+    process = node.process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    began = time.monotonic()
     try:
-        async with session.post(f"{url}/callback", params=SEED.query, data=body) as response:
-            await response.read()
-            return response.status, response.headers.get("X-Bridge-Outcome", "none")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__, "none"
+        await asyncio.to_thread(process.wait, 60)
+    except subprocess.TimeoutExpired:  # a node that does not stop in a minute is killed
+        node.kill()
+    stopped = time.monotonic() - began
+    await asyncio.sleep(planned.hold)
+    node.launch()
+    return f"node {planned.params['node']} stopped by SIGTERM in {stopped:.1f} s, started again with its data"
 
 
-FAULT_KINDS = ("pause", "kill", "blackhole", "slow", "reset", "reset-produce", "broker-error")
+async def _blackhole(chaos: Chaos, planned: Planned) -> str:
+    for proxy in chaos.chain.proxies:
+        proxy.set_blackhole(True)
+    await asyncio.sleep(planned.hold)
+    for proxy in chaos.chain.proxies:
+        proxy.set_blackhole(False)
+    return f"all traffic black-holed for {planned.hold:.1f} s"
 
 
-async def _fault_loop(
-    rng: random.Random, chain: Brokers, history: History, end: float, only: frozenset[str] | None = None
+async def _proxy_fault(
+    chaos: Chaos, planned: Planned, proxies: Sequence[KafkaProxy], set_: Callable[..., None]
 ) -> None:
-    """One fault at a time, healed before the next: a node paused or killed (one of three at most, so the
-    cluster keeps its quorum and two in-sync replicas), or traffic through the proxies disturbed."""
-    proxies = chain.proxies
+    for proxy in proxies:
+        set_(proxy.faults)
+    await asyncio.sleep(planned.hold)
+    for proxy in chaos.chain.proxies:
+        proxy.faults.clear()
 
-    def pause() -> Callable[[], None]:
-        node = rng.choice(chain.nodes)
-        node.pause()
-        return node.resume
 
-    def kill_and_restart() -> Callable[[], None]:
-        node = rng.choice(chain.nodes)
-        assert isinstance(node, KafkaNode)
-        node.kill()  # SIGKILL; its leaderships move to the others, and it comes back with its data
+async def _slow(chaos: Chaos, planned: Planned) -> str:
+    delay = planned.params["delay_s"]
+    await _proxy_fault(chaos, planned, chaos.chain.proxies, lambda f: setattr(f, "response_delay_s", delay))
+    return f"every answer delayed {delay:.2f} s for {planned.hold:.1f} s"
 
-        def restart() -> None:
-            node.launch()  # not waiting: it rejoins while the load goes on
 
-        return restart
+async def _reset(chaos: Chaos, planned: Planned) -> str:
+    for proxy in chaos.chain.proxies:
+        proxy.reset_all()
+    return "every connection reset"
 
-    def blackhole() -> Callable[[], None]:
-        for proxy in proxies:
-            proxy.set_blackhole(True)
 
-        def heal() -> None:
-            for proxy in proxies:
-                proxy.set_blackhole(False)
+async def _reset_produce(chaos: Chaos, planned: Planned) -> str:
+    p = planned.params
+    proxy = chaos.chain.proxies[p["proxy"]]
+    field_name = f"reset_{p['side']}_produce"
+    await _proxy_fault(chaos, planned, [proxy], lambda f: setattr(f, field_name, p["count"]))
+    return f"{p['count']} connections of proxy {p['proxy']} reset {p['side']} a Produce"
 
-        return heal
 
-    def slow() -> Callable[[], None]:
-        delay = rng.uniform(0.1, 1.5)
-        for proxy in proxies:
-            proxy.faults.response_delay_s = delay
-        return heal_proxies
+def _error_fault(code_field: str, times_field: str, codes: dict[str, int], words: str) -> FaultAction:
+    async def fault(chaos: Chaos, planned: Planned) -> str:
+        p = planned.params
+        proxy = chaos.chain.proxies[p["proxy"]]
 
-    def reset() -> Callable[[], None]:
-        for proxy in proxies:
-            proxy.reset_all()
-        return heal_proxies
+        def set_(faults: Any) -> None:
+            setattr(faults, code_field, codes[p["error"]])
+            setattr(faults, times_field, p["times"])
 
-    def reset_produce() -> Callable[[], None]:
-        faults = rng.choice(proxies).faults
-        if rng.random() < 0.5:
-            faults.reset_before_produce = rng.randint(1, 3)
-        else:
-            faults.reset_after_produce = rng.randint(1, 3)
-        return heal_proxies
+        await _proxy_fault(chaos, planned, [proxy], set_)
+        times = "every answer" if p["times"] is None else f"{p['times']} answers"
+        return f"{p['error']} {words} by proxy {p['proxy']}, {times} within {planned.hold:.1f} s"
 
-    def broker_error() -> Callable[[], None]:
-        name = rng.choice(sorted(ERROR_CODES))
-        history.faults[f"error {name}"] += 1
-        faults = rng.choice(proxies).faults
-        faults.produce_error = ERROR_CODES[name]
-        faults.produce_error_times = rng.choice([1, 3, None])  # None: until healed
-        return heal_proxies
+    return fault
 
-    def heal_proxies() -> None:
-        for proxy in proxies:
-            proxy.faults.clear()
 
-    kinds: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
-        "pause": ("pause a node (SIGSTOP)", pause),
-        "blackhole": ("black-hole traffic", blackhole),
-        "slow": ("slow answers", slow),
-        "reset": ("reset connections", reset),
-        "reset-produce": ("reset around a Produce", reset_produce),
-        "broker-error": ("broker error", broker_error),
-    }
-    if all(isinstance(node, KafkaNode) for node in chain.nodes) and len(chain.nodes) > 1:
-        kinds["kill"] = ("kill a node, restart it with its data", kill_and_restart)
-    chosen = {name: fault for short, (name, fault) in kinds.items() if only is None or short in only}
-    if not chosen:
-        await asyncio.sleep(max(end - time.monotonic(), 0))
-        return
-    await asyncio.sleep(rng.uniform(0.3, 1.0))
-    while time.monotonic() < end:
-        name = rng.choice(sorted(chosen))
-        if name != "broker error":
-            history.faults[name] += 1
-        heal = chosen[name]()
-        await asyncio.sleep(min(rng.uniform(0.2, 2.0), max(end - time.monotonic(), 0)))
-        heal()
-        await asyncio.sleep(rng.uniform(0.2, 1.0))
+async def _topic_delete(chaos: Chaos, planned: Planned) -> str:
+    """An operator deletes a topic while the bridge serves, and re-creates it as it was.
+
+    The records it held were in Kafka until then: its callbacks are held back, every one sent is answered,
+    the topic is read to its end, and only then deleted. While it is gone, callbacks to it are sent again:
+    none may be answered 200 (none could be in Kafka)."""
+    settings, admin, load = chaos.settings, chaos.admin, chaos.load
+    topic = settings.app_topic
+    load.quiet.add(topic)
+    async with asyncio.timeout(30):
+        while load.in_flight.get(topic, 0):
+            await asyncio.sleep(0.01)
+    chaos.history.kept += await read_records(chaos.chain.bootstrap_servers, [topic], expect=0, timeout_s=30)
+    await admin.delete_topics([topic])
+    async with asyncio.timeout(30):
+        while topic in await admin.list_topics():
+            await asyncio.sleep(0.1)
+    load.quiet.discard(topic)
+    await asyncio.sleep(planned.hold)
+    count = max(chaos.history.partition_counts[topic])
+    intended = intended_topic(settings, len(chaos.chain.nodes))
+    async with asyncio.timeout(30):
+        while True:  # the brokers may still be deleting the old one's logs
+            response = await admin.create_topics(
+                [NewTopic(topic, count, intended.replication_factor, topic_configs=dict(intended.configs))]
+            )
+            if all(error == 0 for _, error, *_ in response.topic_errors):
+                break
+            await asyncio.sleep(0.2)
+    await chaos.bridge.until_ready(chaos.session)
+    return f"{topic} deleted, re-created {planned.hold:.1f} s later with {count} partitions"
+
+
+async def _partitions_grow(chaos: Chaos, planned: Planned) -> str:
+    """An operator adds partitions: the bridge refuses that topic's callbacks until restarted, then uses
+    the new count."""
+    topic = chaos.settings.user_topic
+    count = max(chaos.history.partition_counts[topic]) + planned.params["by"]
+    await chaos.admin.create_partitions({topic: NewPartitions(count)})
+    chaos.history.partition_counts[topic].add(count)
+    await asyncio.sleep(planned.hold)
+    took = await chaos.bridge.sigterm()
+    await chaos.bridge.start(chaos.session)
+    return f"{topic} grown to {count} partitions; the bridge restarted to take them (stopped in {took:.1f} s)"
+
+
+async def _producer_death(chaos: Chaos, planned: Planned) -> str:
+    publisher = chaos.bridge.publisher
+    producer = publisher._producer  # type: ignore[attr-defined]
+    producer._sender.sender_task.cancel()
+    async with asyncio.timeout(30):
+        while publisher._producer is producer:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+    await chaos.bridge.until_ready(chaos.session)
+    return "the producer's sender task cancelled; the bridge built a new producer"
+
+
+async def _bridge_sigterm(chaos: Chaos, planned: Planned) -> str:
+    took = await chaos.bridge.sigterm()
+    await asyncio.sleep(planned.hold)
+    await chaos.bridge.start(chaos.session)
+    return (
+        f"the bridge stopped by SIGTERM under load in {took:.1f} s, started again {planned.hold:.1f} s later"
+    )
+
+
+FAULTS: dict[str, FaultAction] = {
+    "pause": _pause,
+    "kill": _kill,
+    "leader-kill": _leader_kill,
+    "isr-below-min": _isr_below_min,
+    "quorum-loss": _quorum_loss,
+    "node-restart": _node_restart,
+    "blackhole": _blackhole,
+    "slow": _slow,
+    "reset": _reset,
+    "reset-produce": _reset_produce,
+    "error-after-append": _error_fault(
+        "produce_error", "produce_error_times", AFTER_APPEND_ERRORS, "after append"
+    ),
+    "error-no-append": _error_fault(
+        "refuse_produce", "refuse_produce_times", NO_APPEND_ERRORS, "without append"
+    ),
+    "partition-error": _error_fault(
+        "partition_error", "partition_error_times", NO_APPEND_ERRORS, "on one partition"
+    ),
+    "topic-delete": _topic_delete,
+    "partitions-grow": _partitions_grow,
+    "producer-death": _producer_death,
+    "bridge-sigterm": _bridge_sigterm,
+}
+FAULT_KINDS = tuple(FAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load and faults [60]")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients [16]")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the fault schedule [1]")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the fault schedule and the load [1]")
     parser.add_argument("--delivery-timeout", type=float, default=1.0, help="the bridge's deadline [1.0]")
     parser.add_argument("--single", action="store_true", help="one broker node instead of a cluster of three")
     parser.add_argument(
         "--faults",
-        default=",".join(FAULT_KINDS),
+        default="all",
         help=f"comma-separated fault kinds to inject, of {', '.join(FAULT_KINDS)}; 'none' for none [all]",
     )
+    parser.add_argument("--history", type=Path, help="write the run's history here (JSON Lines)")
+    parser.add_argument("--replay", type=Path, help="run the fault schedule of this history file again")
     args = parser.parse_args(argv)
     cluster = not args.single
-    faults = frozenset() if args.faults == "none" else frozenset(args.faults.split(","))
-    if unknown := faults - set(FAULT_KINDS):
+    faults = (
+        None
+        if args.faults == "all"
+        else frozenset()
+        if args.faults == "none"
+        else frozenset(args.faults.split(","))
+    )
+    if faults is not None and (unknown := faults - set(FAULT_KINDS)):
         parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    schedule = None
+    if args.replay is not None:
+        run, recorded = read_run(args.replay)
+        schedule = schedule_from(recorded)
+        cluster = run.get("cluster", cluster)
     if cluster and not cluster_possible():
         parser.error("the three-node cluster needs Apache Kafka (java and mvn); use --single for Tansu")
     # The faults make aiokafka and the bridge log by the thousand; the table is the result.
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     logging.getLogger("bridge").setLevel(logging.CRITICAL)
+    logging.getLogger("chaos").setLevel(logging.INFO)
     report = asyncio.run(
         run_chaos(
-            args.duration, args.clients, args.seed, args.delivery_timeout, cluster=cluster, faults=faults
+            args.duration,
+            args.clients,
+            args.seed,
+            args.delivery_timeout,
+            cluster=cluster,
+            faults=faults,
+            schedule=schedule,
+            history_file=args.history,
         )
     )
     print(f"broker: {'three Apache Kafka nodes' if cluster else broker_choice().description}")
     print(report.table())
-    for key in report.missing[:20]:
-        print(f"MISSING: {key} was answered 200", file=sys.stderr)
-    for key in report.rejected_but_present[:20]:
-        print(f"PRESENT: {key} was answered 4xx", file=sys.stderr)
-    for key in report.failed_but_present[:20]:
-        print(f"PRESENT: {key} was answered 503 'failed' (nothing written)", file=sys.stderr)
+    for problem, ids in report.problems().items():
+        for callback_id in ids[:20]:
+            print(f"{problem}: {callback_id}", file=sys.stderr)
     return 1 if report.broken else 0
 
 
