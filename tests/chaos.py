@@ -791,6 +791,55 @@ FAULTS: dict[str, FaultAction] = {
 FAULT_KINDS = tuple(FAULTS)
 
 
+async def run_each(
+    kinds: Sequence[str],
+    duration_s: float,
+    clients: int,
+    seed: int,
+    delivery_timeout_s: float,
+    history: Path | None,
+) -> list[tuple[str, Report]]:
+    """Each fault kind alone, one run after another on one cluster (each run heals what it broke)."""
+    ports = [free_port() for _ in range(3)]
+    results = []
+    with (
+        tempfile.TemporaryDirectory(prefix="chaos-") as directory,
+        KafkaCluster(Path(directory), advertised_ports=ports) as cluster,
+    ):
+        for kind in kinds:
+            log.info("fault kind %s alone", kind)
+            report = await run_chaos(
+                duration_s,
+                clients,
+                seed,
+                delivery_timeout_s,
+                faults=frozenset({kind}),
+                nodes=cluster.nodes,
+                proxy_ports=ports,
+                history_file=None if history is None else history / f"{kind}.jsonl",
+            )
+            results.append((kind, report))
+    return results
+
+
+def each_table(results: Sequence[tuple[str, Report]]) -> str:
+    lines = [
+        "| fault kind alone | faults | requests | 200 | 503 | other answers | 200 but missing "
+        "| wrong content | 4xx present | duplicates | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, report in results:
+        answers = report.answers
+        other = sum(n for status, n in answers.items() if status not in {"200", "503", "400"})
+        verdict = "BROKEN" if report.broken else "ok"
+        lines.append(
+            f"| {kind} | {report.faults[kind]} | {report.requests} | {answers['200']} | {answers['503']} "
+            f"| {other} | {len(report.missing)} | {len(report.wrong_content)} "
+            f"| {len(report.rejected_but_present)} | {sum(report.duplicates.values())} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load and faults [60]")
@@ -803,31 +852,51 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help=f"comma-separated fault kinds to inject, of {', '.join(FAULT_KINDS)}; 'none' for none [all]",
     )
-    parser.add_argument("--history", type=Path, help="write the run's history here (JSON Lines)")
-    parser.add_argument("--replay", type=Path, help="run the fault schedule of this history file again")
+    parser.add_argument(
+        "--each",
+        action="store_true",
+        help="run each chosen fault kind alone, one run per kind, on one cluster",
+    )
+    parser.add_argument(
+        "--history",
+        type=Path,
+        help="write the run's history here (JSON Lines); with --each, a folder for them",
+    )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        help="run a history file's fault schedule again, with its seed, clients, duration",
+    )
     args = parser.parse_args(argv)
     cluster = not args.single
-    faults = (
-        None
-        if args.faults == "all"
-        else frozenset()
-        if args.faults == "none"
-        else frozenset(args.faults.split(","))
-    )
+    faults = None if args.faults == "all" else frozenset(args.faults.split(",")) - {"none"}
     if faults is not None and (unknown := faults - set(FAULT_KINDS)):
         parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     schedule = None
     if args.replay is not None:
         run, recorded = read_run(args.replay)
         schedule = schedule_from(recorded)
-        cluster = run.get("cluster", cluster)
+        cluster = run["cluster"]
+        args.seed, args.clients, args.duration = run["seed"], run["clients"], run["duration_s"]
+        args.delivery_timeout = run["delivery_timeout_s"]
     if cluster and not cluster_possible():
         parser.error("the three-node cluster needs Apache Kafka (java and mvn); use --single for Tansu")
+    if args.each and (args.single or args.replay):
+        parser.error("--each runs on the three-node cluster, with the seed's schedules")
     # The faults make aiokafka and the bridge log by the thousand; the table is the result.
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     logging.getLogger("bridge").setLevel(logging.CRITICAL)
     logging.getLogger("chaos").setLevel(logging.INFO)
+    if args.each:
+        if args.history is not None:
+            args.history.mkdir(parents=True, exist_ok=True)
+        kinds = [kind for kind in FAULT_KINDS if faults is None or kind in faults]
+        results = asyncio.run(
+            run_each(kinds, args.duration, args.clients, args.seed, args.delivery_timeout, args.history)
+        )
+        print(each_table(results))
+        return 1 if any(report.broken for _, report in results) else 0
     report = asyncio.run(
         run_chaos(
             args.duration,
