@@ -1,6 +1,7 @@
 """Kafka TLS and SASL settings become the same aiokafka arguments for every client, and bad ones fail early.
 
-The test broker cannot speak TLS or SASL, so these tests check the mapping, not a secured connection.
+These tests check the mapping and the refusals at start, with no broker; tests/test_kafka_security_real.py
+connects every command through SASL and TLS listeners of a real Apache Kafka.
 """
 
 from __future__ import annotations
