@@ -166,15 +166,21 @@ def explain(exc: BaseException, options: Mapping[str, Any]) -> str | None:
                 "dialled"
             )
         if isinstance(error, ssl.SSLError):
-            reason = error.reason or str(error)
-            alert = reason.partition("_ALERT_")[2].replace("_", " ").lower()
-            if alert:
-                return (
-                    f"the broker refused the TLS handshake with the alert '{alert}': its listener requires "
-                    "a client certificate signed by a CA it trusts; check --ssl-certfile and --ssl-keyfile"
-                )
-            return f"TLS handshake failed ({reason}); check --security-protocol and the TLS files"
+            return _tls_refusal(error)
     return None
+
+
+def _tls_refusal(error: ssl.SSLError) -> str:
+    reason = error.reason or str(error)
+    alert = reason.partition("_ALERT_")[2].replace("_", " ").lower()
+    if "certificate" in alert or alert == "unknown ca":  # Kafka sends "bad certificate" for none at all
+        return (
+            f"the broker refused the TLS handshake with the alert '{alert}': its listener requires a client "
+            "certificate signed by a CA it trusts; check --ssl-certfile and --ssl-keyfile"
+        )
+    if alert:
+        return f"the broker refused the TLS handshake with the alert '{alert}'; check the TLS settings"
+    return f"TLS handshake failed ({reason}); check --security-protocol and the TLS files"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
