@@ -33,6 +33,7 @@ from tests.kafka.secured import PASSWORD, SecuredKafkaNode, connection_settings,
 from tests.support import (
     ACCOUNTS,
     Posted,
+    Receiver,
     create_topic,
     message,
     one_line_error,
@@ -228,6 +229,18 @@ async def test_replay_reads_and_writes_a_topic_through_a_secured_listener(
     assert result.returncode == 0, result.stderr
     copied = await read_records(secured.bootstrap_servers, [destination], expect=6)
     assert sorted(r.key for r in copied) == sorted(p.key.encode() for p in callbacks(6) if p.key)
+
+
+async def test_replay_to_a_url_reads_through_a_secured_listener(
+    secured: SecuredKafkaNode, filled: Settings, receiver: Receiver, tmp_path: Path
+) -> None:
+    result = await asyncio.to_thread(
+        run_bridge, "replay", *secured_flags(secured, "TLS", tmp_path), "--topic", filled.topic,
+        "--to-url", receiver.url(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    keys = sorted(orjson.loads(body)["MsgKey"] for _, body in receiver.received)
+    assert keys == sorted(p.key for p in callbacks(6) if p.key)
 
 
 def topic_flags(settings: Settings) -> list[str]:
