@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from bridge.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of, decode
+from bridge.kafka_security import start_client
 from bridge.partitioner import partition_for
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class EventReader:
         self._lateness_ms = int(lateness_s * 1000)
         self._on_bad_record, self._commit_interval_s = on_bad_record, commit_interval_s
         self._before_commit = before_commit
+        self._servers, self._kafka_options = list(servers), dict(kafka_options or {})
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=list(servers),
             client_id=client_id,
@@ -150,7 +152,7 @@ class EventReader:
 
     async def start(self) -> None:
         try:
-            await self._consumer.start()
+            await start_client(self._consumer, self._servers, self._kafka_options)
             await self._assign()
         except BaseException:
             await self._consumer.stop()

@@ -201,9 +201,13 @@ class InternalError(Unavailable):
 def describe(exc: BaseException) -> str:
     """An exception in one line: its class name, and its message when it has one.
 
-    aiokafka's messages often begin with the class name already; it is not repeated.
+    aiokafka's messages often begin with the class name already; it is not repeated. An exception whose
+    message says it all (`says_it_all`, such as the bridge's own account of a refused secure connection) is
+    its message alone.
     """
     text, name = str(exc), type(exc).__name__
     if not text or text == name:
         return name
+    if getattr(exc, "says_it_all", False):
+        return text
     return text if text.startswith(name) else f"{name}: {text}"

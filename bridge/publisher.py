@@ -37,7 +37,7 @@ from bridge.batching import (
 )
 from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, RecordTooLarge, describe
-from bridge.kafka_security import kafka_connection_options
+from bridge.kafka_security import kafka_connection_options, start_client
 from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
 from bridge.topics import await_leaders, create_topics, how_to_create, max_message_bytes, max_record_bytes
@@ -374,7 +374,8 @@ class KafkaPublisher:
             producer = self._new_producer()
             try:
                 async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
-                    await producer.start()
+                    # A refused password or certificate is told as such, not as "Unable to bootstrap".
+                    await start_client(producer, settings.bootstrap_servers, self._connection_options)
                 await self._wait_for_topics(producer)
             except Exception as exc:  # whatever failed, the next attempt gets a new producer
                 if not isinstance(exc, KafkaError | OSError | TimeoutError):

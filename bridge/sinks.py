@@ -28,7 +28,7 @@ from yarl import URL
 
 from bridge import durable_files
 from bridge.events import Event
-from bridge.kafka_security import kafka_connection_options
+from bridge.kafka_security import kafka_connection_options, start_client
 from bridge.partitioner import partition_for
 from bridge.settings import Settings
 from bridge.topics import max_record_bytes
@@ -141,6 +141,7 @@ class TopicSink:
         self.name = topic
         self._topic = topic
         self._partitions = 0
+        self._servers, self._kafka_options = settings.bootstrap_servers, kafka_connection_options(settings)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=list(settings.bootstrap_servers),
             client_id=settings.client_id,
@@ -148,12 +149,12 @@ class TopicSink:
             enable_idempotence=False,  # broken on some brokers, and duplicates are handled by key
             compression_type=None if settings.compression == "none" else settings.compression,
             max_request_size=max_record_bytes(settings),
-            **kafka_connection_options(settings),
+            **self._kafka_options,
         )
 
     async def open(self) -> None:
         try:
-            await self._producer.start()
+            await start_client(self._producer, self._servers, self._kafka_options)
         except BaseException:
             await self._producer.stop()  # a producer that failed to start still holds its client
             raise

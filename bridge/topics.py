@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
 
-from bridge.kafka_security import kafka_connection_options
+from bridge.kafka_security import kafka_connection_options, start_client
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,10 @@ def _admin(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
+async def _start(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    await start_client(admin, settings.bootstrap_servers, kafka_connection_options(settings))
+
+
 async def _create(admin: AIOKafkaAdminClient, topics: list[str], intended: IntendedTopic) -> list[str]:
     """Create `topics`; return those created (not those that already existed)."""
     if intended.replication_factor < int(intended.configs["min.insync.replicas"]):
@@ -126,7 +130,7 @@ async def create_topics(settings: Settings, topics: list[str], broker_count: int
     """Create `topics` as `intended_topic` says; existing ones are left alone."""
     admin = _admin(settings)
     try:
-        await admin.start()
+        await _start(admin, settings)
         await _create(admin, topics, intended_topic(settings, broker_count))
     finally:
         await admin.close()
@@ -150,7 +154,7 @@ async def await_leaders(settings: Settings, topics: list[str]) -> None:
     )
     async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
         try:
-            await consumer.start()
+            await start_client(consumer, settings.bootstrap_servers, kafka_connection_options(settings))
             # consumer.topics() throws the partitions away: read them from the metadata request itself.
             cluster = await consumer._client.fetch_all_metadata()
             while not all(cluster.partitions_for_topic(topic) for topic in topics):
@@ -190,7 +194,7 @@ async def ensure_topics(settings: Settings) -> list[TopicReport]:
     admin = _admin(settings)
     try:
         async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
-            await admin.start()
+            await _start(admin, settings)
         async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
             cluster = await admin.describe_cluster()
             intended = intended_topic(settings, len(cluster["brokers"]))
@@ -265,7 +269,7 @@ async def max_message_bytes(settings: Settings, topics: list[str]) -> tuple[dict
     admin = _admin(settings)
     try:
         async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
-            await admin.start()
+            await _start(admin, settings)
             configs, unread = await _describe_configs(admin, topics)
     finally:
         await admin.close()

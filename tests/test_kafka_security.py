@@ -1,6 +1,7 @@
 """Kafka TLS and SASL settings become the same aiokafka arguments for every client, and bad ones fail early.
 
-The test broker cannot speak TLS or SASL, so these tests check the mapping, not a secured connection.
+These tests check the mapping and the refusals at start, with no broker; tests/test_kafka_security_real.py
+connects every command through SASL and TLS listeners of a real Apache Kafka.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
 from bridge import kafka_security
 from bridge.cli import main
@@ -183,3 +185,50 @@ def test_secrets_never_show_in_the_settings_repr() -> None:
     settings = replace(SASL, callback_token=(Secret("tok-en"),))
     assert "pw" not in repr(settings).replace("password", "")
     assert "tok-en" not in repr(settings)
+
+
+def _ssl_error(reason: str) -> ssl.SSLError:
+    error = ssl.SSLError(1, f"[SSL: {reason}] ...")
+    error.reason = reason  # set by the ssl module on the errors it raises
+    return error
+
+
+def _closed_by(cause: BaseException) -> KafkaConnectionError:
+    """aiokafka's error for a connection closed by `cause`: the cause only as `__cause__`."""
+    error = KafkaConnectionError("Connection at 127.0.0.1:9093 closed")
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "phrase"),
+    [
+        (
+            SaslAuthenticationFailed("Invalid username or password"),
+            "authentication failed: the broker refused",
+        ),
+        (UnsupportedSaslMechanismError("no"), "does not offer SASL SCRAM-SHA-256"),
+        (
+            _closed_by(_ssl_error("SSLV3_ALERT_BAD_CERTIFICATE")),
+            "alert 'bad certificate': its listener requires",
+        ),
+        (_closed_by(_ssl_error("TLSV1_ALERT_UNKNOWN_CA")), "alert 'unknown ca': its listener"),
+        (_ssl_error("TLSV1_ALERT_PROTOCOL_VERSION"), "alert 'protocol version'; check the TLS settings"),
+        (_ssl_error("WRONG_VERSION_NUMBER"), "TLS handshake failed (WRONG_VERSION_NUMBER)"),
+    ],
+    ids=["sasl refused", "mechanism", "no client cert", "client CA", "other alert", "not TLS"],
+)
+def test_a_refusal_of_security_is_explained_in_words_naming_what_to_check(
+    error: BaseException, phrase: str
+) -> None:
+    options = {"sasl_mechanism": "SCRAM-SHA-256", "sasl_plain_username": "bridge"}
+    assert phrase in (kafka_security.explain(error, options) or "")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionRefusedError(111, "Connect call failed"), TimeoutError(), _closed_by(EOFError())],
+    ids=["refused", "timeout", "closed"],
+)
+def test_a_failure_that_is_not_of_security_is_left_as_it_came(error: BaseException) -> None:
+    assert kafka_security.explain(error, {}) is None
