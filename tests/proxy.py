@@ -2,9 +2,26 @@
 
 It forwards size-prefixed Kafka frames both ways and, on demand: delays the broker's answers, black-holes
 all traffic (connections stay open, nothing moves), resets every connection, resets a connection just
-before or just after forwarding a Produce request, and rewrites the error code of Produce responses (the
-broker really appended the record; the client is told otherwise). The broker must advertise the proxy's
-address (`EmbeddedBroker(advertised_port=...)`), so that clients reach every broker through it.
+before or just after forwarding a Produce request, and lies about Produce requests in three ways:
+
+- `produce_error` rewrites the error code of the broker's Produce responses: the broker really appended
+  the records; the client is told otherwise.
+- `refuse_produce` answers a Produce request itself, with that error for every partition, and never forwards
+  it: nothing was appended, as when a broker refuses a write (not the leader, too few in-sync replicas, a
+  corrupt batch).
+- `partition_error` takes the last partition (in request order: the last partition of the last topic) out
+  of a Produce request carrying two or more, forwards the rest, and adds that partition to the broker's
+  answer with the error: one partition of a multi-partition write refused, never appended, the others
+  written. A request with one partition passes untouched.
+
+Answers the proxy makes up keep their place: a connection's answers reach the client in the order of its
+requests, as Kafka's protocol requires. Produce requests are decoded with aiokafka's own structs; aiokafka
+0.14 sends versions 0 to 7 (all non-flexible), so those are what the proxy handles.
+
+The client must reach every broker through the proxy. Either the broker advertises the proxy's address
+(`KafkaNode(advertised_port=...)`), or `advertise_self=True` rewrites every broker address in the Metadata
+answers to the proxy's own, which puts a proxy in front of a one-broker cluster the test did not start (the
+session's shared broker): with several brokers, every client would be sent to the one behind this proxy.
 """
 
 from __future__ import annotations
@@ -13,18 +30,24 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from aiokafka.protocol import produce
+from aiokafka.protocol import metadata, produce
 
-PRODUCE_API_KEY = 0
+PRODUCE_API_KEY, METADATA_API_KEY = 0, 3
 _HEADER = struct.Struct(">hhi")  # api_key, api_version, correlation_id
 _LENGTH = struct.Struct(">i")
+_INT16 = struct.Struct(">h")
+_CLIENT_ID_AT = 4 + _HEADER.size  # a request header's nullable client id follows (int16 length, -1: null)
 
 
 @dataclass
 class Faults:
-    """What the proxy does to traffic now; tests change these fields while traffic flows."""
+    """What the proxy does to traffic now; tests change these fields while traffic flows.
+
+    A `..._times` field counts down as its fault fires; None fires it on every request until cleared."""
 
     response_delay_s: float = 0.0
     blackhole: bool = False
@@ -35,11 +58,28 @@ class Faults:
     produce_error: int | None = None
     produce_error_times: int | None = None
     """How many Produce responses get `produce_error`; None: every one, until changed."""
+    refuse_produce: int | None = None
+    """Answer Produce requests with this error code for every partition, without forwarding them."""
+    refuse_produce_times: int | None = None
+    """How many Produce requests are refused; None: every one, until changed."""
+    partition_error: int | None = None
+    """Withhold the last partition of a Produce request of two or more, and answer it with this code."""
+    partition_error_times: int | None = None
+    """How many multi-partition Produce requests lose a partition; None: every one, until changed."""
 
     def clear(self) -> None:
         self.response_delay_s, self.blackhole = 0.0, False
         self.reset_before_produce = self.reset_after_produce = 0
         self.produce_error = self.produce_error_times = None
+        self.refuse_produce = self.refuse_produce_times = None
+        self.partition_error = self.partition_error_times = None
+
+
+def _fire(code: int | None, times: int | None) -> tuple[bool, int | None]:
+    """Whether a fault of `code` fires now, and its `times` afterwards."""
+    if code is None or times == 0:
+        return False, times
+    return True, None if times is None else times - 1
 
 
 @dataclass(eq=False)
@@ -48,16 +88,40 @@ class _Connection:
     broker: asyncio.StreamWriter
     requests: dict[int, tuple[int, int]] = field(default_factory=dict)
     """correlation id -> (api key, api version) of requests awaiting an answer."""
+    order: deque[int] = field(default_factory=deque)
+    """Correlation ids of the requests awaiting an answer, oldest first (acks=0 Produce requests get none)."""
+    made_up: dict[int, bytes] = field(default_factory=dict)
+    """The proxy's own answers, by correlation id, each waiting for the answers to earlier requests."""
+    withheld: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    """correlation id -> (topic, partition, error code) taken out of a forwarded Produce request."""
+    due: asyncio.Queue[tuple[float, bytes]] = field(default_factory=asyncio.Queue)
+    """Answers to write to the client, each with the loop time it is due at."""
     cut: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once a Produce request went through that must never be answered: the connection is reset."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class KafkaProxy:
-    def __init__(self, upstream_port: int, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        upstream_host: str | None = None,
+        advertise_self: bool = False,
+    ) -> None:
         self.host, self.port, self.upstream_port = host, port, upstream_port
+        self.upstream_host = upstream_host or host
+        self.advertise_self = advertise_self
         self.faults = Faults()
         self.produce_requests = 0
+        self.most_partitions = 0
+        """The most partitions one Produce request carried."""
+        self.refused_produces = 0
+        """Produce requests answered by the proxy (`refuse_produce`), never forwarded."""
+        self.partition_errors: list[tuple[str, int]] = []
+        """(topic, partition) withheld from a Produce request (`partition_error`), in the order withheld."""
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._connections: set[_Connection] = set()
@@ -102,10 +166,11 @@ class KafkaProxy:
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
-            broker_reader, broker_writer = await asyncio.open_connection(self.host, self.upstream_port)
+            upstream = await asyncio.open_connection(self.upstream_host, self.upstream_port)
         except OSError:
             client_writer.transport.abort()
             return
+        broker_reader, broker_writer = upstream
         connection = _Connection(client_writer, broker_writer)
         self._connections.add(connection)
         connection.tasks = [
@@ -126,11 +191,25 @@ class KafkaProxy:
                 await self._flowing.wait()
                 api_key, api_version, correlation_id = _HEADER.unpack_from(frame, 4)
                 connection.requests[correlation_id] = (api_key, api_version)
+                answered = True
                 if api_key == PRODUCE_API_KEY:
                     self.produce_requests += 1
                     if self.faults.reset_before_produce > 0:
                         self.faults.reset_before_produce -= 1
                         return
+                    request = _ProduceRequest(frame)
+                    answered = request.required_acks != 0
+                    self.most_partitions = max(self.most_partitions, request.partition_count)
+                    refusal = self._maybe_refuse(request)
+                    if refusal is not None:
+                        if answered:
+                            connection.order.append(correlation_id)
+                            connection.made_up[correlation_id] = refusal
+                            self._release(connection)
+                        continue
+                    frame = self._maybe_withhold(connection, request) or frame
+                if answered:
+                    connection.order.append(correlation_id)
                 cut = api_key == PRODUCE_API_KEY and self.faults.reset_after_produce > 0
                 if cut:
                     self.faults.reset_after_produce -= 1
@@ -141,11 +220,40 @@ class KafkaProxy:
                     await asyncio.sleep(0.2)  # the broker reads and appends it; the answer never arrives
                     return
 
+    def _maybe_refuse(self, request: _ProduceRequest) -> bytes | None:
+        """The proxy's own answer refusing `request`, if `refuse_produce` fires now."""
+        faults = self.faults
+        fires, faults.refuse_produce_times = _fire(faults.refuse_produce, faults.refuse_produce_times)
+        if not fires or faults.refuse_produce is None:
+            return None
+        self.refused_produces += 1
+        return request.refusal(faults.refuse_produce)
+
+    def _maybe_withhold(self, connection: _Connection, request: _ProduceRequest) -> bytes | None:
+        """`request` without its last partition, if `partition_error` fires now (two partitions or more)."""
+        faults = self.faults
+        if request.partition_count < 2:
+            return None
+        fires, faults.partition_error_times = _fire(faults.partition_error, faults.partition_error_times)
+        if not fires or faults.partition_error is None:
+            return None
+        frame, (topic, partition) = request.without_last_partition()
+        self.partition_errors.append((topic, partition))
+        if request.required_acks != 0:
+            connection.withheld[request.correlation_id] = (topic, partition, faults.partition_error)
+        return frame
+
+    def _release(self, connection: _Connection) -> None:
+        """Queue the proxy's own answers whose turn has come: every earlier request was answered."""
+        loop = asyncio.get_running_loop()
+        while connection.order and connection.order[0] in connection.made_up:
+            answer = connection.made_up.pop(connection.order.popleft())
+            connection.due.put_nowait((loop.time() + self.faults.response_delay_s, answer))
+
     async def _responses(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
         """Forward the broker's answers, each `response_delay_s` after it arrived: latency, not a queue."""
         loop = asyncio.get_running_loop()
-        due: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        writer = asyncio.create_task(self._deliver(connection, due))
+        writer = asyncio.create_task(self._deliver(connection))
         try:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while not writer.done():
@@ -153,39 +261,120 @@ class KafkaProxy:
                     await self._flowing.wait()
                     (correlation_id,) = _LENGTH.unpack_from(frame, 4)
                     api_key, api_version = connection.requests.pop(correlation_id, (-1, -1))
+                    with contextlib.suppress(ValueError):
+                        connection.order.remove(correlation_id)  # the oldest, as the broker answers in order
                     if connection.cut.is_set():
                         continue
                     if api_key == PRODUCE_API_KEY:
                         frame = self._maybe_rewrite_produce(frame, api_version)
-                    due.put_nowait((loop.time() + self.faults.response_delay_s, frame))
+                        withheld = connection.withheld.pop(correlation_id, None)
+                        if withheld is not None:
+                            frame = _with_partition_answer(frame, api_version, *withheld)
+                    elif api_key == METADATA_API_KEY and self.advertise_self:
+                        frame = self._advertise_self(frame, api_version)
+                    connection.due.put_nowait((loop.time() + self.faults.response_delay_s, frame))
+                    self._release(connection)
         finally:
             writer.cancel()
             await asyncio.wait({writer})
 
-    async def _deliver(self, connection: _Connection, due: asyncio.Queue[tuple[float, bytes]]) -> None:
+    async def _deliver(self, connection: _Connection) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
             while True:
-                at, frame = await due.get()
+                at, frame = await connection.due.get()
                 await asyncio.sleep(max(0.0, at - loop.time()))
                 connection.client.write(frame)
                 await connection.client.drain()
 
     def _maybe_rewrite_produce(self, frame: bytes, api_version: int) -> bytes:
         faults = self.faults
-        if faults.produce_error is None or faults.produce_error_times == 0:
+        fires, faults.produce_error_times = _fire(faults.produce_error, faults.produce_error_times)
+        if not fires:
             return frame
-        if faults.produce_error_times is not None:
-            faults.produce_error_times -= 1
-        response_type = getattr(produce, f"ProduceResponse_v{api_version}")
-        response = response_type.decode(frame[8:])
+        response = getattr(produce, f"ProduceResponse_v{api_version}").decode(frame[8:])
         response.topics = [
             (topic, [(partition[0], faults.produce_error, *partition[2:]) for partition in partitions])
             for topic, partitions in response.topics
         ]
-        encoded: bytes = response.encode()
-        body = frame[4:8] + encoded
+        return _response_frame(frame, response)
+
+    def _advertise_self(self, frame: bytes, api_version: int) -> bytes:
+        """The Metadata answer with every broker at the proxy's address."""
+        response = getattr(metadata, f"MetadataResponse_v{api_version}").decode(frame[8:])
+        response.brokers = [(broker[0], self.host, self.port, *broker[3:]) for broker in response.brokers]
+        return _response_frame(frame, response)
+
+
+class _ProduceRequest:
+    """A Produce request as it came from the client: its header, and its body decoded."""
+
+    def __init__(self, frame: bytes) -> None:
+        _, self.api_version, self.correlation_id = _HEADER.unpack_from(frame, 4)
+        (client_id_length,) = _INT16.unpack_from(frame, _CLIENT_ID_AT)
+        self.header = frame[4 : _CLIENT_ID_AT + _INT16.size + max(client_id_length, 0)]
+        self.body = getattr(produce, f"ProduceRequest_v{self.api_version}").decode(
+            frame[4 + len(self.header) :]
+        )
+        self.required_acks: int = self.body.required_acks
+        self.partition_count = sum(len(partitions) for _, partitions in self.body.topics)
+
+    def refusal(self, error_code: int) -> bytes:
+        """A ProduceResponse of the request's version giving every partition `error_code`."""
+        response = getattr(produce, f"ProduceResponse_v{self.api_version}")
+        version = self.api_version
+        topics = [
+            (topic, [_partition_answer(version, partition, error_code) for partition, _ in partitions])
+            for topic, partitions in self.body.topics
+        ]
+        fields: list[Any] = [topics] if version == 0 else [topics, 0]  # throttle_time_ms from v1
+        body = _LENGTH.pack(self.correlation_id) + bytes(response(*fields).encode())
         return _LENGTH.pack(len(body)) + body
+
+    def without_last_partition(self) -> tuple[bytes, tuple[str, int]]:
+        """The request's frame without the last partition of its last topic, and that partition."""
+        *others, (topic, partitions) = self.body.topics
+        removed = (topic, partitions[-1][0])
+        if len(partitions) > 1:
+            others.append((topic, partitions[:-1]))
+        rest = type(self.body)(**{name: self.body.get_item(name) for name in self.body.SCHEMA.names})
+        rest.topics = others
+        body = self.header + bytes(rest.encode())
+        return _LENGTH.pack(len(body)) + body, removed
+
+
+def _partition_answer(api_version: int, partition: int, error_code: int) -> tuple[Any, ...]:
+    """A partition's entry in a ProduceResponse of `api_version`: no offset, no timestamp, no log start
+    offset, no record errors, no error message, as far as the version has those fields."""
+    full: tuple[Any, ...] = (partition, error_code, -1, -1, -1, [], None)
+    if api_version < 2:
+        return full[:3]
+    if api_version < 5:
+        return full[:4]
+    if api_version < 8:
+        return full[:5]
+    return full
+
+
+def _with_partition_answer(frame: bytes, api_version: int, topic: str, partition: int, code: int) -> bytes:
+    """The broker's Produce answer with an entry for `partition` of `topic` giving `code`."""
+    response = getattr(produce, f"ProduceResponse_v{api_version}").decode(frame[8:])
+    entry = _partition_answer(api_version, partition, code)
+    topics = [(name, list(partitions)) for name, partitions in response.topics]
+    for name, partitions in topics:
+        if name == topic:
+            partitions.append(entry)
+            break
+    else:
+        topics.append((topic, [entry]))
+    response.topics = topics
+    return _response_frame(frame, response)
+
+
+def _response_frame(frame: bytes, response: Any) -> bytes:
+    """`frame`'s header (a non-flexible response's: the correlation id) with `response` as its body."""
+    body = frame[4:8] + bytes(response.encode())
+    return _LENGTH.pack(len(body)) + body
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
