@@ -37,6 +37,10 @@ from typing import Any
 from aiokafka.protocol import metadata, produce
 
 PRODUCE_API_KEY, METADATA_API_KEY = 0, 3
+PRODUCE_VERSIONS = range(9)
+"""The Produce versions the proxy decodes: non-flexible, as aiokafka 0.14 sends them (0-7; 8 is the last)."""
+METADATA_VERSIONS = range(6)
+"""The Metadata versions `advertise_self` rewrites: the ones aiokafka 0.14 sends."""
 _HEADER = struct.Struct(">hhi")  # api_key, api_version, correlation_id
 _LENGTH = struct.Struct(">i")
 _INT16 = struct.Struct(">h")
@@ -191,24 +195,19 @@ class KafkaProxy:
                 await self._flowing.wait()
                 api_key, api_version, correlation_id = _HEADER.unpack_from(frame, 4)
                 connection.requests[correlation_id] = (api_key, api_version)
-                answered = True
                 if api_key == PRODUCE_API_KEY:
                     self.produce_requests += 1
                     if self.faults.reset_before_produce > 0:
                         self.faults.reset_before_produce -= 1
                         return
-                    request = _ProduceRequest(frame)
-                    answered = request.required_acks != 0
-                    self.most_partitions = max(self.most_partitions, request.partition_count)
-                    refusal = self._maybe_refuse(request)
-                    if refusal is not None:
-                        if answered:
-                            connection.order.append(correlation_id)
-                            connection.made_up[correlation_id] = refusal
-                            self._release(connection)
-                        continue
-                    frame = self._maybe_withhold(connection, request) or frame
-                if answered:
+                    if api_version in PRODUCE_VERSIONS:
+                        forwarded = self._produce(connection, _ProduceRequest(frame))
+                        if forwarded is None:
+                            continue
+                        frame = forwarded
+                    else:  # a version aiokafka does not send: passed on untouched, assumed answered
+                        connection.order.append(correlation_id)
+                else:
                     connection.order.append(correlation_id)
                 cut = api_key == PRODUCE_API_KEY and self.faults.reset_after_produce > 0
                 if cut:
@@ -219,6 +218,21 @@ class KafkaProxy:
                 if cut:
                     await asyncio.sleep(0.2)  # the broker reads and appends it; the answer never arrives
                     return
+
+    def _produce(self, connection: _Connection, request: _ProduceRequest) -> bytes | None:
+        """The frame to forward for `request`, None if the proxy answers it itself (`refuse_produce`)."""
+        self.most_partitions = max(self.most_partitions, request.partition_count)
+        # acks=0: the broker answers nothing, and neither does the proxy.
+        answered = request.required_acks != 0
+        if answered:
+            connection.order.append(request.correlation_id)
+        refusal = self._maybe_refuse(request)
+        if refusal is None:
+            return self._maybe_withhold(connection, request) or request.frame
+        if answered:
+            connection.made_up[request.correlation_id] = refusal
+            self._release(connection)
+        return None
 
     def _maybe_refuse(self, request: _ProduceRequest) -> bytes | None:
         """The proxy's own answer refusing `request`, if `refuse_produce` fires now."""
@@ -265,12 +279,16 @@ class KafkaProxy:
                         connection.order.remove(correlation_id)  # the oldest, as the broker answers in order
                     if connection.cut.is_set():
                         continue
-                    if api_key == PRODUCE_API_KEY:
+                    if api_key == PRODUCE_API_KEY and api_version in PRODUCE_VERSIONS:
                         frame = self._maybe_rewrite_produce(frame, api_version)
                         withheld = connection.withheld.pop(correlation_id, None)
                         if withheld is not None:
                             frame = _with_partition_answer(frame, api_version, *withheld)
-                    elif api_key == METADATA_API_KEY and self.advertise_self:
+                    elif (
+                        api_key == METADATA_API_KEY
+                        and self.advertise_self
+                        and api_version in METADATA_VERSIONS
+                    ):
                         frame = self._advertise_self(frame, api_version)
                     connection.due.put_nowait((loop.time() + self.faults.response_delay_s, frame))
                     self._release(connection)
@@ -310,6 +328,7 @@ class _ProduceRequest:
     """A Produce request as it came from the client: its header, and its body decoded."""
 
     def __init__(self, frame: bytes) -> None:
+        self.frame = frame
         _, self.api_version, self.correlation_id = _HEADER.unpack_from(frame, 4)
         (client_id_length,) = _INT16.unpack_from(frame, _CLIENT_ID_AT)
         self.header = frame[4 : _CLIENT_ID_AT + _INT16.size + max(client_id_length, 0)]
