@@ -21,6 +21,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.protocol import produce
+from aiokafka.protocol.api import RequestStruct
+from aiokafka.protocol.metadata import MetadataRequest_v5
 
 from bridge.embedded import free_port
 from bridge.partitioner import partition_for
@@ -114,6 +116,37 @@ def test_the_proxys_own_produce_answers_are_well_formed_for_every_version_aiokaf
     assert removed == ("b", 3)
     rest = _ProduceRequest(frame)
     assert (rest.correlation_id, rest.required_acks, rest.body.topics) == (41, -1, topics[:1])
+
+
+def _request_frame(request: RequestStruct, correlation_id: int) -> bytes:
+    body = bytes(request.build_request_header(correlation_id, "raw").encode() + request.encode())
+    return len(body).to_bytes(4, "big") + body
+
+
+async def test_the_proxys_own_answers_wait_for_earlier_ones_and_acks_0_gets_none(kafka: str) -> None:
+    """Kafka answers a connection's requests in order, and clients rely on it; acks=0 is never answered."""
+    host, _, port = kafka.split(",", maxsplit=1)[0].rpartition(":")
+    proxy = await KafkaProxy(int(port), free_port(), upstream_host=host).start()
+    proxy.faults.refuse_produce = CORRUPT_MESSAGE
+    produce_request = produce.ProduceRequest_v7
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    try:
+        # Sent at once: the broker answers the first a round trip later than the proxy answers the third.
+        writer.write(
+            _request_frame(MetadataRequest_v5(None, False), 1)
+            + _request_frame(produce_request(None, 0, 1000, [("t", [(0, b"")])]), 2)
+            + _request_frame(produce_request(None, -1, 1000, [("t", [(0, b"")])]), 3)
+        )
+        answered = []
+        async with asyncio.timeout(10):
+            for _ in range(2):
+                frame = await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+                answered.append(int.from_bytes(frame[:4], "big"))
+    finally:
+        writer.close()
+        await proxy.close()
+    assert answered == [1, 3]
+    assert proxy.refused_produces == 2
 
 
 @pytest.mark.parametrize("error_code", [NOT_LEADER_OR_FOLLOWER, NOT_ENOUGH_REPLICAS, REQUEST_TIMED_OUT])
