@@ -15,8 +15,9 @@ before or just after forwarding a Produce request, and lies about Produce reques
   written. A request with one partition passes untouched.
 
 Answers the proxy makes up keep their place: a connection's answers reach the client in the order of its
-requests, as Kafka's protocol requires. Produce requests are decoded with aiokafka's own structs; aiokafka
-0.14 sends versions 0 to 7 (all non-flexible), so those are what the proxy handles.
+requests, as Kafka's protocol requires. Frames are read and rewritten by `tests/kafka_frames.py`, with
+aiokafka's own structs, for the versions aiokafka 0.14 sends; a Produce request of another version passes
+untouched.
 
 The client must reach every broker through the proxy. Either the broker advertises the proxy's address
 (`KafkaNode(advertised_port=...)`), or `advertise_self=True` rewrites every broker address in the Metadata
@@ -32,19 +33,20 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from aiokafka.protocol import metadata, produce
-
-PRODUCE_API_KEY, METADATA_API_KEY = 0, 3
-PRODUCE_VERSIONS = range(9)
-"""The Produce versions the proxy decodes: non-flexible, as aiokafka 0.14 sends them (0-7; 8 is the last)."""
-METADATA_VERSIONS = range(6)
-"""The Metadata versions `advertise_self` rewrites: the ones aiokafka 0.14 sends."""
-_HEADER = struct.Struct(">hhi")  # api_key, api_version, correlation_id
-_LENGTH = struct.Struct(">i")
-_INT16 = struct.Struct(">h")
-_CLIENT_ID_AT = 4 + _HEADER.size  # a request header's nullable client id follows (int16 length, -1: null)
+from tests.kafka_frames import (
+    HEADER,
+    LENGTH,
+    METADATA_API_KEY,
+    METADATA_VERSIONS,
+    PRODUCE_API_KEY,
+    PRODUCE_VERSIONS,
+    ProduceRequestFrame,
+    read_frame,
+    with_brokers_at,
+    with_partition_answer,
+    with_produce_error,
+)
 
 
 @dataclass
@@ -191,9 +193,9 @@ class KafkaProxy:
     async def _requests(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while True:
-                frame = await _read_frame(reader)
+                frame = await read_frame(reader)
                 await self._flowing.wait()
-                api_key, api_version, correlation_id = _HEADER.unpack_from(frame, 4)
+                api_key, api_version, correlation_id = HEADER.unpack_from(frame, 4)
                 connection.requests[correlation_id] = (api_key, api_version)
                 if api_key == PRODUCE_API_KEY:
                     self.produce_requests += 1
@@ -201,7 +203,7 @@ class KafkaProxy:
                         self.faults.reset_before_produce -= 1
                         return
                     if api_version in PRODUCE_VERSIONS:
-                        forwarded = self._produce(connection, _ProduceRequest(frame))
+                        forwarded = self._produce(connection, ProduceRequestFrame(frame))
                         if forwarded is None:
                             continue
                         frame = forwarded
@@ -219,7 +221,7 @@ class KafkaProxy:
                     await asyncio.sleep(0.2)  # the broker reads and appends it; the answer never arrives
                     return
 
-    def _produce(self, connection: _Connection, request: _ProduceRequest) -> bytes | None:
+    def _produce(self, connection: _Connection, request: ProduceRequestFrame) -> bytes | None:
         """The frame to forward for `request`, None if the proxy answers it itself (`refuse_produce`)."""
         self.most_partitions = max(self.most_partitions, request.partition_count)
         # acks=0: the broker answers nothing, and neither does the proxy.
@@ -234,7 +236,7 @@ class KafkaProxy:
             self._release(connection)
         return None
 
-    def _maybe_refuse(self, request: _ProduceRequest) -> bytes | None:
+    def _maybe_refuse(self, request: ProduceRequestFrame) -> bytes | None:
         """The proxy's own answer refusing `request`, if `refuse_produce` fires now."""
         faults = self.faults
         fires, faults.refuse_produce_times = _fire(faults.refuse_produce, faults.refuse_produce_times)
@@ -243,7 +245,7 @@ class KafkaProxy:
         self.refused_produces += 1
         return request.refusal(faults.refuse_produce)
 
-    def _maybe_withhold(self, connection: _Connection, request: _ProduceRequest) -> bytes | None:
+    def _maybe_withhold(self, connection: _Connection, request: ProduceRequestFrame) -> bytes | None:
         """`request` without its last partition, if `partition_error` fires now (two partitions or more)."""
         faults = self.faults
         if request.partition_count < 2:
@@ -271,9 +273,9 @@ class KafkaProxy:
         try:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while not writer.done():
-                    frame = await _read_frame(reader)
+                    frame = await read_frame(reader)
                     await self._flowing.wait()
-                    (correlation_id,) = _LENGTH.unpack_from(frame, 4)
+                    (correlation_id,) = LENGTH.unpack_from(frame, 4)
                     api_key, api_version = connection.requests.pop(correlation_id, (-1, -1))
                     with contextlib.suppress(ValueError):
                         connection.order.remove(correlation_id)  # the oldest, as the broker answers in order
@@ -283,13 +285,13 @@ class KafkaProxy:
                         frame = self._maybe_rewrite_produce(frame, api_version)
                         withheld = connection.withheld.pop(correlation_id, None)
                         if withheld is not None:
-                            frame = _with_partition_answer(frame, api_version, *withheld)
+                            frame = with_partition_answer(frame, api_version, *withheld)
                     elif (
                         api_key == METADATA_API_KEY
                         and self.advertise_self
                         and api_version in METADATA_VERSIONS
                     ):
-                        frame = self._advertise_self(frame, api_version)
+                        frame = with_brokers_at(frame, api_version, self.host, self.port)
                     connection.due.put_nowait((loop.time() + self.faults.response_delay_s, frame))
                     self._release(connection)
         finally:
@@ -308,97 +310,9 @@ class KafkaProxy:
     def _maybe_rewrite_produce(self, frame: bytes, api_version: int) -> bytes:
         faults = self.faults
         fires, faults.produce_error_times = _fire(faults.produce_error, faults.produce_error_times)
-        if not fires:
+        if not fires or faults.produce_error is None:
             return frame
-        response = getattr(produce, f"ProduceResponse_v{api_version}").decode(frame[8:])
-        response.topics = [
-            (topic, [(partition[0], faults.produce_error, *partition[2:]) for partition in partitions])
-            for topic, partitions in response.topics
-        ]
-        return _response_frame(frame, response)
-
-    def _advertise_self(self, frame: bytes, api_version: int) -> bytes:
-        """The Metadata answer with every broker at the proxy's address."""
-        response = getattr(metadata, f"MetadataResponse_v{api_version}").decode(frame[8:])
-        response.brokers = [(broker[0], self.host, self.port, *broker[3:]) for broker in response.brokers]
-        return _response_frame(frame, response)
-
-
-class _ProduceRequest:
-    """A Produce request as it came from the client: its header, and its body decoded."""
-
-    def __init__(self, frame: bytes) -> None:
-        self.frame = frame
-        _, self.api_version, self.correlation_id = _HEADER.unpack_from(frame, 4)
-        (client_id_length,) = _INT16.unpack_from(frame, _CLIENT_ID_AT)
-        self.header = frame[4 : _CLIENT_ID_AT + _INT16.size + max(client_id_length, 0)]
-        self.body = getattr(produce, f"ProduceRequest_v{self.api_version}").decode(
-            frame[4 + len(self.header) :]
-        )
-        self.required_acks: int = self.body.required_acks
-        self.partition_count = sum(len(partitions) for _, partitions in self.body.topics)
-
-    def refusal(self, error_code: int) -> bytes:
-        """A ProduceResponse of the request's version giving every partition `error_code`."""
-        response = getattr(produce, f"ProduceResponse_v{self.api_version}")
-        version = self.api_version
-        topics = [
-            (topic, [_partition_answer(version, partition, error_code) for partition, _ in partitions])
-            for topic, partitions in self.body.topics
-        ]
-        fields: list[Any] = [topics] if version == 0 else [topics, 0]  # throttle_time_ms from v1
-        body = _LENGTH.pack(self.correlation_id) + bytes(response(*fields).encode())
-        return _LENGTH.pack(len(body)) + body
-
-    def without_last_partition(self) -> tuple[bytes, tuple[str, int]]:
-        """The request's frame without the last partition of its last topic, and that partition."""
-        *others, (topic, partitions) = self.body.topics
-        removed = (topic, partitions[-1][0])
-        if len(partitions) > 1:
-            others.append((topic, partitions[:-1]))
-        rest = type(self.body)(**{name: self.body.get_item(name) for name in self.body.SCHEMA.names})
-        rest.topics = others
-        body = self.header + bytes(rest.encode())
-        return _LENGTH.pack(len(body)) + body, removed
-
-
-def _partition_answer(api_version: int, partition: int, error_code: int) -> tuple[Any, ...]:
-    """A partition's entry in a ProduceResponse of `api_version`: no offset, no timestamp, no log start
-    offset, no record errors, no error message, as far as the version has those fields."""
-    full: tuple[Any, ...] = (partition, error_code, -1, -1, -1, [], None)
-    if api_version < 2:
-        return full[:3]
-    if api_version < 5:
-        return full[:4]
-    if api_version < 8:
-        return full[:5]
-    return full
-
-
-def _with_partition_answer(frame: bytes, api_version: int, topic: str, partition: int, code: int) -> bytes:
-    """The broker's Produce answer with an entry for `partition` of `topic` giving `code`."""
-    response = getattr(produce, f"ProduceResponse_v{api_version}").decode(frame[8:])
-    entry = _partition_answer(api_version, partition, code)
-    topics = [(name, list(partitions)) for name, partitions in response.topics]
-    for name, partitions in topics:
-        if name == topic:
-            partitions.append(entry)
-            break
-    else:
-        topics.append((topic, [entry]))
-    response.topics = topics
-    return _response_frame(frame, response)
-
-
-def _response_frame(frame: bytes, response: Any) -> bytes:
-    """`frame`'s header (a non-flexible response's: the correlation id) with `response` as its body."""
-    body = frame[4:8] + bytes(response.encode())
-    return _LENGTH.pack(len(body)) + body
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    size = await reader.readexactly(4)
-    return size + await reader.readexactly(_LENGTH.unpack(size)[0])
+        return with_produce_error(frame, api_version, faults.produce_error)
 
 
 def _reset(connection: _Connection) -> None:

@@ -29,7 +29,8 @@ from bridge.metrics import METRICS
 from bridge.partitioner import partition_for
 from bridge.server import ADMISSION, create_app
 from bridge.settings import Settings
-from tests.proxy import KafkaProxy, _ProduceRequest
+from tests.kafka_frames import ProduceRequestFrame
+from tests.proxy import KafkaProxy
 from tests.support import fixture, read_records, unique_settings, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
@@ -104,7 +105,7 @@ def test_the_proxys_own_produce_answers_are_well_formed_for_every_version_aiokaf
     fields: list[Any] = [-1, 1000, topics] if version < 3 else [None, -1, 1000, topics]
     request = request_type(*fields)
     body = request.build_request_header(41, "client").encode() + request.encode()
-    parsed = _ProduceRequest(len(body).to_bytes(4, "big") + body)
+    parsed = ProduceRequestFrame(len(body).to_bytes(4, "big") + body)
     answer = parsed.refusal(NOT_LEADER_OR_FOLLOWER)
     assert int.from_bytes(answer[:4], "big") == len(answer) - 4
     assert int.from_bytes(answer[4:8], "big") == 41
@@ -115,7 +116,7 @@ def test_the_proxys_own_produce_answers_are_well_formed_for_every_version_aiokaf
     ]
     frame, removed = parsed.without_last_partition()
     assert removed == ("b", 3)
-    rest = _ProduceRequest(frame)
+    rest = ProduceRequestFrame(frame)
     assert (rest.correlation_id, rest.required_acks, rest.body.topics) == (41, -1, topics[:1])
 
 
