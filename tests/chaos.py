@@ -376,6 +376,12 @@ async def run_chaos(
                         *(_client(chaos, n, random.Random(seed * 1000 + n), end) for n in range(clients)),
                     )
                     elapsed = chaos.clock()
+                    proxies = chain.proxies
+                    history.proxy = {
+                        "Produce requests": sum(proxy.produce_requests for proxy in proxies),
+                        "Produce requests refused without append": sum(p.refused_produces for p in proxies),
+                        "partitions withheld from a Produce": sum(len(p.partition_errors) for p in proxies),
+                    }
                     log.info("load over after %.1f s; healing", elapsed)
                     await _heal_all(chaos)
                     await bridge.until_ready(session)

@@ -91,6 +91,8 @@ class History:
     faults: list[Fault] = field(default_factory=list)
     partition_counts: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     """Every partition count each topic had while the bridge wrote to it."""
+    proxy: dict[str, int] = field(default_factory=dict)
+    """What the fault proxies did, summed over them: Produce requests seen, refused, partitions withheld."""
     stops: list[float] = field(default_factory=list)
     """When the bridge was sent SIGTERM: a request in flight then must still get its answer."""
     kept: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
@@ -164,6 +166,7 @@ class Report:
     """Callbacks present more than once, by what explains it."""
     extra_copies: int
     faults: Counter[str]
+    proxy: dict[str, int] = field(default_factory=dict)
 
     @property
     def unsettled_ambiguous(self) -> int:
@@ -226,6 +229,7 @@ class Report:
             ("extra copies in Kafka", str(self.extra_copies)),
             ("ambiguous answers not followed to their end", str(self.unsettled_ambiguous)),
             *((f"fault {name}", str(count)) for name, count in sorted(self.faults.items())),
+            *((f"proxies: {name}", str(count)) for name, count in self.proxy.items()),
             ("verdict", "BROKEN" if self.broken else "every 200 is in Kafka as sent, no 4xx is"),
         ]
         width = max(len(name) for name, _ in rows)
@@ -278,6 +282,7 @@ def judge(
         duplicates=tally.duplicates,
         extra_copies=tally.extra,
         faults=Counter(fault.kind for fault in history.faults),
+        proxy=history.proxy,
     )
 
 
