@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -9,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bridge.logs import configure_logging
 from bridge.server import create_app
 from bridge.settings import Settings
 from tests.support import (
@@ -83,3 +86,18 @@ async def receiver() -> AsyncIterator[Receiver]:
     target.server = TestServer(target.app())
     async with target.server:
         yield target
+
+
+@pytest.fixture
+def debug_log() -> Iterator[io.StringIO]:
+    """Everything logged, at debug level, as `--log-level debug` configures it (aiokafka's loggers too);
+    restored afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream)
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    for name in ("aiokafka", "aiokafka.conn"):
+        logging.getLogger(name).setLevel(logging.NOTSET)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,6 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.consume import run_consume
-from bridge.logs import configure_logging
 from bridge.replay import run_replay
 from bridge.secret import Secret
 from bridge.server import create_app
@@ -75,20 +73,6 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredKafkaNo
     directory = tmp_path_factory.mktemp("secured-kafka")
     with SecuredKafkaNode(directory / "node", make_pki(directory / "pki")) as node:
         yield node
-
-
-@pytest.fixture
-def debug_log() -> Iterator[io.StringIO]:
-    """Everything logged, at debug level, as `--log-level debug` configures it (aiokafka's loggers too)."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    configure_logging("debug", "json", stream)
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    for name in ("aiokafka", "aiokafka.conn"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def secured_fields(node: SecuredKafkaNode, kind: str, change: str | None = None) -> dict[str, object]:

@@ -5,31 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Iterator
 
 import aiohttp
-import pytest
 from aiokafka.protocol.admin import SaslAuthenticateRequest_v1
 
-from bridge.logs import configure_logging
 from bridge.settings import build
 from tests.support import fixture
 
 PASSWORD = "S3cretPW-do-not-log"  # noqa: S105 - a test value, to search the log for
-
-
-@pytest.fixture
-def debug_log() -> Iterator[io.StringIO]:
-    """Everything logged, at debug level, as the bridge configures it; restored afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    configure_logging("debug", "json", stream)
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    for name in ("aiokafka", "aiokafka.conn"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def test_a_sasl_password_sent_to_the_broker_is_not_logged_at_debug(debug_log: io.StringIO) -> None:
