@@ -113,14 +113,17 @@ class PartitionBatches:
         on_abandoned: Callable[[bool | None], None],
         on_queued: Callable[[int], None] | None = None,
         batch_limits: Mapping[str, int] | None = None,
+        on_settled: Callable[[Partition, int, BaseException | None], None] | None = None,
     ) -> None:
         """`on_abandoned(None)` is told of each record whose callback stopped waiting (expired, or its
         handler was cancelled), then `on_abandoned(landed)` of how it ended; `on_queued(n)` of records
-        handed to the producer (n > 0) and settled (n < 0). `batch_limits` gives the topics whose
-        `max.message.bytes` is below `BATCH_BYTES`: their batches are cut at that size."""
+        handed to the producer (n > 0) and settled (n < 0); `on_settled(partition, records, error)` of each
+        batch the producer settled, with the error it failed with (None: confirmed). `batch_limits` gives the
+        topics whose `max.message.bytes` is below `BATCH_BYTES`: their batches are cut at that size."""
         self._producer = producer
         self._on_abandoned = on_abandoned
         self._on_queued = on_queued
+        self._on_settled = on_settled
         self._batch_limits = dict(batch_limits or {})
         self._queues: dict[Partition, deque[_Batch]] = {}
         """Batches not yet handed to the producer, oldest first."""
@@ -338,6 +341,8 @@ class PartitionBatches:
         self._released(partition, leader, round_)
         if self._on_queued is not None:
             self._on_queued(-len(waiters))
+        if self._on_settled is not None:
+            self._on_settled(partition, len(waiters), error)
         self._settle(waiters, error)
         self._flush_free()
 

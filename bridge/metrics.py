@@ -1,8 +1,8 @@
 """Prometheus metrics at `GET /metrics`, the request id, and the hooks the HTTP and publish paths call.
 
 Labels are bounded: a command family (the known ones, `unknown`, or `none` before the command is known),
-an HTTP status, an outcome, an error kind drawn from a fixed set of exception classes. Never an account,
-a group, a `MsgKey` or a topic name typed by a caller.
+an HTTP status, an outcome, an error kind drawn from a fixed set of exception classes, one of the bridge's
+own topics (from its settings). Never an account, a group, a `MsgKey` or a topic name typed by a caller.
 
 Each callback ends in one `bridge.outcomes.Outcome` (confirmed, a duplicate, rejected, failed, overloaded,
 ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how ambiguous records ended.
@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from itertools import accumulate
 from typing import Any
 
@@ -84,6 +84,8 @@ class Metrics:
         self.records: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
         self.publish_errors: dict[str, int] = {}
+        self.broker_errors: dict[str, int] = {}
+        self.below_min_isr: dict[str, int] = {}
         self.overloaded = 0
         self.in_flight = 0
         self.queued = 0
@@ -98,6 +100,14 @@ class Metrics:
     def count_queued(self, records: int) -> None:
         """Records handed to the producer (`records` > 0) or settled by it, whatever the answer (< 0)."""
         self.queued += records
+
+    def count_broker_error(self, error: str, records: int) -> None:
+        """`records` in a batch the broker refused with the Kafka error `error` (a class name)."""
+        _count(self.broker_errors, error, records)
+
+    def set_below_min_isr(self, counts: Mapping[str, int]) -> None:
+        """Each topic's count of partitions with fewer replicas in sync than its `min.insync.replicas`."""
+        self.below_min_isr = dict(counts)
 
     def families(self) -> Iterator[Metric]:
         """The metric families, from the numbers as they are now."""
@@ -146,6 +156,22 @@ class Metrics:
             {(kind,): count for kind, count in self.publish_errors.items()},
         )
         yield _counter(
+            "bridge_broker_errors",
+            "Records in batches the broker refused, by its error (NotEnoughReplicasError, ...), once the "
+            "producer's retries ran out at the delivery deadline.",
+            ("error",),
+            {(error,): count for error, count in self.broker_errors.items()},
+        )
+        below_min_isr = GaugeMetricFamily(
+            "bridge_partitions_below_min_isr",
+            "Partitions whose in-sync replicas are fewer than their topic's min.insync.replicas, by topic: "
+            "their leaders refuse acks=all writes, and the bridge is not ready.",
+            labels=("topic",),
+        )
+        for topic, count in self.below_min_isr.items():
+            below_min_isr.add_metric((topic,), count)
+        yield below_min_isr
+        yield _counter(
             "bridge_overloaded_requests",
             "Callbacks refused at once because too many were in flight.",
             (),
@@ -161,7 +187,8 @@ class Metrics:
         )
         yield GaugeMetricFamily(
             "bridge_broker_ready",
-            "1 when the producer is connected and every topic exists as at start, else 0.",
+            "1 when the producer is connected, every topic exists as at start and every partition has enough "
+            "replicas in sync, else 0.",
             value=1 if self._is_ready() else 0,
         )
         yield GaugeMetricFamily(

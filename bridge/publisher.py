@@ -13,6 +13,14 @@ for, which after a deletion would bring it back with the broker's default partit
 
 At each connection the topics' `max.message.bytes` is read (DescribeConfigs): a record larger than its
 topic takes is answered 413 before it is sent, rather than refused by the broker after the hand-over.
+
+Readiness also needs enough replicas in sync: a partition whose in-sync replicas, in the metadata the probe
+reads every second, are fewer than its topic's `min.insync.replicas` (read with `max.message.bytes`) has a
+leader that refuses acks=all writes (NOT_ENOUGH_REPLICAS). The bridge is then not ready, and `/readyz` names
+the partitions and the broker's last refusal; it is ready again once the metadata shows the replicas back
+in sync, whether or not a callback came meanwhile (a load balancer may have sent none to a bridge not ready).
+aiokafka retries such a refusal until the batch's deadline, so the bridge learns the broker's error only
+when a batch fails with it: `on_broker_error` counts those records by the error's name.
 """
 
 from __future__ import annotations
@@ -20,17 +28,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError
 
 from bridge.batching import (
     BATCH_BYTES,
     Expired,
     NotHandedOver,
+    Partition,
     PartitionBatches,
     batch_bytes,
     record_bytes,
@@ -40,7 +49,7 @@ from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, Recor
 from bridge.kafka_security import kafka_connection_options, start_client
 from bridge.outcomes import Outcome, Outcomes
 from bridge.settings import Settings
-from bridge.topics import await_leaders, create_topics, how_to_create, max_message_bytes, max_record_bytes
+from bridge.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ _PROBE_INTERVAL_S = 1.0
 _METADATA_SETTLE_S = 0.05
 _LEADER_RECHECK_S = 0.1
 _LEADER_WAIT_S = 30.0
+# Partitions named in `/readyz` when too few replicas are in sync; the rest are counted.
+_NAMED_PARTITIONS = 3
 
 
 class Publisher(Protocol):
@@ -84,13 +95,19 @@ class KafkaPublisher:
         settings: Settings,
         outcomes: Outcomes,
         on_queued: Callable[[int], None] | None = None,
+        on_broker_error: Callable[[str, int], None] | None = None,
+        on_below_min_isr: Callable[[Mapping[str, int]], None] | None = None,
     ) -> None:
-        """`on_queued(n)` is told of records handed to the producer (n > 0) and settled (n < 0)."""
+        """`on_queued(n)` is told of records handed to the producer (n > 0) and settled (n < 0);
+        `on_broker_error(name, n)` of n records in a batch the broker refused with the Kafka error `name`;
+        `on_below_min_isr(counts)` of each topic's count of partitions with too few replicas in sync."""
         self._settings = settings
         # Built once, here: a bad TLS file or a SASL setting missing fails the start, not every reconnect.
         self._connection_options = kafka_connection_options(settings)
         self._outcomes = outcomes
         self._on_queued = on_queued
+        self._on_broker_error = on_broker_error
+        self._on_below_min_isr = on_below_min_isr
         self._producer: AIOKafkaProducer | None = None
         self._batches: PartitionBatches | None = None
         self._start_partitions: dict[str, int] = {}
@@ -100,6 +117,13 @@ class KafkaPublisher:
         self._max_record_bytes = max_record_bytes(settings)
         self._record_limits: dict[str, int] = {}
         """Each topic's `max.message.bytes`, where the broker told it and it is below the bridge's own."""
+        self._min_insync: dict[str, int] = {}
+        """Each topic's `min.insync.replicas`, where the broker told it."""
+        self._below_min_isr: dict[Partition, str] = {}
+        """Partitions with fewer replicas in sync than their topic's minimum, in the last metadata read."""
+        self._refusals: dict[Partition, str] = {}
+        """The broker's error for the last batch of a partition it refused, until one of its batches is
+        confirmed."""
         self._connector: asyncio.Task[None] | None = None
         self._status = "connecting to Kafka"
         self._abandoned = 0
@@ -113,6 +137,7 @@ class KafkaPublisher:
             producer is not None
             and self._answering
             and not self._topic_problems
+            and not self._below_min_isr
             and bool(producer.client.cluster.brokers())
         )
 
@@ -124,9 +149,20 @@ class KafkaPublisher:
     def status(self) -> str:
         if self.ready:
             return "ready"
-        if self._producer is not None and self._answering and self._topic_problems:
-            return "; ".join(self._topic_problems.values())
+        if self._producer is not None and self._answering and (self._topic_problems or self._below_min_isr):
+            return "; ".join([*self._topic_problems.values(), *self._isr_problems()])
         return self._status
+
+    def _isr_problems(self) -> list[str]:
+        """The partitions with too few replicas in sync, the first few named with the broker's refusal."""
+        problems = []
+        for partition, problem in sorted(self._below_min_isr.items())[:_NAMED_PARTITIONS]:
+            refusal = self._refusals.get(partition)
+            refused = "" if refusal is None else f"; the broker refused its last write: {refusal}"
+            problems.append(problem + refused)
+        if len(self._below_min_isr) > _NAMED_PARTITIONS:
+            problems.append(f"and {len(self._below_min_isr) - _NAMED_PARTITIONS} more partitions so")
+        return problems
 
     def partition_count(self, topic: str) -> int | None:
         if self._producer is None or topic in self._topic_problems:
@@ -136,6 +172,7 @@ class KafkaPublisher:
     def _metadata_changed(self, cluster: ClusterMetadata) -> None:
         """The producer's metadata changed (every topic's, as it never names one): look at the topics."""
         self._check_topics(cluster)
+        self._check_isr(cluster)
         if self._batches is not None:
             self._batches.metadata_changed()
 
@@ -172,6 +209,55 @@ class KafkaPublisher:
         for topic in self._topic_problems.keys() - problems.keys():
             log.info("topic %s is back as at start, with %d partitions", topic, self._start_partitions[topic])
         self._topic_problems = problems
+
+    def _check_isr(self, cluster: ClusterMetadata) -> None:
+        """Find the partitions whose in-sync replicas in `cluster` are fewer than their topic's minimum."""
+        # aiokafka keeps each partition's ISR from the metadata only in this private map.
+        partitions_of = getattr(cluster, "_partitions", {})
+        below: dict[Partition, str] = {}
+        for topic in self._settings.topics:
+            minimum = self._min_insync.get(topic)
+            if minimum is None:
+                continue
+            for number, metadata in sorted(partitions_of.get(topic, {}).items()):
+                in_sync = sorted(getattr(metadata, "isr", ()) or ())
+                if len(in_sync) < minimum:
+                    below[topic, number] = (
+                        f"topic {topic} partition {number} has {len(in_sync)} in-sync replicas "
+                        f"({', '.join(map(str, in_sync)) or 'none'}), fewer than its min.insync.replicas "
+                        f"{minimum}: its leader refuses acks=all writes (NOT_ENOUGH_REPLICAS)"
+                    )
+        if below.keys() != self._below_min_isr.keys():
+            if below:
+                log.warning(
+                    "not ready: %d partitions have too few replicas in sync; %s",
+                    len(below),
+                    next(iter(below.values())),
+                )
+            else:
+                log.info("every partition has enough replicas in sync again")
+        self._below_min_isr = below
+        if self._on_below_min_isr is not None and self._min_insync:
+            counts = dict.fromkeys(self._min_insync, 0)
+            for topic, _ in below:
+                counts[topic] += 1
+            self._on_below_min_isr(counts)
+
+    def _batch_settled(self, partition: Partition, records: int, error: BaseException | None) -> None:
+        """A batch of `partition` was confirmed (`error` None) or failed: note what the broker said."""
+        if error is None:
+            self._refusals.pop(partition, None)
+            return
+        if not isinstance(error, BrokerResponseError):
+            return  # not the broker's answer: a lost connection, the producer stopping
+        refusal = f"{error.message} ({type(error).__name__})"
+        if self._refusals.get(partition) != refusal:
+            log.warning(
+                "the broker refused a batch of topic %s partition %d: %s", *partition, describe(error)
+            )
+        self._refusals[partition] = refusal
+        if self._on_broker_error is not None:
+            self._on_broker_error(type(error).__name__, records)
 
     async def start(self) -> None:
         self._connector = asyncio.create_task(self._supervise(), name="kafka-producer")
@@ -225,8 +311,12 @@ class KafkaPublisher:
             await delivery
         except Expired as exc:
             # The record stays queued: it may still be written after this answer, and is followed.
+            partition = (record.topic, record.partition)
+            known = self._below_min_isr.get(partition) or self._refusals.get(partition)
+            why = "" if known is None else f" ({known})"
             raise DeliveryTimeout(
-                f"Kafka did not confirm the write within {timeout:.3g} s; the callback is not acknowledged",
+                f"Kafka did not confirm the write within {timeout:.3g} s{why}; the callback is not "
+                "acknowledged",
                 ambiguous=True,
                 fate=exc.fate,
             ) from None
@@ -306,6 +396,7 @@ class KafkaPublisher:
                 self._abandoned_changed,
                 self._on_queued,
                 batch_limits={t: n for t, n in self._record_limits.items() if n < BATCH_BYTES},
+                on_settled=self._batch_settled,
             )
             if not self._start_partitions:
                 cluster = producer.client.cluster
@@ -313,6 +404,7 @@ class KafkaPublisher:
                     t: len(cluster.partitions_for_topic(t)) for t in self._settings.topics
                 }
             self._check_topics(producer.client.cluster)  # a producer rebuilt later may find a topic changed
+            self._check_isr(producer.client.cluster)
             producer.client.cluster.add_listener(self._metadata_changed)
         except BaseException:
             await self._stop(producer, self._settings.shutdown_timeout)
@@ -364,6 +456,7 @@ class KafkaPublisher:
                 log.info("Kafka answers again")
             failures, self._answering, self._status = 0, True, "ready"
             self._check_topics(cluster)
+            self._check_isr(cluster)
 
     async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
@@ -469,10 +562,14 @@ class KafkaPublisher:
         """Read every topic's `max.message.bytes`; without it, records are checked against the bridge's own
         limit only, and the broker refuses larger ones after the hand-over (a 503 that may still land)."""
         topics = list(self._settings.topics)
+        unread: str | None
         try:
-            limits, unread = await max_message_bytes(self._settings, topics)
+            read = await topic_limits(self._settings, topics)
         except (KafkaError, OSError, TimeoutError) as exc:
             limits, unread = {}, describe(exc)
+        else:
+            limits, unread = read.max_message_bytes, read.unread
+            self._min_insync = read.min_insync_replicas
         if unread is not None:
             log.warning(
                 "cannot read the topics' max.message.bytes (%s); records are checked against the "

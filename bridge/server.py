@@ -122,7 +122,14 @@ async def _summarize_rejections(app: web.Application) -> None:
 
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
-    publisher = KafkaPublisher(app[SETTINGS], app[OUTCOMES], on_queued=app[METRICS].count_queued)
+    metrics = app[METRICS]
+    publisher = KafkaPublisher(
+        app[SETTINGS],
+        app[OUTCOMES],
+        on_queued=metrics.count_queued,
+        on_broker_error=metrics.count_broker_error,
+        on_below_min_isr=metrics.set_below_min_isr,
+    )
     await publisher.start()
     app[PUBLISHER] = publisher
     yield

@@ -261,8 +261,20 @@ async def _describe_configs(
     return configs, None
 
 
-async def max_message_bytes(settings: Settings, topics: list[str]) -> tuple[dict[str, int], str | None]:
-    """Each topic's `max.message.bytes` (DescribeConfigs), and why some could not be read, if so.
+@dataclass(frozen=True)
+class TopicLimits:
+    """What the bridge reads of its topics' configs at each connection (DescribeConfigs)."""
+
+    max_message_bytes: dict[str, int]
+    """Each topic's `max.message.bytes`: a larger record is refused by the broker."""
+    min_insync_replicas: dict[str, int]
+    """Each topic's `min.insync.replicas`: with fewer replicas in sync, its leaders refuse acks=all writes."""
+    unread: str | None
+    """Why some `max.message.bytes` could not be read, if so."""
+
+
+async def topic_limits(settings: Settings, topics: list[str]) -> TopicLimits:
+    """Each topic's `max.message.bytes` and `min.insync.replicas`, in one DescribeConfigs.
 
     A topic the broker lists no value for (Tansu lists only the configs set on a topic) is left out.
     """
@@ -273,15 +285,22 @@ async def max_message_bytes(settings: Settings, topics: list[str]) -> tuple[dict
             configs, unread = await _describe_configs(admin, topics)
     finally:
         await admin.close()
-    limits = {}
+    limits: dict[str, dict[str, int]] = {"max.message.bytes": {}, "min.insync.replicas": {}}
     for topic in topics:
-        value = configs.get(topic, {}).get("max.message.bytes")
-        if value is not None and value.isdigit():
-            limits[topic] = int(value)
-    missing = [topic for topic in topics if topic not in limits]
+        for name, values in limits.items():
+            value = configs.get(topic, {}).get(name)
+            if value is not None and value.isdigit():
+                values[topic] = int(value)
+    missing = [topic for topic in topics if topic not in limits["max.message.bytes"]]
     if unread is None and missing:
         unread = f"the broker lists no max.message.bytes for {', '.join(missing)}"
-    return limits, unread
+    return TopicLimits(limits["max.message.bytes"], limits["min.insync.replicas"], unread)
+
+
+async def max_message_bytes(settings: Settings, topics: list[str]) -> tuple[dict[str, int], str | None]:
+    """Each topic's `max.message.bytes` (DescribeConfigs), and why some could not be read, if so."""
+    limits = await topic_limits(settings, topics)
+    return limits.max_message_bytes, limits.unread
 
 
 def fix_hint(settings: Settings, topic: str, drift: Drift) -> str:
