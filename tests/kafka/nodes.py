@@ -377,6 +377,22 @@ class KafkaCluster(Started):
             node.wait_ready()
         return self
 
+    def down(self) -> list[KafkaNode]:
+        """The nodes not running now: killed, or exited."""
+        return [node for node in self.nodes if node.process is None or node.process.poll() is not None]
+
+    def start_down(self) -> list[KafkaNode]:
+        """Start every node that is not running, with its data, and wait for them all; return them.
+
+        All are launched before any is waited for: two nodes down are a lost quorum, and neither of them
+        opens its client port before the other is back."""
+        down = self.down()
+        for node in down:
+            node.launch()
+        for node in down:
+            node.wait_ready()
+        return down
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
