@@ -154,9 +154,11 @@ class KafkaPublisher:
         return self._status
 
     def _isr_problems(self) -> list[str]:
-        """The partitions with too few replicas in sync, the first few named with the broker's refusal."""
+        """The partitions with too few replicas in sync: the first few named, those the broker refused a
+        write of first, with its refusal."""
+        named = sorted(self._below_min_isr.items(), key=lambda item: (item[0] not in self._refusals, item[0]))
         problems = []
-        for partition, problem in sorted(self._below_min_isr.items())[:_NAMED_PARTITIONS]:
+        for partition, problem in named[:_NAMED_PARTITIONS]:
             refusal = self._refusals.get(partition)
             refused = "" if refusal is None else f"; the broker refused its last write: {refusal}"
             problems.append(problem + refused)

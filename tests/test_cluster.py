@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,8 @@ RSS_GROWTH_BOUND_BYTES = 64 << 20
 
 Status = int | str
 """An HTTP status, or the name of the exception a request ended with."""
+CONNECTION_REFUSED = ("ClientConnectorError", "ClientOSError", "ServerDisconnectedError")
+"""How a request ends that finds the bridge's port closed, or its connection closed before it was read."""
 
 
 def callback(msg_key: str, account: str) -> bytes:
@@ -126,7 +127,7 @@ class Load:
             sent = loop.time()
             status = await self.post(key, account)
             self.answers.append(Answer(key, partition_for(account, PARTITIONS), sent, loop.time(), status))
-            if self.stop_after_shutdown and status in (503, "ClientConnectorError"):
+            if self.stop_after_shutdown and (status == 503 or status in CONNECTION_REFUSED):
                 return
 
     async def stop(self) -> list[Answer]:
@@ -173,18 +174,36 @@ async def healthy(cluster: KafkaCluster) -> None:
     for node in cluster.nodes:
         if node.process is not None and node.process.poll() is None:
             node.resume()  # a node paused by a failed test
-    await asyncio.to_thread(cluster.start_down)
+    await start(cluster.down())
     await all_in_sync(cluster)
 
 
+async def start(nodes: Sequence[KafkaNode]) -> None:
+    """Start `nodes` with their data: launched here, on the loop's thread (see `KafkaNode.launch`), all
+    before any is waited for (two nodes down are a lost quorum: neither is ready before the other)."""
+    for node in nodes:
+        node.launch()
+    for node in nodes:
+        await asyncio.to_thread(node.wait_ready)
+
+
 async def all_in_sync(cluster: KafkaCluster, topics: Sequence[str] | None = None) -> None:
-    async with asyncio.timeout(HEAL_TIMEOUT_S):
-        while True:
-            with contextlib.suppress(Exception):  # a node just started may not answer metadata yet
-                states = await topic_states(cluster.bootstrap_servers, topics)
-                if all(p.fully_in_sync for partitions in states.values() for p in partitions.values()):
-                    return
-            await asyncio.sleep(0.2)
+    """Wait until every partition of `topics` (of every topic if None) is led and fully in sync."""
+    last: object = None
+    try:
+        async with asyncio.timeout(HEAL_TIMEOUT_S):
+            while True:
+                try:
+                    states = await topic_states(cluster.bootstrap_servers, topics)
+                except Exception as exc:  # noqa: BLE001 - a node just started may not answer metadata yet
+                    last = exc
+                else:
+                    last = [p for ps in states.values() for p in ps.values() if not p.fully_in_sync]
+                    if not last:
+                        return
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"not all in sync within {HEAL_TIMEOUT_S:g} s: {last!r}"[:3000]) from None
 
 
 def cluster_settings(cluster: KafkaCluster, **overrides: Any) -> Settings:
@@ -336,7 +355,7 @@ async def test_too_few_replicas_in_sync_are_refused_with_503_readyz_and_metrics_
         answers.append(Answer("explained", 0, refused_at, loop.time(), 503))
 
         returned_at = loop.time()
-        await asyncio.to_thread(cluster.node(follower).start)
+        await start([cluster.node(follower)])
         async with asyncio.timeout(60):
             while await readyz(client) != (200, "ready"):
                 await asyncio.sleep(0.1)
@@ -353,3 +372,214 @@ async def test_too_few_replicas_in_sync_are_refused_with_503_readyz_and_metrics_
     assert_honest(answers, settings.delivery_timeout)
     assert refused_at - killed_at <= ISR_REFUSAL_BOUND_S
     assert await assert_confirmed_landed(cluster, settings, answers) == {"before", "after"}
+
+
+class BridgeProcess:
+    """`bridge serve` in a process of its own, for a real exit code, real signals and its own memory."""
+
+    def __init__(self, settings: Settings, log_path: Path, **flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.settings = settings
+        self.log_path = log_path
+        args = ["--bootstrap-servers", ",".join(settings.bootstrap_servers), "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), "--create-topics", "--partitions", str(PARTITIONS)]
+        for option in ("topic", "c2c_topic", "group_topic", "user_topic", "app_topic", "unknown_topic"):
+            args += [f"--{option.replace('_', '-')}", getattr(settings, option)]
+        args += ["--allow-unsigned", "--log-format", "text"]
+        for name, value in flags.items():
+            args += [f"--{name.replace('_', '-')}", value]
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        with log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", *args], stdout=log, stderr=log, env=clean
+            )
+
+    def rss_bytes(self) -> int:
+        """Resident memory now, from /proc/PID/statm (its second field, in pages)."""
+        resident_pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+    async def ready(self, session: aiohttp.ClientSession, timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(f"{self.url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+
+    def poster(self, session: aiohttp.ClientSession) -> Post:
+        async def post(key: str, account: str) -> Status:
+            try:
+                async with session.post(
+                    f"{self.url}/callback", params=SEED.query, data=callback(key, account)
+                ) as response:
+                    await response.read()
+                    return response.status
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__
+
+        return post
+
+    async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(f"{self.url}/stats") as response:
+            stats: dict[str, Any] = await response.json()
+            return stats
+
+    async def exit_code(self, within_s: float) -> int:
+        async with asyncio.timeout(within_s):
+            while (code := self.process.poll()) is None:
+                await asyncio.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def bridge_process(
+    settings: Settings, log_path: Path, **flags: str
+) -> AsyncIterator[tuple[BridgeProcess, aiohttp.ClientSession]]:
+    bridge = BridgeProcess(settings, log_path, **flags)
+    try:
+        # No pooling limit: every client of the load has a connection of its own.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await bridge.ready(session)
+            yield bridge, session
+    finally:
+        bridge.kill()
+    assert "Traceback" not in await asyncio.to_thread(log_path.read_text)
+
+
+async def test_the_quorum_lost_gets_503s_within_the_deadline_in_bounded_memory_and_recovers(
+    cluster: KafkaCluster, tmp_path: Path
+) -> None:
+    """Two of three nodes SIGKILLed: no controller quorum, no leader can move and no in-sync set shrink.
+    Many clients at once get 503 within the deadline (or at once when --max-in-flight callbacks wait);
+    the bridge's in-flight and abandoned records stay within --max-in-flight and its memory within a
+    bound; when the nodes return, it is ready again and writes are confirmed."""
+    settings = cluster_settings(cluster)
+    max_in_flight, delivery_timeout = 64, 2.0
+    flags = {"max_in_flight": str(max_in_flight), "delivery_timeout": str(delivery_timeout)}
+    async with bridge_process(settings, tmp_path / "serve.log", **flags) as (bridge, session):
+        loop = asyncio.get_running_loop()
+        post = bridge.poster(session)
+        for n in range(PARTITIONS * 2):
+            assert await post(f"before-{n}", ACCOUNTS[n]) == 200
+        rss_before = bridge.rss_bytes()
+        killed = [cluster.node(2), cluster.node(3)]
+        for node in killed:
+            node.kill()
+        killed_at = loop.time()
+        peak_rss, peak_held = rss_before, 0
+        with Load(post, workers=200, prefix="quorum") as load:
+            # Three deadlines' worth of callbacks against the stalled cluster.
+            while loop.time() < killed_at + 3 * delivery_timeout:
+                stats = await bridge.stats(session)
+                peak_held = max(peak_held, stats["in_flight"] + stats["abandoned"])
+                peak_rss = max(peak_rss, bridge.rss_bytes())
+                await asyncio.sleep(0.2)
+            outage = await load.stop()
+        returned_at = loop.time()
+        await start(killed)
+        nodes_up_at = loop.time()
+        await bridge.ready(session, timeout=60)
+        async with asyncio.timeout(60):
+            while (status := await post("after", ACCOUNTS[0])) != 200:
+                assert status == 503, status
+                await asyncio.sleep(0.2)
+        recovered_at = loop.time()
+        # What the producer still held when the answers were 503 is settled: the slots are free again.
+        async with asyncio.timeout(30):
+            while (await bridge.stats(session))["abandoned"] != 0:
+                await asyncio.sleep(0.1)
+    print(  # the figures the README gives
+        f"measured: quorum lost for {returned_at - killed_at:.1f} s: {len(outage)} answers, "
+        f"{sum(a.status == 503 for a in outage)} 503s, slowest {max(a.seconds for a in outage):.2f} s; "
+        f"in flight + abandoned at most {peak_held} of {max_in_flight}; RSS {rss_before >> 20} MiB before, "
+        f"{peak_rss >> 20} MiB at most; nodes up in {nodes_up_at - returned_at:.1f} s, first 200 "
+        f"{recovered_at - nodes_up_at:.2f} s after"
+    )
+    assert_honest(outage, delivery_timeout)
+    assert sum(a.status == 503 for a in outage) >= 200
+    assert peak_held <= max_in_flight
+    assert peak_rss - rss_before <= RSS_GROWTH_BOUND_BYTES
+    assert recovered_at - nodes_up_at <= QUORUM_RECOVERY_BOUND_S
+    steady = [Answer(key, 0, 0, 0, 200) for key in [*(f"before-{n}" for n in range(PARTITIONS * 2)), "after"]]
+    await assert_confirmed_landed(cluster, settings, [*steady, *outage])
+
+
+async def test_a_node_killed_and_restarted_again_and_again_under_load_loses_no_200(
+    cluster: KafkaCluster,
+) -> None:
+    """Three times during one long run, the leader of a partition is SIGKILLed, and started again with its
+    data once callbacks have met the outage: Kafka recovers its log, the node catches up and rejoins the
+    in-sync replicas. Every callback is answered 200 or 503, and every 200 is in Kafka."""
+    settings = cluster_settings(cluster, delivery_timeout=3.0)
+    cycles = []
+    async with in_process_bridge(settings) as client:
+        loop = asyncio.get_running_loop()
+        with Load(poster(client), workers=4, prefix="again") as load:
+            await load.answered_after(loop.time(), count=20)
+            for cycle in range(3):
+                states = await partition_states(cluster.bootstrap_servers, settings.topic)
+                victim = states[cycle % PARTITIONS].leader
+                killed_at = loop.time()
+                cluster.node(victim).kill()
+                await load.answered_after(killed_at, count=8)
+                await start([cluster.node(victim)])
+                await all_in_sync(cluster, settings.topics)
+                back_at = loop.time()
+                await load.confirmed_after(back_at, set(range(PARTITIONS)))
+                cycles.append((victim, back_at - killed_at))
+            answers = await load.stop()
+    print(  # the figures the README gives
+        f"measured: {len(cycles)} kills (node, seconds until back in sync): "
+        f"{[(node, round(seconds, 1)) for node, seconds in cycles]}; {len(answers)} answers, "
+        f"{sum(a.status == 503 for a in answers)} 503s, slowest {max(a.seconds for a in answers):.2f} s"
+    )
+    assert_honest(answers, settings.delivery_timeout)
+    await assert_confirmed_landed(cluster, settings, answers)
+
+
+async def test_sigterm_under_load_answers_every_callback_in_flight_flushes_and_exits_in_time(
+    cluster: KafkaCluster, tmp_path: Path
+) -> None:
+    """SIGTERM to `bridge serve` while 32 clients post: every callback sent before it is answered (200),
+    later ones get 503 until the bridge stops listening, every 200 is in Kafka, and the process exits 0
+    within --shutdown-timeout."""
+    settings = cluster_settings(cluster)
+    shutdown_timeout = 10.0
+    flags = {"shutdown_timeout": str(shutdown_timeout), "linger_ms": "5"}
+    log_path = tmp_path / "serve.log"
+    async with bridge_process(settings, log_path, **flags) as (bridge, session):
+        loop = asyncio.get_running_loop()
+        with Load(bridge.poster(session), workers=32, prefix="drain", stop_after_shutdown=True) as load:
+            await load.answered_after(loop.time(), count=200)
+            stopped_at = loop.time()
+            bridge.process.send_signal(signal.SIGTERM)
+            code = await bridge.exit_code(within_s=shutdown_timeout + ANSWER_MARGIN_S)
+            exited_at = loop.time()
+            answers = await load.stop()
+    before = [a for a in answers if a.sent < stopped_at]
+    after = [a for a in answers if a.sent >= stopped_at]
+    in_flight = [a for a in before if a.answered > stopped_at]
+    print(  # the figures the README gives
+        f"measured: SIGTERM with {len(in_flight)} callbacks in flight: exit {code} after "
+        f"{exited_at - stopped_at:.2f} s; {len(before)} answers before, {len(after)} after: "
+        f"{sorted({str(a.status) for a in after})}"
+    )
+    assert code == 0
+    assert exited_at - stopped_at <= shutdown_timeout
+    assert in_flight, "no callback was in flight at SIGTERM"
+    assert {a.status for a in before} == {200}, "a callback in flight at SIGTERM went unanswered"
+    # Once the bridge stops listening, a client finds the port closed, or its connection closed or reset
+    # before the bridge read its request: none of those was in flight.
+    assert {a.status for a in after} <= {200, 503, *CONNECTION_REFUSED}
+    await assert_confirmed_landed(cluster, settings, answers)
+    log = await asyncio.to_thread(log_path.read_text)
+    assert "did not stop within" not in log
+    assert "stopped" in log

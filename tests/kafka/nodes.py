@@ -248,7 +248,11 @@ class KafkaNode(Started):
         return _TEMPLATES[key]
 
     def launch(self) -> KafkaNode:
-        """Start the JVM without waiting for it (a cluster starts every node before waiting for any)."""
+        """Start the JVM without waiting for it (a cluster starts every node before waiting for any).
+
+        Launch from a thread that outlives the node, such as the event loop's: the JVM gets SIGKILL when the
+        thread that started it ends (PR_SET_PDEATHSIG follows the thread, not the process), and a thread
+        of `asyncio.to_thread` ends with its loop. Wait for it (`wait_ready`) in any thread."""
         if not self.formatted:
             self.format()
         if self.process is not None and self.process.poll() is None:
@@ -380,18 +384,6 @@ class KafkaCluster(Started):
     def down(self) -> list[KafkaNode]:
         """The nodes not running now: killed, or exited."""
         return [node for node in self.nodes if node.process is None or node.process.poll() is not None]
-
-    def start_down(self) -> list[KafkaNode]:
-        """Start every node that is not running, with its data, and wait for them all; return them.
-
-        All are launched before any is waited for: two nodes down are a lost quorum, and neither of them
-        opens its client port before the other is back."""
-        down = self.down()
-        for node in down:
-            node.launch()
-        for node in down:
-            node.wait_ready()
-        return down
 
     def stop(self) -> None:
         for node in self.nodes:
