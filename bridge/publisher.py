@@ -595,9 +595,10 @@ class KafkaPublisher:
             bootstrap_servers=list(settings.bootstrap_servers),
             client_id=settings.client_id,
             acks="all",
-            # aiokafka's idempotent mode never expires a batch: a hung broker would hang requests and
-            # shutdown forever (aiokafka #1101).
-            enable_idempotence=False,
+            # aiokafka's idempotent mode never expires a batch (aiokafka #1101): the bridge's own deadline
+            # answers the callback, and its record holds an in-flight slot until the broker takes it (README,
+            # "On a three-node cluster").
+            enable_idempotence=settings.idempotence,
             compression_type=None if settings.compression == "none" else settings.compression,
             linger_ms=settings.linger_ms,
             max_batch_size=BATCH_BYTES,

@@ -80,6 +80,7 @@ class Settings:
     """The password read from `--sasl-password-file`."""
     compression: str = "none"
     linger_ms: int = 0
+    idempotence: bool = False
     client_id: str = "tencent-chat-kafka-bridge"
     log_level: str = "info"
     log_format: str = "auto"
@@ -605,6 +606,13 @@ OPTIONS: tuple[Option, ...] = (
         values.int_between(0, 1000),
         "MS",
         SERVING,
+    ),
+    Option(
+        "idempotence",
+        "aiokafka's idempotent producer: a retried write lands once, and a record answered 503 is retried "
+        "until it lands, holding its in-flight slot while the brokers refuse it.",
+        values.boolean,
+        commands=SERVING,
     ),
     Option("client_id", "Kafka client id.", values.text, "ID"),
     Option(

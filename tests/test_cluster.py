@@ -583,3 +583,52 @@ async def test_sigterm_under_load_answers_every_callback_in_flight_flushes_and_e
     log = await asyncio.to_thread(log_path.read_text)
     assert "did not stop within" not in log
     assert "stopped" in log
+
+
+async def test_with_idempotence_refused_writes_get_503_in_time_hold_their_slots_and_land_once_later(
+    cluster: KafkaCluster,
+) -> None:
+    """--idempotence: aiokafka never gives up on a batch. With too few replicas in sync every callback
+    still gets its 503 at the bridge's deadline, and `/readyz` names the partitions (from the metadata:
+    no batch fails to tell the broker's error); the records stay in the producer, counted against
+    --max-in-flight, until the node is back: then each lands exactly once."""
+    settings = cluster_settings(cluster, min_insync_replicas=3, delivery_timeout=2.0, idempotence=True)
+    account = next(a for a in ACCOUNTS if partition_for(a, PARTITIONS) == 0)
+    async with in_process_bridge(settings) as client:
+        loop = asyncio.get_running_loop()
+        post = poster(client)
+
+        async def send(key: str) -> Answer:
+            sent = loop.time()
+            status = await post(key, account)
+            return Answer(key, 0, sent, loop.time(), status)
+
+        assert (await send("before")).status == 200
+        state = (await partition_states(cluster.bootstrap_servers, settings.topic))[0]
+        follower = next(node for node in state.replicas if node != state.leader)
+        cluster.node(follower).kill()
+        refused = list(await asyncio.gather(*(send(f"held-{n}") for n in range(10))))
+        assert {a.status for a in refused} == {503}, refused
+        async with asyncio.timeout(30):
+            while True:
+                status, detail = await readyz(client)
+                if status == 503 and "NOT_ENOUGH_REPLICAS" in detail:
+                    break
+                refused.append(await send(f"held-{len(refused)}"))
+                assert refused[-1].status == 503, refused[-1]
+        stats = await (await client.get("/stats")).json()
+        assert stats["abandoned"] == len(refused), stats  # held, not given up
+        assert stats["outcomes"]["ambiguous_lost"] == 0, stats
+        await start([cluster.node(follower)])
+        async with asyncio.timeout(60):
+            while (stats := await (await client.get("/stats")).json())["abandoned"]:
+                await asyncio.sleep(0.1)
+        assert stats["outcomes"]["ambiguous_landed"] == len(refused), stats
+        await wait_until_ready(client)
+        assert (await send("after")).status == 200
+    assert_honest(refused, settings.delivery_timeout)
+    records = await read_records(
+        cluster.bootstrap_servers, [settings.topic], expect=len(refused) + 2, timeout_s=60
+    )
+    keys = sorted(r.key.decode() for r in records if r.key is not None)
+    assert keys == sorted(["before", "after", *(a.key for a in refused)]), "each record exactly once"
