@@ -281,19 +281,26 @@ async def test_a_leader_killed_under_load_loses_no_200_and_the_bridge_writes_aga
         states = await partition_states(cluster.bootstrap_servers, settings.topic)
         victim = states[0].leader
         moved = {p for p, state in states.items() if state.leader == victim}
+        probes: list[tuple[float, int]] = []
+
+        async def watch_readiness() -> None:
+            while True:
+                probes.append((loop.time(), (await readyz(client))[0]))
+                await asyncio.sleep(0.1)
+
         with Load(poster(client), workers=6, prefix="leader") as load:
             await load.answered_after(loop.time(), count=30)
+            watcher = asyncio.create_task(watch_readiness())
             killed_at = loop.time()
             cluster.node(victim).kill()
             first = await load.confirmed_after(killed_at, moved)
-            not_ready_until = killed_at
             async with asyncio.timeout(60):
-                while (probe := await readyz(client))[0] != 200:
-                    not_ready_until = loop.time()
+                while not probes or probes[-1][0] < first.answered or probes[-1][1] != 200:
                     await asyncio.sleep(0.1)
-            assert probe == (200, "ready")
+            watcher.cancel()
             await load.answered_after(loop.time(), count=30)
             answers = await load.stop()
+        not_ready_until = max((at for at, status in probes if status != 200), default=killed_at)
     during = [a for a in answers if a.sent > killed_at and a.answered <= first.answered]
     recovery = first.answered - killed_at
     print(  # the figures the README gives
@@ -337,8 +344,9 @@ async def test_too_few_replicas_in_sync_are_refused_with_503_readyz_and_metrics_
             for n in itertools.count():
                 answer = await send(f"short-{n}")
                 assert answer.status == 503, answer
-                status, detail = await readyz(client)
+                # The counter first: once it counts the refusal, `/readyz` names it (or a later one).
                 refused = await metric(client, "bridge_broker_errors_total", error="NotEnoughReplicasError")
+                status, detail = await readyz(client)
                 if status == 503 and "the broker refused its last write" in detail and refused:
                     break
         refused_at = loop.time()
@@ -351,7 +359,8 @@ async def test_too_few_replicas_in_sync_are_refused_with_503_readyz_and_metrics_
         response = await client.post("/callback", params=SEED.query, data=callback("explained", account))
         body = await response.json()
         assert response.status == 503
-        assert "NOT_ENOUGH_REPLICAS" in body["ErrorInfo"], body
+        # A deadline's 503 names the partition's trouble; a batch failed just before it, the broker's error.
+        assert any(name in body["ErrorInfo"] for name in ("NOT_ENOUGH_REPLICAS", "NotEnoughReplicas")), body
         answers.append(Answer("explained", 0, refused_at, loop.time(), 503))
 
         returned_at = loop.time()
@@ -545,12 +554,13 @@ async def test_a_node_killed_and_restarted_again_and_again_under_load_loses_no_2
     await assert_confirmed_landed(cluster, settings, answers)
 
 
-async def test_sigterm_under_load_answers_every_callback_in_flight_flushes_and_exits_in_time(
+async def test_sigterm_during_a_failover_answers_every_callback_in_flight_flushes_and_exits_in_time(
     cluster: KafkaCluster, tmp_path: Path
 ) -> None:
-    """SIGTERM to `bridge serve` while 32 clients post: every callback sent before it is answered (200),
-    later ones get 503 until the bridge stops listening, every 200 is in Kafka, and the process exits 0
-    within --shutdown-timeout."""
+    """SIGTERM to `bridge serve` while 32 clients post, just after the leader of a partition was SIGKILLed:
+    the callbacks in flight wait for the new leader, longer than aiohttp's own second of grace. Every
+    callback sent before the signal gets its answer (200, or 503 at its deadline), later ones 503 until
+    the bridge stops listening, every 200 is in Kafka, and the process exits 0 within --shutdown-timeout."""
     settings = cluster_settings(cluster)
     shutdown_timeout = 10.0
     flags = {"shutdown_timeout": str(shutdown_timeout), "linger_ms": "5"}
@@ -559,6 +569,9 @@ async def test_sigterm_under_load_answers_every_callback_in_flight_flushes_and_e
         loop = asyncio.get_running_loop()
         with Load(bridge.poster(session), workers=32, prefix="drain", stop_after_shutdown=True) as load:
             await load.answered_after(loop.time(), count=200)
+            victim = (await partition_states(cluster.bootstrap_servers, settings.topic))[0].leader
+            cluster.node(victim).kill()
+            await asyncio.sleep(0.3)  # callbacks of its partitions now wait for a new leader
             stopped_at = loop.time()
             bridge.process.send_signal(signal.SIGTERM)
             code = await bridge.exit_code(within_s=shutdown_timeout + ANSWER_MARGIN_S)
@@ -568,14 +581,16 @@ async def test_sigterm_under_load_answers_every_callback_in_flight_flushes_and_e
     after = [a for a in answers if a.sent >= stopped_at]
     in_flight = [a for a in before if a.answered > stopped_at]
     print(  # the figures the README gives
-        f"measured: SIGTERM with {len(in_flight)} callbacks in flight: exit {code} after "
-        f"{exited_at - stopped_at:.2f} s; {len(before)} answers before, {len(after)} after: "
+        f"measured: SIGTERM with {len(in_flight)} callbacks in flight, leader {victim} killed: exit {code} "
+        f"after {exited_at - stopped_at:.2f} s, the last in flight answered after "
+        f"{max(a.answered for a in in_flight) - stopped_at:.2f} s "
+        f"({sorted({str(a.status) for a in in_flight})}); {len(after)} after: "
         f"{sorted({str(a.status) for a in after})}"
     )
     assert code == 0
     assert exited_at - stopped_at <= shutdown_timeout
     assert in_flight, "no callback was in flight at SIGTERM"
-    assert {a.status for a in before} == {200}, "a callback in flight at SIGTERM went unanswered"
+    assert {a.status for a in before} <= {200, 503}, "a callback in flight at SIGTERM went unanswered"
     # Once the bridge stops listening, a client finds the port closed, or its connection closed or reset
     # before the bridge read its request: none of those was in flight.
     assert {a.status for a in after} <= {200, 503, *CONNECTION_REFUSED}
