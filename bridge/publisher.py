@@ -121,6 +121,8 @@ class KafkaPublisher:
         """Each topic's `min.insync.replicas`, where the broker told it."""
         self._below_min_isr: dict[Partition, str] = {}
         """Partitions with fewer replicas in sync than their topic's minimum, in the last metadata read."""
+        self._isr_unreadable = False
+        """Whether aiokafka's metadata was found without the partitions' in-sync replicas (said once)."""
         self._refusals: dict[Partition, str] = {}
         """The broker's error for the last batch of a partition it refused, until one of its batches is
         confirmed."""
@@ -215,7 +217,15 @@ class KafkaPublisher:
     def _check_isr(self, cluster: ClusterMetadata) -> None:
         """Find the partitions whose in-sync replicas in `cluster` are fewer than their topic's minimum."""
         # aiokafka keeps each partition's ISR from the metadata only in this private map.
-        partitions_of = getattr(cluster, "_partitions", {})
+        partitions_of = getattr(cluster, "_partitions", None)
+        if partitions_of is None:
+            if not self._isr_unreadable:
+                self._isr_unreadable = True
+                log.warning(
+                    "cannot read the partitions' in-sync replicas from aiokafka's metadata (its internals "
+                    "changed): readiness does not know of partitions with too few replicas in sync"
+                )
+            return
         below: dict[Partition, str] = {}
         for topic in self._settings.topics:
             minimum = self._min_insync.get(topic)

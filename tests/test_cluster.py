@@ -27,10 +27,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.cluster import ClusterMetadata
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.embedded import free_port
+from bridge.outcomes import Outcomes
 from bridge.partitioner import partition_for
+from bridge.publisher import KafkaPublisher
 from bridge.server import create_app
 from bridge.settings import Settings
 from tests.kafka import jars
@@ -656,3 +659,19 @@ async def test_with_idempotence_refused_writes_get_503_in_time_hold_their_slots_
     )
     keys = sorted(r.key.decode() for r in records if r.key is not None)
     assert keys == sorted(["before", "after", *(a.key for a in refused)]), "each record exactly once"
+
+
+def test_metadata_without_in_sync_replicas_is_said_once_and_leaves_readiness_as_it_was(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The in-sync replicas come from a private map of aiokafka's metadata: if a new aiokafka drops it,
+    the log says once that readiness no longer knows of them, rather than failing or staying silent."""
+    publisher = KafkaPublisher(unique_settings("127.0.0.1:9"), Outcomes())
+    publisher._min_insync = dict.fromkeys(publisher._settings.topics, 2)
+    metadata_without_isr = ClusterMetadata()
+    del metadata_without_isr._partitions
+    for _ in range(3):
+        publisher._check_isr(metadata_without_isr)
+    warnings = [r for r in caplog.records if "cannot read the partitions' in-sync replicas" in r.message]
+    assert len(warnings) == 1
+    assert publisher._below_min_isr == {}
