@@ -893,6 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     logging.getLogger("bridge").setLevel(logging.CRITICAL)
+    # aiokafka's producer.stop() leaves its accumulator's close task pending when the sender ends first:
+    # "Task was destroyed but it is pending" at every stop of the bridge.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     logging.getLogger("chaos").setLevel(logging.INFO)
     if args.each:
         if args.history is not None:
