@@ -51,7 +51,15 @@ from tests.history import Attempt, Callback, Fault, History, Report, judge, read
 from tests.kafka.nodes import KafkaCluster, KafkaNode
 from tests.kafka.view import partition_states
 from tests.proxy import KafkaProxy
-from tests.support import FaultBroker, broker_choice, fault_broker, fixture, read_records, unique_settings
+from tests.support import (
+    FaultBroker,
+    broker_choice,
+    fault_broker,
+    fixture,
+    read_records,
+    unique_settings,
+    until_ready,
+)
 
 log = logging.getLogger("chaos")
 
@@ -251,13 +259,7 @@ class Bridge:
         await self.until_ready(session)
 
     async def until_ready(self, session: aiohttp.ClientSession, timeout: float = 60) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.url}/readyz") as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.05)
+        await until_ready(session, self.url, timeout)
 
     async def sigterm(self) -> float:
         """Stop it as an orchestrator does; the seconds it took to exit."""

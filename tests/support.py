@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -227,6 +228,30 @@ async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> 
             if response.status == 200:
                 return
             await asyncio.sleep(0.05)
+
+
+async def until_ready(session: aiohttp.ClientSession, url: str, timeout: float = 60.0) -> None:
+    """Wait until the bridge at `url` answers `/readyz` with 200; refused connections are waited out."""
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+
+
+def start_serve(arguments: Sequence[str], log_path: Path, **flags: str) -> subprocess.Popen[bytes]:
+    """`bridge serve` in a process of its own, logging to `log_path`; `flags` become `--name value`. The
+    test's environment passes, but no BRIDGE_ variable: only what the test says configures it."""
+    args = [*arguments, "--allow-unsigned", "--log-format", "text"]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", *args], stdout=log, stderr=log, env=clean
+        )
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:

@@ -16,8 +16,6 @@ import contextlib
 import itertools
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ from bridge.settings import Settings
 from tests.kafka import jars
 from tests.kafka.nodes import KafkaCluster, KafkaNode
 from tests.kafka.view import partition_states, topic_states
-from tests.support import fixture, read_records, unique_settings, wait_until_ready
+from tests.support import fixture, read_records, start_serve, unique_settings, until_ready, wait_until_ready
 
 pytestmark = pytest.mark.skipif(
     not jars.tools_present(), reason="needs the local Apache Kafka (java and mvn) for a three-node cluster"
@@ -398,14 +396,7 @@ class BridgeProcess:
         args += ["--port", str(self.port), "--create-topics", "--partitions", str(PARTITIONS)]
         for option in ("topic", "c2c_topic", "group_topic", "user_topic", "app_topic", "unknown_topic"):
             args += [f"--{option.replace('_', '-')}", getattr(settings, option)]
-        args += ["--allow-unsigned", "--log-format", "text"]
-        for name, value in flags.items():
-            args += [f"--{name.replace('_', '-')}", value]
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        with log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", *args], stdout=log, stderr=log, env=clean
-            )
+        self.process = start_serve(args, log_path, **flags)
 
     def rss_bytes(self) -> int:
         """Resident memory now, from /proc/PID/statm (its second field, in pages)."""
@@ -413,13 +404,7 @@ class BridgeProcess:
         return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
     async def ready(self, session: aiohttp.ClientSession, timeout: float = 60.0) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(f"{self.url}/readyz") as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.1)
+        await until_ready(session, self.url, timeout)
 
     def poster(self, session: aiohttp.ClientSession) -> Post:
         async def post(key: str, account: str) -> Status:

@@ -7,10 +7,7 @@ of the test's own, SIGKILLed and started again with its data where it must survi
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +22,16 @@ from bridge.embedded import free_port
 from bridge.server import create_app
 from tests.kafka.nodes import KafkaNode
 from tests.proxy import KafkaProxy
-from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
+from tests.support import (
+    FaultBroker,
+    fault_broker,
+    fixture,
+    read_records,
+    start_serve,
+    unique_settings,
+    until_ready,
+    wait_until_ready,
+)
 
 SEED = fixture("oa-after-send-text")
 
@@ -72,26 +78,11 @@ class ServeProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["--bootstrap-servers", bootstrap_servers, "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["--create-topics", "--topic", f"shutdown-{self.port}", "--log-format", "text"]
-        args += ["--allow-unsigned"]
-        for name, value in flags.items():
-            args += [f"--{name.replace('_', '-')}", value]
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        with log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", *args], stdout=log, stderr=log, env=clean
-            )
+        args += ["--create-topics", "--topic", f"shutdown-{self.port}"]
+        self.process = start_serve(args, log_path, **flags)
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    async with session.get(f"{self.url}/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
+        await until_ready(session, self.url, timeout=30)
 
     async def post(self, session: aiohttp.ClientSession, msg_key: str) -> int | str:
         try:
