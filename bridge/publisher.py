@@ -175,10 +175,14 @@ class KafkaPublisher:
 
     def _metadata_changed(self, cluster: ClusterMetadata) -> None:
         """The producer's metadata changed (every topic's, as it never names one): look at the topics."""
-        self._check_topics(cluster)
-        self._check_isr(cluster)
+        self._check_metadata(cluster)
         if self._batches is not None:
             self._batches.metadata_changed()
+
+    def _check_metadata(self, cluster: ClusterMetadata) -> None:
+        """What a read of the metadata says of readiness: the topics as at start, enough replicas in sync."""
+        self._check_topics(cluster)
+        self._check_isr(cluster)
 
     def _check_topics(self, cluster: ClusterMetadata) -> None:
         """Compare the topics in `cluster`, metadata of every topic, with the start; log what changed."""
@@ -415,8 +419,7 @@ class KafkaPublisher:
                 self._start_partitions = {
                     t: len(cluster.partitions_for_topic(t)) for t in self._settings.topics
                 }
-            self._check_topics(producer.client.cluster)  # a producer rebuilt later may find a topic changed
-            self._check_isr(producer.client.cluster)
+            self._check_metadata(producer.client.cluster)  # a producer rebuilt later may find a topic changed
             producer.client.cluster.add_listener(self._metadata_changed)
         except BaseException:
             await self._stop(producer, self._settings.shutdown_timeout)
@@ -467,8 +470,7 @@ class KafkaPublisher:
             if not self._answering:
                 log.info("Kafka answers again")
             failures, self._answering, self._status = 0, True, "ready"
-            self._check_topics(cluster)
-            self._check_isr(cluster)
+            self._check_metadata(cluster)
 
     async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
