@@ -303,10 +303,13 @@ class Chaos:
     history: History
     load: Load
     admin: AIOKafkaAdminClient
-    t0: float
+
+    @property
+    def t0(self) -> float:
+        return self.history.t0
 
     def clock(self) -> float:
-        return time.monotonic() - self.t0
+        return time.monotonic() - self.history.t0
 
     @property
     def settings(self) -> Settings:
@@ -371,7 +374,7 @@ async def run_chaos(
                     if chain.cluster:
                         await _raise_min_insync(admin, settings.group_topic)
                     history.t0 = time.monotonic()
-                    chaos = Chaos(chain, bridge, session, history, Load(), admin, history.t0)
+                    chaos = Chaos(chain, bridge, session, history, Load(), admin)
                     end = chaos.t0 + duration_s
                     await asyncio.gather(
                         _fault_loop(chaos, planned, end),
@@ -478,7 +481,6 @@ class Planned:
 FaultAction = Callable[[Chaos, Planned], Awaitable[str]]
 """Injects a fault, holds it, heals it; returns what it did, in words."""
 
-NODE_FAULTS = frozenset({"pause", "kill", "leader-kill", "isr-below-min", "quorum-loss", "node-restart"})
 CLUSTER_ONLY = frozenset({"leader-kill", "isr-below-min", "quorum-loss", "node-restart", "kill"})
 KAFKA_ONLY = frozenset({"topic-delete", "partitions-grow"})
 """Tansu acknowledges writes to deleted topics and cannot add partitions."""

@@ -175,10 +175,6 @@ class Report:
         return outcomes["ambiguous"] - outcomes["ambiguous_landed"] - outcomes["ambiguous_lost"]
 
     @property
-    def unexplained_duplicates(self) -> int:
-        return self.duplicates["unexplained"]
-
-    @property
     def broken(self) -> bool:
         return any(
             (
