@@ -26,6 +26,7 @@ import json
 import logging
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,23 @@ class Brokers:
         assert isinstance(node, KafkaNode)
         assert node.node_id == node_id
         return node
+
+
+def _restartable_port() -> int:
+    """A free port below the kernel's range of ephemeral ports, for a bridge started again on it: a port
+    from that range (`free_port`) may be taken, while the bridge is down, as the source port of one of the
+    many connections the clients and aiokafka open meanwhile."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(low - 12_000, 1024), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def cluster_possible() -> bool:
@@ -351,7 +369,7 @@ async def run_chaos(
             planned = schedule if schedule is not None else plan(rng, kinds, duration_s, chain)
             settings = unique_settings(
                 chain.bootstrap_servers,
-                port=free_port(),
+                port=_restartable_port(),
                 delivery_timeout=delivery_timeout_s,
                 shutdown_timeout=5.0,
                 body_timeout=2.0,
