@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         settings = build(args.subcommand, vars(args), environ)
         if args.subcommand in KAFKA_CLIENTS:
-            from bridge.kafka_security import kafka_connection_options  # noqa: PLC0415 - keeps `--help` fast
+            from bridge.kafka.security import kafka_connection_options  # noqa: PLC0415 - keeps `--help` fast
 
             kafka_connection_options(settings)  # TLS and SASL settings that do not fit fail here, at once
     except SettingsError as exc:
@@ -96,20 +96,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _consume(settings: Settings) -> int:
-    from bridge.consume import run_consume  # noqa: PLC0415 - keeps `--help` fast
+    from bridge.readback.consume import run_consume  # noqa: PLC0415 - keeps `--help` fast
 
     return run_consume(settings)
 
 
 def _replay(settings: Settings) -> int:
-    from bridge.replay import run_replay  # noqa: PLC0415 - keeps `--help` fast
+    from bridge.readback.replay import run_replay  # noqa: PLC0415 - keeps `--help` fast
 
     return run_replay(settings)
 
 
 def _bench(settings: Settings) -> int:
-    from bridge.bench import run_bench  # noqa: PLC0415 - keeps `--help` fast
-    from bridge.embedded import EmbeddedBrokerError  # noqa: PLC0415
+    from bridge.tools.bench import run_bench  # noqa: PLC0415 - keeps `--help` fast
+    from bridge.tools.embedded import EmbeddedBrokerError  # noqa: PLC0415
 
     try:
         return run_bench(settings)
@@ -119,7 +119,7 @@ def _bench(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from bridge.runner import ListenError, run_server  # noqa: PLC0415 - keeps `--help` fast
+    from bridge.ingest.runner import ListenError, run_server  # noqa: PLC0415 - keeps `--help` fast
 
     try:
         asyncio.run(run_server(settings, on_started=_announce_serve))
@@ -136,9 +136,9 @@ async def _announce_serve(_app: Any, port: int) -> None:
 def _dev(settings: Settings) -> int:
     from dataclasses import replace  # noqa: PLC0415
 
-    from bridge.dev import run_dev  # noqa: PLC0415
-    from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError  # noqa: PLC0415
-    from bridge.runner import ListenError  # noqa: PLC0415
+    from bridge.ingest.runner import ListenError  # noqa: PLC0415
+    from bridge.tools.dev import run_dev  # noqa: PLC0415
+    from bridge.tools.embedded import EmbeddedBroker, EmbeddedBrokerError  # noqa: PLC0415
 
     try:
         with EmbeddedBroker() as broker:
@@ -152,7 +152,7 @@ def _dev(settings: Settings) -> int:
 def _topics(settings: Settings) -> int:
     from aiokafka.errors import KafkaError  # noqa: PLC0415 - keeps `--help` fast
 
-    from bridge.topics import describe_reports, ensure_topics  # noqa: PLC0415
+    from bridge.kafka.topics import describe_reports, ensure_topics  # noqa: PLC0415
 
     try:
         reports = asyncio.run(ensure_topics(settings))

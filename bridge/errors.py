@@ -1,10 +1,9 @@
 """The bridge's exception tree: each error knows its HTTP status, its Tencent ErrorCode and retriability.
 
-Handlers raise these; the error middleware in `bridge.server` turns them into Tencent-style answers in one
-place. ErrorCodes are five-digit numbers built from the HTTP status so they never collide with the codes
+Handlers raise these; the error middleware in `bridge.ingest.server` turns them into Tencent-style answers in
+one place. ErrorCodes are five-digit numbers built from the HTTP status so they never collide with the codes
 Tencent gives meaning to for "before" callbacks (1 rejects the user's action, 2 drops the message,
-120001-130000 are custom errors).
-"""
+120001-130000 are custom errors)."""
 
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ class UnreadableBody(BadCallback):
 
 
 class MalformedRequest(BridgeError):
-    """aiohttp's HTTP parser refused the request before any handler ran (`bridge.parser_errors`).
+    """aiohttp's HTTP parser refused the request before any handler ran (`bridge.ingest.runner`).
 
     A request line or header over the limits, a malformed request line or header, bad chunked framing. The
     status is the one aiohttp chose (400 for all of them in aiohttp 3.14); the ErrorCode is built from it.

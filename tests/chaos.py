@@ -42,12 +42,12 @@ from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from bridge.embedded import free_port
-from bridge.publisher import Publisher
-from bridge.runner import run_server
-from bridge.server import OUTCOMES, PUBLISHER
+from bridge.ingest.runner import run_server
+from bridge.ingest.server import OUTCOMES, PUBLISHER
+from bridge.kafka.publisher import Publisher
+from bridge.kafka.topics import intended_topic
 from bridge.settings import Settings
-from bridge.topics import intended_topic
+from bridge.tools.embedded import free_port
 from tests.history import Attempt, Callback, Fault, History, Report, judge, read_run
 from tests.kafka.nodes import KafkaCluster, KafkaNode
 from tests.kafka.view import partition_states

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from bridge.embedded import free_port
+from bridge.tools.embedded import free_port
 from tests.kafka.nodes import KafkaNode, Started
 
 ROOT = Path(__file__).parent.parent

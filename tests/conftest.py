@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bridge.ingest.server import create_app
 from bridge.logs import configure_logging
-from bridge.server import create_app
 from bridge.settings import Settings
 from tests.support import (
     FakePublisher,

@@ -1,16 +1,16 @@
 """The fuzz target of the request path: from the bytes of a query and a body to the record, or a refusal.
 
-`one_input(data)` turns the fuzzer's bytes into one request with atheris' `FuzzedDataProvider`. It starts
-from a Tencent fixture or from a valid body of any command the bridge knows, then mutates it: query
-parameters dropped, repeated or given fuzzed values; a command put in the query, the body or both; fields
-dropped or given fuzzed JSON; a signature good, wrong, stale or fuzzed; bytes of the JSON text edited; now
-and then raw bytes as the query or the body. The query string becomes (name, value) pairs as aiohttp makes
-them (`yarl`, from the request target decoded as UTF-8 with surrogateescape, as aiohttp's pure-Python
-parser does), then the bridge's own `checked_query` and `callback_record` (`bridge.server`) run: the pure
-functions the handler calls. Every input must end in a record or in a `BridgeError` with a 4xx status whose
-FAIL body encodes; anything else escapes and is a crash. An accepted request is checked too: signed with a
-configured token within the allowed skew (when signing is on), of an allowed app, and its record's value
-is the envelope of the body and the query (without `Sign`).
+`one_input(data)` turns the fuzzer's bytes into one request with atheris' `FuzzedDataProvider`. It starts from
+a Tencent fixture or from a valid body of any command the bridge knows, then mutates it: query parameters
+dropped, repeated or given fuzzed values; a command put in the query, the body or both; fields dropped or
+given fuzzed JSON; a signature good, wrong, stale or fuzzed; bytes of the JSON text edited; now and then raw
+bytes as the query or the body. The query string becomes (name, value) pairs as aiohttp makes them (`yarl`,
+from the request target decoded as UTF-8 with surrogateescape, as aiohttp's pure-Python parser does), then the
+bridge's own `checked_query` and `callback_record` (`bridge.ingest.server`) run: the pure functions the
+handler calls. Every input must end in a record or in a `BridgeError` with a 4xx status whose FAIL body
+encodes; anything else escapes and is a crash. An accepted request is checked too: signed with a configured
+token within the allowed skew (when signing is on), of an allowed app, and its record's value is the envelope
+of the body and the query (without `Sign`).
 
 `tests/fuzz_request.py` runs it under libFuzzer; the test suite replays the committed corpus with it.
 """
@@ -30,15 +30,15 @@ import atheris
 import orjson
 from yarl import URL
 
-from bridge import commands
-from bridge.commands import COMMANDS, RoutedCallback
-from bridge.envelope import SCHEMA, Record
 from bridge.errors import BadCallback, BridgeError, ForbiddenApp, Unauthorized
-from bridge.protocol import EXCLUDED_FROM_ENVELOPE, CallbackQuery, fail_body
+from bridge.ingest.server import callback_record, checked_query
 from bridge.secret import Secret
-from bridge.server import callback_record, checked_query
 from bridge.settings import Settings
-from bridge.signature import SignatureCheck, expected_sign
+from bridge.tencent import commands
+from bridge.tencent.commands import COMMANDS, RoutedCallback
+from bridge.tencent.envelope import SCHEMA, Record
+from bridge.tencent.protocol import EXCLUDED_FROM_ENVELOPE, CallbackQuery, fail_body
+from bridge.tencent.signature import SignatureCheck, expected_sign
 
 FIXTURES_DIR = Path(__file__).parent / "fixtures"
 NOW_S = 1_700_000_000

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiokafka.structs import ConsumerRecord
 
-from bridge.partitioner import partition_for
+from bridge.tencent.partitioner import partition_for
 
 ENVELOPE_SCHEMA = "tencent-chat-callback/1"
 NOT_WRITTEN = frozenset({"failed", "overloaded"})

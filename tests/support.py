@@ -30,11 +30,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
-from bridge.embedded import EmbeddedBroker
-from bridge.envelope import Record
-from bridge.parser_errors import BridgeRunner
-from bridge.server import create_app
+from bridge.ingest.runner import BridgeRunner
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
+from bridge.tencent.envelope import Record
+from bridge.tools.embedded import EmbeddedBroker
 from tests.kafka import jars
 from tests.kafka.nodes import KafkaNode
 
@@ -255,7 +255,7 @@ def start_serve(arguments: Sequence[str], log_path: Path, **flags: str) -> subpr
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
-    cluster = await consumer._client.fetch_all_metadata()  # as bridge/consumer.py reads it, and why
+    cluster = await consumer._client.fetch_all_metadata()  # as bridge/readback/reader.py reads it, and why
     return [
         TopicPartition(topic, partition)
         for topic in topics

@@ -18,14 +18,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import bridge.publisher
-from bridge.dedup import EdgeDedup
-from bridge.embedded import free_port
+import bridge.kafka.publisher
 from bridge.errors import BrokerNotReady, DeliveryTimeout, PublishError
-from bridge.metrics import METRICS
-from bridge.outcomes import Outcome, Outcomes
-from bridge.server import ADMISSION, OUTCOMES, PUBLISHER, create_app
+from bridge.ingest.dedup import EdgeDedup
+from bridge.ingest.metrics import METRICS
+from bridge.ingest.outcomes import Outcome, Outcomes
+from bridge.ingest.server import ADMISSION, OUTCOMES, PUBLISHER, create_app
 from bridge.settings import Settings
+from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
 from tests.support import FakePublisher, fixture, read_records, wait_until_ready
 from tests.test_metrics import scrape, value
@@ -204,7 +204,7 @@ async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
 ) -> None:
     """If watching the producer fails (aiokafka renamed what the watch reads, say), the supervisor says so
     and builds a new producer, rather than end and leave `/readyz` saying ready with no one watching."""
-    watch = bridge.publisher._wait_for_death
+    watch = bridge.kafka.publisher._wait_for_death
     failures = 0
 
     async def fails_once(producer: object) -> str:
@@ -214,7 +214,7 @@ async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
             raise AttributeError("'AIOKafkaProducer' object has no attribute '_sender'")
         return await watch(producer)
 
-    monkeypatch.setattr(bridge.publisher, "_wait_for_death", fails_once)
+    monkeypatch.setattr(bridge.kafka.publisher, "_wait_for_death", fails_once)
     caplog.set_level(logging.INFO, logger="bridge")
     async with TestClient(TestServer(create_app(settings))) as client:
         async with asyncio.timeout(20):
@@ -233,7 +233,7 @@ async def test_a_producer_that_can_never_be_watched_never_makes_the_bridge_ready
     async def always_fails(_producer: object) -> str:
         raise AttributeError("'AIOKafkaProducer' object has no attribute '_sender'")
 
-    monkeypatch.setattr(bridge.publisher, "_wait_for_death", always_fails)
+    monkeypatch.setattr(bridge.kafka.publisher, "_wait_for_death", always_fails)
     async with TestClient(TestServer(create_app(settings))) as client:
         app = client.app
         assert app is not None

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.server import create_app
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
 from tests.support import count_records, fixture, read_records, wait_until_ready

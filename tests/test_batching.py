@@ -11,13 +11,13 @@ from typing import Any, cast
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from bridge.batching import Expired, NotHandedOver, PartitionBatches
-from bridge.envelope import Record
 from bridge.errors import BrokerNotReady, DeliveryTimeout, PublishError, RecordTooLarge
-from bridge.outcomes import Outcome, Outcomes
-from bridge.publisher import KafkaPublisher
+from bridge.ingest.outcomes import Outcome, Outcomes
+from bridge.kafka.batching import Expired, NotHandedOver, PartitionBatches
+from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.topics import max_record_bytes
 from bridge.settings import Settings
-from bridge.topics import max_record_bytes
+from bridge.tencent.envelope import Record
 from tests.support import read_records
 
 

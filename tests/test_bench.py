@@ -8,8 +8,8 @@ import sys
 
 import orjson
 
-from bridge.loadgen import CallbackMix, percentile
-from bridge.protocol import decode_body
+from bridge.tencent.protocol import decode_body
+from bridge.tools.loadgen import CallbackMix, percentile
 
 
 def test_the_callback_mix_gives_every_request_a_distinct_key_and_a_valid_json_body() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 
-from bridge.boundary import stop_signals
+from bridge.process import stop_signals
 
 
 async def test_a_stop_signal_calls_the_stop_function_while_the_block_runs_and_has_its_default_after() -> None:

@@ -16,12 +16,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.commands import MAX_ID_BYTES, route
-from bridge.dedup import EdgeDedup
 from bridge.errors import InvalidField
-from bridge.partitioner import PartitionCache, murmur2
-from bridge.server import DEDUP, create_app
+from bridge.ingest.dedup import EdgeDedup
+from bridge.ingest.server import DEDUP, create_app
 from bridge.settings import Settings
+from bridge.tencent.commands import MAX_ID_BYTES, route
+from bridge.tencent.partitioner import PartitionCache, murmur2
 from tests.support import FakePublisher, fixture
 
 APP = "1400000000"
@@ -169,7 +169,7 @@ async def test_many_callbacks_with_the_longest_keys_keep_the_window_within_its_b
 def cheap_hash(monkeypatch: pytest.MonkeyPatch) -> None:
     """murmur2 in pure Python allocates an integer per step, which tracemalloc makes slow; what the cache
     holds does not depend on the hash."""
-    monkeypatch.setattr("bridge.partitioner.murmur2", len)
+    monkeypatch.setattr("bridge.tencent.partitioner.murmur2", len)
 
 
 def test_the_partition_cache_never_grows_past_its_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.server import create_app
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
 from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready

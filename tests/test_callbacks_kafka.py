@@ -9,10 +9,10 @@ import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from bridge.commands import TopicGroup
-from bridge.envelope import json_schema
-from bridge.partitioner import partition_for
 from bridge.settings import Settings
+from bridge.tencent.commands import TopicGroup
+from bridge.tencent.envelope import json_schema
+from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
 from tests.support import Fixture, fixture, load_fixtures, read_records
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from bridge.embedded import free_port
-from bridge.envelope import Record
 from bridge.errors import PublishError
-from bridge.publisher import Publisher
+from bridge.kafka.publisher import Publisher
+from bridge.tencent.envelope import Record
+from bridge.tools.embedded import free_port
 from tests.chaos import PARTITIONS, Planned, run_chaos
 from tests.history import Report
 from tests.support import FaultBroker, fault_broker

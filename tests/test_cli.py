@@ -15,9 +15,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bridge import values
 from bridge.cli import main
-from bridge.settings import OPTIONS, Option, SettingsError, build
+from bridge.settings import OPTIONS, Option, SettingsError, build, values
 
 BRIDGE = [sys.executable, "-m", "bridge"]
 

@@ -28,12 +28,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.cluster import ClusterMetadata
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.embedded import free_port
-from bridge.outcomes import Outcomes
-from bridge.partitioner import partition_for
-from bridge.publisher import KafkaPublisher
-from bridge.server import create_app
+from bridge.ingest.outcomes import Outcomes
+from bridge.ingest.server import create_app
+from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import Settings
+from bridge.tencent.partitioner import partition_for
+from bridge.tools.embedded import free_port
 from tests.kafka import jars
 from tests.kafka.nodes import KafkaCluster, KafkaNode
 from tests.kafka.view import partition_states, topic_states

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from bridge.commands import COMMANDS, TopicGroup, route
-from bridge.envelope import record_timestamp
 from bridge.errors import InvalidField
 from bridge.settings import Settings
+from bridge.tencent.commands import COMMANDS, TopicGroup, route
+from bridge.tencent.envelope import record_timestamp
 from tests.support import load_fixtures
 
 APP = "1400000000"

@@ -1,7 +1,7 @@
 """What one connection may send, and for how long, is bounded: shown with raw sockets.
 
 aiohttp's parser enforces the URL and header limits (a 400 with a Tencent-style body, given by
-`bridge.parser_errors` before any handler runs, then the connection is closed); the bridge's handler the
+`bridge.ingest.runner` before any handler runs, then the connection is closed); the bridge's handler the
 body limit (413) and the body timeout (408, see test_hostile_clients).
 """
 
@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from bridge.runner import request_handler_options
-from bridge.server import create_app
+from bridge.ingest.runner import request_handler_options
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.support import BridgeTestServer, FakePublisher, fixture
 

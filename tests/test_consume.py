@@ -15,10 +15,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bridge.consumer import EventReader
-from bridge.embedded import free_port
-from bridge.events import Event, EventFilter
+from bridge.readback.events import Event, EventFilter
+from bridge.readback.reader import EventReader
 from bridge.settings import Settings
+from bridge.tools.embedded import free_port
 from tests.support import (
     ACCOUNTS,
     DAY_MS,

@@ -11,12 +11,12 @@ from pathlib import Path
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.consumer import EventReader
-from bridge.events import unique
-from bridge.replay import Replay
-from bridge.server import create_app
+from bridge.ingest.server import create_app
+from bridge.readback.events import unique
+from bridge.readback.reader import EventReader
+from bridge.readback.replay import Replay
+from bridge.readback.sinks import FileSink
 from bridge.settings import Settings
-from bridge.sinks import FileSink
 from tests.support import ACCOUNTS, OA_QUERY, message, wait_until_ready
 
 APP_A, APP_B = "1400000000", "1400000001"

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.embedded import free_port
-from bridge.server import ADMISSION, PUBLISHER, create_app
+from bridge.ingest.server import ADMISSION, PUBLISHER, create_app
 from bridge.settings import Settings
+from bridge.tools.embedded import free_port
 from tests.proxy import KafkaProxy
 from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
 

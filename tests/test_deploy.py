@@ -17,9 +17,9 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.server import create_app
+from bridge.ingest.server import create_app
+from bridge.kafka.topics import intended_topic
 from bridge.settings import OPTIONS, Settings, SettingsError, build, require_authentication
-from bridge.topics import intended_topic
 from tests.support import FakePublisher
 
 ROOT = Path(__file__).parent.parent

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.partitioner import partition_for
 from bridge.settings import OPTIONS, Option, default, describe_default
+from bridge.tencent.partitioner import partition_for
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

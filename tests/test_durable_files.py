@@ -17,10 +17,10 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from bridge.consume import _consume
-from bridge.replay import Checkpoint, Replay
+from bridge.readback.consume import _consume
+from bridge.readback.replay import Checkpoint, Replay
+from bridge.readback.sinks import FileSink, UrlSink
 from bridge.settings import Settings
-from bridge.sinks import FileSink, UrlSink
 from tests.support import Posted, Receiver, run_bridge
 
 Call = tuple[str, ...]

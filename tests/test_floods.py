@@ -13,9 +13,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import BaseTestServer, TestServer
 
+from bridge.ingest.runner import request_handler_options
+from bridge.ingest.server import ADMISSION, create_app
 from bridge.logs import LineBudget
-from bridge.runner import request_handler_options
-from bridge.server import ADMISSION, create_app
 from bridge.settings import Settings
 from tests.support import BridgeTestServer, FakePublisher, fixture
 

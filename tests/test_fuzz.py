@@ -24,12 +24,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.parser_errors import BridgeRunner
-from bridge.runner import request_handler_options
+from bridge.ingest.runner import BridgeRunner, request_handler_options
+from bridge.ingest.server import create_app
 from bridge.secret import Secret
-from bridge.server import create_app
 from bridge.settings import Settings
-from bridge.signature import expected_sign
+from bridge.tencent.signature import expected_sign
 from tests.support import load_fixtures, read_records, unique_settings
 
 TOKEN = "fuzz-token"  # noqa: S105 - a test token

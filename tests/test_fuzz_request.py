@@ -18,11 +18,11 @@ import pytest
 from aiohttp import http_parser, web_protocol
 from aiohttp.test_utils import TestServer
 
-from bridge.envelope import Record
 from bridge.errors import BridgeError, InvalidQuery
-from bridge.protocol import parse_query
-from bridge.server import create_app
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
+from bridge.tencent.envelope import Record
+from bridge.tencent.protocol import parse_query
 from tests.support import FakePublisher, fixture
 
 atheris = pytest.importorskip("atheris", reason="atheris has wheels for Linux only")

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import BaseTestServer, TestClient
 
-from bridge.runner import request_handler_options
-from bridge.server import create_app
+from bridge.ingest.runner import request_handler_options
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.support import BridgeTestServer, count_records, fixture, wait_until_ready
 

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
-from bridge import kafka_security
 from bridge.cli import main
-from bridge.kafka_security import kafka_connection_options
-from bridge.outcomes import Outcomes
-from bridge.publisher import KafkaPublisher
+from bridge.ingest.outcomes import Outcomes
+from bridge.kafka import security as kafka_security
+from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.security import kafka_connection_options
+from bridge.kafka.topics import _admin
 from bridge.secret import Secret
 from bridge.settings import Settings, SettingsError, build
-from bridge.topics import _admin
 
 SERVERS = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9093"}
 
@@ -171,7 +171,7 @@ async def test_the_producer_and_the_admin_client_get_the_same_security_arguments
 
 
 async def test_the_readers_get_the_same_security_arguments() -> None:
-    from bridge.consumer import EventReader  # noqa: PLC0415
+    from bridge.readback.reader import EventReader  # noqa: PLC0415
 
     reader = EventReader("kafka:9093", "t", kafka_options=kafka_connection_options(SASL))
     try:

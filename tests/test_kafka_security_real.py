@@ -21,10 +21,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.consume import run_consume
-from bridge.replay import run_replay
+from bridge.ingest.server import create_app
+from bridge.readback.consume import run_consume
+from bridge.readback.replay import run_replay
 from bridge.secret import Secret
-from bridge.server import create_app
 from bridge.settings import Settings
 from tests.kafka import jars
 from tests.kafka.secured import PASSWORD, SecuredKafkaNode, connection_settings, make_pki
@@ -118,7 +118,7 @@ def assert_no_secret(text: str, node: SecuredKafkaNode) -> None:
 def publisher_lines(log: io.StringIO, words: str) -> list[dict[str, str]]:
     """The publisher's log lines about a failure to connect, saying `words`."""
     lines = [json.loads(line) for line in log.getvalue().splitlines()]
-    return [line for line in lines if line["logger"] == "bridge.publisher" and words in line["message"]]
+    return [line for line in lines if line["logger"] == "bridge.kafka.publisher" and words in line["message"]]
 
 
 def callbacks(count: int) -> list[Posted]:

@@ -29,8 +29,8 @@ async def test_a_malformed_request_is_one_info_line_not_an_error_with_a_tracebac
     debug_log: io.StringIO, kafka: str
 ) -> None:
     """The line quotes no query string (it may hold `Sign`) and carries the answer's `X-Request-Id`."""
-    from bridge.runner import request_handler_options  # noqa: PLC0415
-    from bridge.server import create_app  # noqa: PLC0415
+    from bridge.ingest.runner import request_handler_options  # noqa: PLC0415
+    from bridge.ingest.server import create_app  # noqa: PLC0415
     from tests.support import BridgeTestServer, unique_settings  # noqa: PLC0415
 
     settings = unique_settings(kafka)

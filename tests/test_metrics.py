@@ -17,8 +17,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, NotEnoughReplicasE
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.errors import BrokerRejected, DeliveryTimeout
+from bridge.ingest.server import create_app
 from bridge.logs import log_handler
-from bridge.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
 from tests.support import FakePublisher, fixture

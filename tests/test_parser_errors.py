@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from bridge.parser_errors import TencentRequestHandler
+from bridge.ingest.runner import TencentRequestHandler
 from tests.support import BridgeTestServer, unique_settings
 
 

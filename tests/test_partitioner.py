@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from bridge.partitioner import murmur2, partition_for
+from bridge.tencent.partitioner import murmur2, partition_for
 
 # Kafka's own vectors (clients/src/test/java/org/apache/kafka/common/utils/UtilsTest.java, testMurmur2).
 JAVA_MURMUR2 = {

@@ -24,11 +24,11 @@ from aiokafka.protocol import produce
 from aiokafka.protocol.api import RequestStruct
 from aiokafka.protocol.metadata import MetadataRequest_v5
 
-from bridge.embedded import free_port
-from bridge.metrics import METRICS
-from bridge.partitioner import partition_for
-from bridge.server import ADMISSION, create_app
+from bridge.ingest.metrics import METRICS
+from bridge.ingest.server import ADMISSION, create_app
 from bridge.settings import Settings
+from bridge.tencent.partitioner import partition_for
+from bridge.tools.embedded import free_port
 from tests.kafka_frames import ProduceRequestFrame
 from tests.proxy import KafkaProxy
 from tests.support import fixture, read_records, unique_settings, wait_until_ready

@@ -19,9 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import IncompatibleBrokerVersion, UnsupportedVersionError
 
-from bridge.partitioner import partition_for
-from bridge.server import PUBLISHER, create_app
+from bridge.ingest.server import PUBLISHER, create_app
 from bridge.settings import Settings
+from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
 from tests.support import fixture, read_records, wait_until_ready
 

@@ -19,15 +19,15 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bridge.batching import batch_bytes, record_bytes
-from bridge.commands import MAX_ID_BYTES
-from bridge.envelope import Record, envelope
 from bridge.errors import RecordTooLarge
-from bridge.outcomes import Outcomes
-from bridge.publisher import KafkaPublisher
-from bridge.server import create_app
+from bridge.ingest.outcomes import Outcomes
+from bridge.ingest.server import create_app
+from bridge.kafka.batching import batch_bytes, record_bytes
+from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.topics import max_record_bytes
 from bridge.settings import Settings
-from bridge.topics import max_record_bytes
+from bridge.tencent.commands import MAX_ID_BYTES
+from bridge.tencent.envelope import Record, envelope
 from tests.conftest import BridgeClient
 from tests.support import fixture, read_records, unique_settings, wait_until_ready
 from tests.test_docs import README

@@ -17,11 +17,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from bridge.embedded import free_port
-from bridge.partitioner import partition_for
-from bridge.replay import Replay
+from bridge.readback.replay import Replay
+from bridge.readback.sinks import FileSink, TopicSink, UrlSink
 from bridge.settings import Settings
-from bridge.sinks import FileSink, TopicSink, UrlSink
+from bridge.tencent.partitioner import partition_for
+from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
 from tests.support import (
     ACCOUNTS,

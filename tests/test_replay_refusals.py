@@ -18,9 +18,9 @@ import pytest
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from yarl import URL
 
-from bridge.replay import Replay
+from bridge.readback.replay import Replay
+from bridge.readback.sinks import TopicSink, UrlSink
 from bridge.settings import Settings
-from bridge.sinks import TopicSink, UrlSink
 from tests.support import Posted, Receiver, create_topic, read_records, run_bridge
 
 README = (Path(__file__).parent.parent / "README.md").read_text()

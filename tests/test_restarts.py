@@ -18,8 +18,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.embedded import free_port
-from bridge.server import create_app
+from bridge.ingest.server import create_app
+from bridge.tools.embedded import free_port
 from tests.kafka.nodes import KafkaNode
 from tests.proxy import KafkaProxy
 from tests.support import (

@@ -19,11 +19,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.cli import _parser
-from bridge.runner import request_handler_options
+from bridge.ingest.runner import request_handler_options
+from bridge.ingest.server import PUBLISHER, create_app
 from bridge.secret import CallbackToken, Secret
-from bridge.server import PUBLISHER, create_app
 from bridge.settings import Settings, SettingsError, build, require_authentication
-from bridge.signature import expected_sign
+from bridge.tencent.signature import expected_sign
 from tests.conftest import BridgeClient
 from tests.support import (
     BridgeTestServer,
@@ -375,7 +375,7 @@ def test_the_kubernetes_secrets_placeholder_is_refused_as_a_token(tmp_path: Path
 
 
 def test_bridge_devs_curl_is_signed_for_the_app_of_its_first_token_when_that_token_is_one_apps() -> None:
-    from bridge.dev import banner  # noqa: PLC0415 - only this test needs dev's banner
+    from bridge.tools.dev import banner  # noqa: PLC0415 - only this test needs dev's banner
 
     text = banner(Settings(callback_token=(CallbackToken("xxxxyyyy", APP_TWO),)), 8080, "127.0.0.1:9092")
     curl = next(line for line in text.splitlines() if "curl" in line)

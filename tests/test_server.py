@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.errors import BrokerRejected, DeliveryTimeout
-from bridge.server import create_app
+from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
 from tests.support import FakePublisher, fixture

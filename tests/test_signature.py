@@ -12,7 +12,7 @@ from bridge.errors import (
     Unauthorized,
 )
 from bridge.secret import CallbackToken, Secret
-from bridge.signature import SignatureCheck, expected_sign
+from bridge.tencent.signature import SignatureCheck, expected_sign
 
 APP = "1400000000"
 # (token, RequestTime, Sign) from protocol.md; the first is Tencent's own sample.

@@ -13,8 +13,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from bridge.kafka.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
 from bridge.settings import Settings
-from bridge.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
 from tests.support import broker_choice, unique_settings
 from tests.test_cli import run_bridge
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from bridge.embedded import free_port
+from bridge.tools.embedded import free_port
 from tests.kafka import jars
 
 START_TIMEOUT_S = 60.0

@@ -23,8 +23,8 @@ from pathlib import Path
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from bridge.embedded import free_port
 from bridge.secret import Secret
+from bridge.tools.embedded import free_port
 from tests.kafka.nodes import KafkaNode, KafkaNodeError
 
 USER = "bridge"

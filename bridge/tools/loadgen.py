@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 
 import orjson
 
-from bridge.dev import SEED_CALLBACK, SEED_QUERY
+from bridge.tencent.samples import SEED_CALLBACK, SEED_QUERY
 
 # The fixtures of a source checkout; an installed package falls back to the `bridge dev` seed callback.
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"

@@ -20,9 +20,9 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from bridge.envelope import CallbackId
 from bridge.errors import DeliveryTimeout, Unavailable
-from bridge.outcomes import Outcome, Outcomes
+from bridge.ingest.outcomes import Outcome, Outcomes
+from bridge.tencent.envelope import CallbackId
 
 
 @dataclass

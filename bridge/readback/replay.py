@@ -34,14 +34,14 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
-from bridge import durable_files
-from bridge.boundary import kafka_failed, stop_signals
-from bridge.consumer import EventReader, ReaderError
-from bridge.events import BadRecord, Deduplicator, Event, EventFilter
-from bridge.kafka_security import kafka_connection_options
-from bridge.progress import Progress, Tally
+from bridge.kafka.security import kafka_connection_options
+from bridge.process import kafka_failed, stop_signals
+from bridge.readback import durable_files
+from bridge.readback.events import BadRecord, Deduplicator, Event, EventFilter
+from bridge.readback.progress import Progress, Tally
+from bridge.readback.reader import EventReader, ReaderError
+from bridge.readback.sinks import DeliveryFailed, Failure, Sink, sink_for
 from bridge.settings import Settings
-from bridge.sinks import DeliveryFailed, Failure, Sink, sink_for
 
 _CHECKPOINT_EVERY_S = 1.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0

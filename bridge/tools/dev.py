@@ -6,39 +6,21 @@ import asyncio
 import shlex
 import sys
 import time
-from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
 
-from bridge.embedded import EmbeddedBroker
-from bridge.runner import run_server
+from bridge.ingest.runner import run_server
+from bridge.ingest.server import PUBLISHER
 from bridge.secret import CallbackToken
-from bridge.server import PUBLISHER
 from bridge.settings import Settings
-from bridge.signature import expected_sign
+from bridge.tencent.samples import SEED_CALLBACK, SEED_QUERY
+from bridge.tencent.signature import expected_sign
+from bridge.tools.embedded import EmbeddedBroker
 
 _READY_TIMEOUT_S = 30.0
 
-# The callback of Tencent's `OfficialAccount.CallbackAfterSendMsg` page, comments stripped.
-SEED_QUERY = {
-    "SdkAppid": "1400000000",
-    "CallbackCommand": "OfficialAccount.CallbackAfterSendMsg",
-    "contenttype": "json",
-    "ClientIP": "127.0.0.1",
-    "OptPlatform": "RESTAPI",
-}
-SEED_CALLBACK: dict[str, Any] = {
-    "CallbackCommand": "OfficialAccount.CallbackAfterSendMsg",
-    "Official_Account": "@TOA#_2J4SZEAEL",
-    "MsgKey": "71_1_1698741698",
-    "MsgTime": 1490686222,
-    "OnlineOnlyFlag": 1,
-    "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "red packet"}}],
-    "CloudCustomData": "your cloud custom data",
-    "EventTime": 1670574414123,
-}
 
 _WARNING = """\
 ************************************************************************************

@@ -26,12 +26,12 @@ from aiokafka.errors import (
 )
 from yarl import URL
 
-from bridge import durable_files
-from bridge.events import Event
-from bridge.kafka_security import kafka_connection_options, start_client
-from bridge.partitioner import partition_for
+from bridge.kafka.security import kafka_connection_options, start_client
+from bridge.kafka.topics import max_record_bytes
+from bridge.readback import durable_files
+from bridge.readback.events import Event
 from bridge.settings import Settings
-from bridge.topics import max_record_bytes
+from bridge.tencent.partitioner import partition_for
 
 _HTTP_TIMEOUT_S = 10.0
 _PRODUCE_TIMEOUT_S = 30.0

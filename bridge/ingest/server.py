@@ -19,10 +19,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from bridge.admission import Admission
-from bridge.commands import RoutedCallback, TopicGroup, route
-from bridge.dedup import EdgeDedup
-from bridge.envelope import Record, build_record, callback_id
 from bridge.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -36,8 +32,9 @@ from bridge.errors import (
     Unavailable,
     UnreadableBody,
 )
-from bridge.logs import LineBudget
-from bridge.metrics import (
+from bridge.ingest.admission import Admission
+from bridge.ingest.dedup import EdgeDedup
+from bridge.ingest.metrics import (
     METRICS,
     install_metrics,
     note_command,
@@ -45,9 +42,14 @@ from bridge.metrics import (
     observe_publish,
     observe_requests,
 )
-from bridge.outcomes import OUTCOME, Outcome, Outcomes
-from bridge.partitioner import partition_for
-from bridge.protocol import (
+from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes
+from bridge.kafka.publisher import KafkaPublisher, Publisher
+from bridge.logs import LineBudget
+from bridge.settings import Settings
+from bridge.tencent.commands import RoutedCallback, TopicGroup, route
+from bridge.tencent.envelope import Record, build_record, callback_id
+from bridge.tencent.partitioner import partition_for
+from bridge.tencent.protocol import (
     OK_BODY,
     CallbackQuery,
     decode_body,
@@ -55,9 +57,7 @@ from bridge.protocol import (
     parse_query,
     resolve_command,
 )
-from bridge.publisher import KafkaPublisher, Publisher
-from bridge.settings import Settings
-from bridge.signature import SignatureCheck
+from bridge.tencent.signature import SignatureCheck
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from bridge.commands import RoutedCallback
+from bridge.tencent.commands import RoutedCallback
 
 SCHEMA = "tencent-chat-callback/1"
 # An EventTime further ahead of the receive time is a broken clock, and Kafka 4 refuses records more than an
@@ -107,6 +107,6 @@ def record_timestamp(event_time_ms: int | None, received_at_ms: int, max_event_a
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the envelope, shipped in the package for consumers to validate against."""
-    text = resources.files("bridge").joinpath("schemas/envelope.schema.json").read_bytes()
+    text = resources.files("bridge.tencent").joinpath("schemas/envelope.schema.json").read_bytes()
     schema: dict[str, Any] = orjson.loads(text)
     return schema

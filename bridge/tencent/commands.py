@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from bridge.errors import InvalidField
-from bridge.protocol import json_type
+from bridge.tencent.protocol import json_type
 
 _DECIMAL = re.compile(r"[0-9]{1,19}")
 _INT64_MAX = 2**63 - 1

@@ -4,9 +4,9 @@ Labels are bounded: a command family (the known ones, `unknown`, or `none` befor
 an HTTP status, an outcome, an error kind drawn from a fixed set of exception classes, one of the bridge's
 own topics (from its settings). Never an account, a group, a `MsgKey` or a topic name typed by a caller.
 
-Each callback ends in one `bridge.outcomes.Outcome` (confirmed, a duplicate, rejected, failed, overloaded,
-ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how ambiguous records ended.
-"""
+Each callback ends in one `bridge.ingest.outcomes.Outcome` (confirmed, a duplicate, rejected, failed,
+overloaded, ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how ambiguous records
+ended."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from bridge.commands import FAMILIES
-from bridge.envelope import Record
 from bridge.errors import BridgeError, BrokerNotReady, DeliveryTimeout, PublishError
+from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes
 from bridge.logs import REQUEST_ID, new_request_id
-from bridge.outcomes import OUTCOME, Outcome, Outcomes
-from bridge.values import RESERVED_PATHS
+from bridge.settings.values import RESERVED_PATHS
+from bridge.tencent.commands import FAMILIES
+from bridge.tencent.envelope import Record
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,16 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 
-from bridge.commands import route
-from bridge.envelope import SCHEMA, CallbackId, callback_id
 from bridge.errors import InvalidField
+from bridge.settings.values import parse_instant
+from bridge.tencent.commands import route
+from bridge.tencent.envelope import SCHEMA, CallbackId, callback_id
 
 _SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
-_EPOCH_MS = re.compile(r"[0-9]{1,16}")
 
 
 class KafkaRecord(Protocol):
@@ -173,20 +172,6 @@ def _check_envelope(envelope: Any) -> tuple[int, dict[str, str], dict[str, Any]]
     if not isinstance(callback, dict):
         raise InvalidEnvelope("'callback' is not an object")
     return received_at, query, callback
-
-
-def parse_instant(text: str) -> int:
-    """Milliseconds since the epoch from epoch milliseconds or ISO 8601 (UTC when no offset is given)."""
-    text = text.strip()
-    if _EPOCH_MS.fullmatch(text):
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError("must be ISO 8601 (2024-05-01, 2024-05-01T08:00:00+08:00) or epoch ms") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True, slots=True)

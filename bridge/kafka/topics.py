@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
 
-from bridge.kafka_security import kafka_connection_options, start_client
+from bridge.kafka.security import kafka_connection_options, start_client
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from bridge.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of, decode
-from bridge.kafka_security import start_client
-from bridge.partitioner import partition_for
+from bridge.kafka.security import start_client
+from bridge.readback.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of, decode
+from bridge.tencent.partitioner import partition_for
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ and answers callbacks with 503 while the brokers are unreachable or its topics a
 ready by itself. Every await on aiokafka runs under a deadline.
 
 Readiness also needs every topic as it was at start: present, with the partition count read when the bridge
-first became ready (`partition_for` maps entities with it, so a changed count would remap accounts). The
-probe checks that every second from metadata of every topic; a topic gone or changed makes the bridge not
-ready, its callbacks get 503 "not written", and the log says why. The bridge never asks for a topic's
-metadata by name (see `bridge.batching`): a broker with `auto.create.topics.enable` creates a topic so asked
-for, which after a deletion would bring it back with the broker's default partition count.
+first became ready (`partition_for` maps entities with it, so a changed count would remap accounts). The probe
+checks that every second from metadata of every topic; a topic gone or changed makes the bridge not ready, its
+callbacks get 503 "not written", and the log says why. The bridge never asks for a topic's metadata by name
+(see `bridge.kafka.batching`): a broker with `auto.create.topics.enable` creates a topic so asked for, which
+after a deletion would bring it back with the broker's default partition count.
 
 At each connection the topics' `max.message.bytes` is read (DescribeConfigs): a record larger than its
 topic takes is answered 413 before it is sent, rather than refused by the broker after the hand-over.
@@ -17,11 +17,10 @@ topic takes is answered 413 before it is sent, rather than refused by the broker
 Readiness also needs enough replicas in sync: a partition whose in-sync replicas, in the metadata the probe
 reads every second, are fewer than its topic's `min.insync.replicas` (read with `max.message.bytes`) has a
 leader that refuses acks=all writes (NOT_ENOUGH_REPLICAS). The bridge is then not ready, and `/readyz` names
-the partitions and the broker's last refusal; it is ready again once the metadata shows the replicas back
-in sync, whether or not a callback came meanwhile (a load balancer may have sent none to a bridge not ready).
-aiokafka retries such a refusal until the batch's deadline, so the bridge learns the broker's error only
-when a batch fails with it: `on_broker_error` counts those records by the error's name.
-"""
+the partitions and the broker's last refusal; it is ready again once the metadata shows the replicas back in
+sync, whether or not a callback came meanwhile (a load balancer may have sent none to a bridge not ready).
+aiokafka retries such a refusal until the batch's deadline, so the bridge learns the broker's error only when
+a batch fails with it: `on_broker_error` counts those records by the error's name."""
 
 from __future__ import annotations
 
@@ -35,7 +34,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError
 
-from bridge.batching import (
+from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, RecordTooLarge, describe
+from bridge.ingest.outcomes import Outcome, Outcomes
+from bridge.kafka.batching import (
     BATCH_BYTES,
     Expired,
     NotHandedOver,
@@ -44,12 +45,10 @@ from bridge.batching import (
     batch_bytes,
     record_bytes,
 )
-from bridge.envelope import Record
-from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, RecordTooLarge, describe
-from bridge.kafka_security import kafka_connection_options, start_client
-from bridge.outcomes import Outcome, Outcomes
+from bridge.kafka.security import kafka_connection_options, start_client
+from bridge.kafka.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
 from bridge.settings import Settings
-from bridge.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
+from bridge.tencent.envelope import Record
 
 log = logging.getLogger(__name__)
 

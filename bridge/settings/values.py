@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 
-from bridge.events import parse_instant
 from bridge.secret import CallbackToken, Secret
 
 # Paths the bridge serves itself; the callback path must be another one.
@@ -218,3 +218,20 @@ def text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text
+
+
+_EPOCH_MS = re.compile(r"[0-9]{1,16}")
+
+
+def parse_instant(text: str) -> int:
+    """Milliseconds since the epoch from epoch milliseconds or ISO 8601 (UTC when no offset is given)."""
+    text = text.strip()
+    if _EPOCH_MS.fullmatch(text):
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("must be ISO 8601 (2024-05-01, 2024-05-01T08:00:00+08:00) or epoch ms") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)

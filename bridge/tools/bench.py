@@ -1,7 +1,7 @@
 """`bridge bench`: the bridge's throughput and latency under realistic load, beside a bare aiohttp baseline.
 
 The bench starts an embedded broker (or uses `--bootstrap-servers`) and a bridge process against it (or
-measures the bridge at `--url`), warms it up, and drives it with `bridge.loadgen`: a closed loop of
+measures the bridge at `--url`), warms it up, and drives it with `bridge.tools.loadgen`: a closed loop of
 `--connections` keep-alive connections, or with `--rate` an open loop at a constant arrival rate. With
 `--baseline`, rounds alternate with a bare aiohttp server that reads the same requests (query and orjson
 body) and answers OK without Kafka: the ratio of the two is the price of Kafka on the request path.
@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bridge.embedded import EmbeddedBroker, free_port, stop_process
-from bridge.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
 from bridge.settings import Settings, SettingsError
+from bridge.tools.embedded import EmbeddedBroker, free_port, stop_process
+from bridge.tools.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
 
 _READY_TIMEOUT_S = 30.0
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -97,7 +97,7 @@ def _bridge_command(port: int, servers: str, *, embedded: bool) -> list[str]:
 
 
 def _baseline_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "bridge.bench", str(port)]
+    return [sys.executable, "-m", "bridge.tools.bench", str(port)]
 
 
 @contextlib.contextmanager
@@ -264,11 +264,11 @@ def baseline_app(publisher_settings: Settings | None = None) -> Any:
     """The bare server; with `publisher_settings`, the floor: each callback also written to Kafka."""
     from aiohttp import web  # noqa: PLC0415
 
-    from bridge.envelope import Record  # noqa: PLC0415
-    from bridge.outcomes import Outcomes  # noqa: PLC0415
-    from bridge.partitioner import partition_for  # noqa: PLC0415
-    from bridge.protocol import OK_BODY, decode_body, parse_query, resolve_command  # noqa: PLC0415
-    from bridge.publisher import KafkaPublisher  # noqa: PLC0415
+    from bridge.ingest.outcomes import Outcomes  # noqa: PLC0415
+    from bridge.kafka.publisher import KafkaPublisher  # noqa: PLC0415
+    from bridge.tencent.envelope import Record  # noqa: PLC0415
+    from bridge.tencent.partitioner import partition_for  # noqa: PLC0415
+    from bridge.tencent.protocol import OK_BODY, decode_body, parse_query, resolve_command  # noqa: PLC0415
 
     publisher = None if publisher_settings is None else KafkaPublisher(publisher_settings, Outcomes())
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge import values
-from bridge.commands import TopicGroup
 from bridge.secret import HIDDEN, Secret
+from bridge.settings import values
+from bridge.tencent.commands import TopicGroup
 
 ENV_PREFIX = "BRIDGE_"
 COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")

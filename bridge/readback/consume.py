@@ -14,12 +14,12 @@ from typing import IO
 
 from aiokafka.errors import KafkaError
 
-from bridge import durable_files
-from bridge.boundary import kafka_failed, stop_signals
-from bridge.consumer import EventReader, ReaderError
-from bridge.events import BadRecord
-from bridge.kafka_security import kafka_connection_options
-from bridge.replay import plural, select_of, window_problem
+from bridge.kafka.security import kafka_connection_options
+from bridge.process import kafka_failed, stop_signals
+from bridge.readback import durable_files
+from bridge.readback.events import BadRecord
+from bridge.readback.reader import EventReader, ReaderError
+from bridge.readback.replay import plural, select_of, window_problem
 from bridge.settings import Settings
 
 

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
-from bridge.envelope import Record
+from bridge.tencent.envelope import Record
 
 log = logging.getLogger(__name__)
 
