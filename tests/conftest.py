@@ -1,4 +1,4 @@
-"""Thin fixtures over `tests/support.py`: one broker per session, a bridge with its own topics per test."""
+"""Thin fixtures over `tests/support/`: one broker per session, a bridge with its own topics per test."""
 
 from __future__ import annotations
 
@@ -14,17 +14,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from bridge.ingest.server import create_app
 from bridge.logs import configure_logging
 from bridge.settings import Settings
-from tests.support import (
-    FakePublisher,
-    Posted,
-    Receiver,
-    broker_choice,
-    kafka_broker,
-    post_through_a_bridge,
-    three_days,
-    unique_settings,
-    wait_until_ready,
-)
+from tests.support.broker import broker_choice, kafka_broker
+from tests.support.fakes import FakePublisher
+from tests.support.readback import Posted, Receiver, post_through_a_bridge, three_days
+from tests.support.serve import wait_until_ready
+from tests.support.settings import unique_settings
 
 BridgeClient = TestClient[web.Request, web.Application]
 

@@ -18,7 +18,7 @@ from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.topics import max_record_bytes
 from bridge.settings import Settings
 from bridge.tencent.envelope import Record
-from tests.support import read_records
+from tests.support.records import read_records
 
 
 def _record(topic: str, partition: int, number: int, size: int = 300) -> Record:

@@ -23,7 +23,7 @@ from bridge.tencent.envelope import Record
 from bridge.tools.embedded import free_port
 from tests.chaos import PARTITIONS, Planned, run_chaos
 from tests.history import Report
-from tests.support import FaultBroker, fault_broker
+from tests.support.broker import FaultBroker, fault_broker
 
 Publish = Callable[[Record, float], Any]
 

@@ -19,17 +19,9 @@ from bridge.readback.events import Event, EventFilter
 from bridge.readback.reader import EventReader
 from bridge.settings import Settings
 from bridge.tools.embedded import free_port
-from tests.support import (
-    ACCOUNTS,
-    DAY_MS,
-    FIRST_DAY_MS,
-    Posted,
-    broker_choice,
-    one_line_error,
-    post_through_a_bridge,
-    run_bridge,
-    three_days,
-)
+from tests.support.broker import broker_choice
+from tests.support.readback import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, post_through_a_bridge, three_days
+from tests.support.serve import one_line_error, run_bridge
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

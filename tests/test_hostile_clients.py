@@ -14,7 +14,9 @@ from aiohttp.test_utils import BaseTestServer, TestClient
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
-from tests.support import BridgeTestServer, count_records, fixture, wait_until_ready
+from tests.support.records import count_records
+from tests.support.requests import fixture
+from tests.support.serve import BridgeTestServer, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 QUERY = "&".join(f"{k}={v}" for k, v in SEED.query.items())

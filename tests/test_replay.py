@@ -23,19 +23,9 @@ from bridge.settings import Settings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
-from tests.support import (
-    ACCOUNTS,
-    DAY_MS,
-    FIRST_DAY_MS,
-    Posted,
-    Receiver,
-    create_topic,
-    message,
-    one_line_error,
-    post_all,
-    read_records,
-    run_bridge,
-)
+from tests.support.readback import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, Receiver, message, post_all
+from tests.support.records import create_topic, read_records
+from tests.support.serve import one_line_error, run_bridge
 
 DAY_1 = (FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
 

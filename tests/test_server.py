@@ -15,7 +15,8 @@ from bridge.errors import BrokerRejected, DeliveryTimeout
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
 
 SEED = fixture("oa-after-send-text")
 
