@@ -21,6 +21,8 @@ from tests.support.requests import fixture
 from tests.support.serve import wait_until_ready
 from tests.support.settings import unique_settings
 
+pytestmark = pytest.mark.kafka  # starts brokers of its own
+
 SEED = fixture("oa-after-send-text")
 DELIVERY_TIMEOUT_S = 1.0
 

@@ -25,6 +25,8 @@ from tests.chaos import PARTITIONS, Planned, run_chaos
 from tests.history import Report
 from tests.support.broker import FaultBroker, fault_broker
 
+pytestmark = pytest.mark.kafka  # starts brokers of its own
+
 Publish = Callable[[Record, float], Any]
 
 

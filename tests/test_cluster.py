@@ -42,9 +42,13 @@ from tests.support.requests import fixture
 from tests.support.serve import start_serve, until_ready, wait_until_ready
 from tests.support.settings import unique_settings
 
-pytestmark = pytest.mark.skipif(
-    not jars.tools_present(), reason="needs the local Apache Kafka (java and mvn) for a three-node cluster"
-)
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.skipif(
+        not jars.tools_present(),
+        reason="needs the local Apache Kafka (java and mvn) for a three-node cluster",
+    ),
+]
 
 SEED = fixture("oa-after-send-text")
 PARTITIONS = 3

@@ -158,6 +158,7 @@ def test_every_bridge_variable_compose_sets_is_one_the_bridge_reads() -> None:
                 assert set(env) <= OPTION_ENVS | set(PLANNED_ENVS), (name, set(env) - OPTION_ENVS)
 
 
+@pytest.mark.kafka
 @needs_kafka
 def test_the_compose_stack_runs_natively_and_the_readme_curl_lands_in_kafka(stack: NativeStack) -> None:
     kafkas = [name for name in stack.services if stack.kind(name) == "kafka"]
@@ -232,6 +233,7 @@ def properties_file(text: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+@pytest.mark.kafka
 @needs_kafka
 def test_the_derived_properties_are_what_the_images_wrapper_writes(tmp_path: Path) -> None:
     """`kafka.docker.KafkaDockerWrapper setup`, the image's start step, from the pinned jars, agrees.

@@ -28,6 +28,8 @@ from tests.support.requests import fixture
 from tests.support.serve import wait_until_ready
 from tests.support.settings import unique_settings
 
+pytestmark = pytest.mark.kafka  # starts brokers of its own
+
 SEED = fixture("oa-after-send-text")
 DEADLINE_S = 1.0
 NOT_LEADER_OR_FOLLOWER, MESSAGE_TOO_LARGE, NOT_ENOUGH_REPLICAS, NOT_ENOUGH_REPLICAS_AFTER_APPEND = (

@@ -33,9 +33,12 @@ from tests.support.records import create_topic, read_records
 from tests.support.serve import one_line_error, run_bridge, wait_until_ready
 from tests.support.settings import unique_settings
 
-pytestmark = pytest.mark.skipif(
-    not jars.tools_present(), reason="the secured Apache Kafka needs java and mvn (tests/support/kafka)"
-)
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.skipif(
+        not jars.tools_present(), reason="the secured Apache Kafka needs java and mvn (tests/support/kafka)"
+    ),
+]
 
 WRONG_PASSWORD = "Wr0ng-Pa55-not-to-be-logged"  # noqa: S105 - a test value, to search the logs for
 SUCCESS_KINDS = [

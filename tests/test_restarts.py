@@ -28,6 +28,8 @@ from tests.support.requests import fixture
 from tests.support.serve import start_serve, until_ready, wait_until_ready
 from tests.support.settings import unique_settings
 
+pytestmark = pytest.mark.kafka  # starts brokers of its own
+
 SEED = fixture("oa-after-send-text")
 
 
