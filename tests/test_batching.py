@@ -273,7 +273,13 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
 ) -> None:
     """aiokafka settles nothing when its sender task is cancelled: once the producer is stopped, the bridge
     answers the callbacks whose records it held with an ambiguous 503, without waiting for their deadline."""
-    publisher = KafkaPublisher(replace(settings, linger_ms=3000, shutdown_timeout=2.0), Outcomes())
+    handed_over = asyncio.Event()
+
+    def queued(records: int) -> None:
+        if records > 0:
+            handed_over.set()
+
+    publisher = KafkaPublisher(replace(settings, linger_ms=3000, shutdown_timeout=2.0), Outcomes(), queued)
     await publisher.start()
     try:
         await _ready(publisher, settings.topic)
@@ -281,7 +287,8 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
         assert producer is not None
         started = time.monotonic()
         publishing = asyncio.ensure_future(publisher.publish(_record(settings.topic, 0, 1), 20.0))
-        await asyncio.sleep(0.2)  # handed over, lingering in the producer
+        async with asyncio.timeout(5):
+            await handed_over.wait()  # lingering in the producer
         producer._sender.sender_task.cancel()
         with pytest.raises(PublishError) as raised:
             await publishing

@@ -8,13 +8,14 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from bridge.ingest.runner import BridgeRunner
 
@@ -49,6 +50,22 @@ async def until_ready(session: aiohttp.ClientSession, url: str, timeout: float =
                     if response.status == 200:
                         return
             await asyncio.sleep(0.05)
+
+
+async def until_stats(
+    session: aiohttp.ClientSession,
+    url: str | URL,
+    condition: Callable[[dict[str, Any]], bool],
+    timeout: float = 5.0,
+) -> None:
+    """Wait until the bridge's `/stats` at `url` meet `condition`: a callback in flight (its record with the
+    publisher), one whose body is still arriving."""
+    async with asyncio.timeout(timeout):
+        while True:
+            async with session.get(url) as response:
+                if condition(await response.json()):
+                    return
+            await asyncio.sleep(0.01)
 
 
 def start_serve(arguments: Sequence[str], log_path: Path, **flags: str) -> subprocess.Popen[bytes]:
