@@ -49,18 +49,14 @@ from bridge.kafka.topics import intended_topic
 from bridge.settings import Settings
 from bridge.tools.embedded import free_port
 from tests.history import Attempt, Callback, Fault, History, Report, judge, read_run
-from tests.kafka.nodes import KafkaCluster, KafkaNode
-from tests.kafka.view import partition_states
-from tests.proxy import KafkaProxy
-from tests.support import (
-    FaultBroker,
-    broker_choice,
-    fault_broker,
-    fixture,
-    read_records,
-    unique_settings,
-    until_ready,
-)
+from tests.support.broker import FaultBroker, broker_choice, fault_broker
+from tests.support.kafka.nodes import KafkaCluster, KafkaNode
+from tests.support.kafka.view import partition_states
+from tests.support.proxy import KafkaProxy
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import until_ready
+from tests.support.settings import unique_settings
 
 log = logging.getLogger("chaos")
 

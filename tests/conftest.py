@@ -1,10 +1,18 @@
-"""Thin fixtures over `tests/support.py`: one broker per session, a bridge with its own topics per test."""
+"""Thin fixtures over `tests/support/`: one broker per session, a bridge with its own topics per test.
+
+Two tiers: a test that uses a broker is marked `kafka` (by its fixtures: whatever depends on `kafka` is
+marked here; a module that starts brokers of its own says so with `pytestmark`), and `pytest -m "not kafka"`
+runs the rest, the unit tier, on the fake publisher. A broker started by a test outside the `kafka` tier
+is an error (`_KafkaTierOnly`), so a missing mark fails the test rather than quietly starting a broker.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -14,23 +22,85 @@ from aiokafka.admin import AIOKafkaAdminClient
 from bridge.ingest.server import create_app
 from bridge.logs import configure_logging
 from bridge.settings import Settings
-from tests.support import (
-    FakePublisher,
-    Posted,
-    Receiver,
-    broker_choice,
-    kafka_broker,
-    post_through_a_bridge,
-    three_days,
-    unique_settings,
-    wait_until_ready,
-)
+from bridge.tools.embedded import EmbeddedBroker
+from tests.support.broker import broker_choice, kafka_broker
+from tests.support.fakes import FakePublisher
+from tests.support.kafka import jars
+from tests.support.readback import Posted, Receiver, post_through_a_bridge, three_days
+from tests.support.serve import wait_until_ready
+from tests.support.settings import NO_BROKER, unique_settings
 
 BridgeClient = TestClient[web.Request, web.Application]
 
 
+NO_TANSU = "/the-unit-tier-starts-no-broker/tansu"
+"""`CALF_TANSU_BIN` outside the `kafka` tier: a `bridge dev` or `bench` subprocess there finds no Tansu."""
+
+
 def pytest_report_header() -> str:
     return f"broker: {broker_choice().description}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `kafka` every test whose fixtures include the session's broker."""
+    for item in items:
+        if "kafka" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
+class BrokerOutsideKafkaTier(RuntimeError):
+    """A test not marked `kafka` started a broker."""
+
+
+class _KafkaTierOnly:
+    """Refuses to start a broker while a test that is not marked `kafka` runs, its fixtures included: the
+    Apache Kafka jars (every JVM the tests start, node or tool, runs from them) and Tansu. That test's
+    subprocesses get a `CALF_TANSU_BIN` that names no binary, so a `bridge dev` there cannot start one."""
+
+    def __init__(self) -> None:
+        self.running: pytest.Item | None = None
+        self.patches = pytest.MonkeyPatch()
+
+    def install(self) -> None:
+        self.patches.setattr(jars, "libs", self._guarded(jars.libs, "the Apache Kafka jars"))
+        self.patches.setattr(EmbeddedBroker, "start", self._guarded(EmbeddedBroker.start, "Tansu"))
+
+    def _guarded(self, start: Callable[..., Any], what: str) -> Callable[..., Any]:
+        @functools.wraps(start)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.running is not None and self.running.get_closest_marker("kafka") is None:
+                raise BrokerOutsideKafkaTier(
+                    f"{self.running.nodeid} starts a broker ({what}) but is not marked kafka: mark it, "
+                    "or its module (`pytestmark = pytest.mark.kafka`)"
+                )
+            return start(*args, **kwargs)
+
+        return guarded
+
+
+_kafka_tier_only = _KafkaTierOnly()
+
+
+def pytest_configure() -> None:
+    _kafka_tier_only.install()
+
+
+def pytest_unconfigure() -> None:
+    _kafka_tier_only.patches.undo()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    _kafka_tier_only.running = item
+    environment = pytest.MonkeyPatch()
+    if item.get_closest_marker("kafka") is None:
+        environment.setenv("CALF_TANSU_BIN", NO_TANSU)
+    try:
+        return (yield)
+    finally:
+        environment.undo()
+        _kafka_tier_only.running = None
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +121,14 @@ async def admin(kafka: str) -> AsyncIterator[AIOKafkaAdminClient]:
 
 @pytest.fixture
 def settings(kafka: str) -> Settings:
+    """Settings whose topics are the test's own, on the session's broker."""
     return unique_settings(kafka)
+
+
+@pytest.fixture
+def offline_settings() -> Settings:
+    """Settings for a bridge that never connects (the unit tier's): no broker is started for them."""
+    return unique_settings(NO_BROKER)
 
 
 @pytest.fixture

@@ -27,7 +27,10 @@ from bridge.ingest.server import ADMISSION, OUTCOMES, PUBLISHER, create_app
 from bridge.settings import Settings
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
-from tests.support import FakePublisher, fixture, read_records, wait_until_ready
+from tests.support.fakes import FakePublisher
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import wait_until_ready
 from tests.test_metrics import scrape, value
 
 OA = fixture("oa-after-send-text")

@@ -12,7 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import count_records, fixture, read_records, wait_until_ready
+from tests.support.records import count_records, read_records
+from tests.support.requests import fixture
+from tests.support.serve import wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 QUERY = SEED.query

@@ -18,7 +18,7 @@ from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.topics import max_record_bytes
 from bridge.settings import Settings
 from bridge.tencent.envelope import Record
-from tests.support import read_records
+from tests.support.records import read_records
 
 
 def _record(topic: str, partition: int, number: int, size: int = 300) -> Record:
@@ -220,12 +220,12 @@ async def test_an_expired_record_is_reported_once_when_its_batch_settles() -> No
 
 
 async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as_abandoned(
-    settings: Settings,
+    offline_settings: Settings,
 ) -> None:
     """The acknowledgement and the deadline in the same turn of the loop, before the callback's task runs:
     the callback is answered as ambiguous, the record counted as landed, and nothing stays abandoned."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(settings, outcomes)
+    publisher = KafkaPublisher(offline_settings, outcomes)
     batches = _batches(producer, publisher._abandoned_changed)
     publisher._batches = batches  # the producer the test controls
     producer.taking.set()
@@ -245,12 +245,12 @@ async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as
 
 
 async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
-    settings: Settings,
+    offline_settings: Settings,
 ) -> None:
     """Closing with batches still waiting for the producer fails their callbacks with a 503 that says the
     callback was not written, not an ambiguous one."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(settings, outcomes)
+    publisher = KafkaPublisher(offline_settings, outcomes)
     batches = _batches(producer, publisher._abandoned_changed)
     publisher._batches = batches  # the producer the test controls
     # The first batch waits in the producer's send_batch, the second behind it.
@@ -273,7 +273,13 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
 ) -> None:
     """aiokafka settles nothing when its sender task is cancelled: once the producer is stopped, the bridge
     answers the callbacks whose records it held with an ambiguous 503, without waiting for their deadline."""
-    publisher = KafkaPublisher(replace(settings, linger_ms=3000, shutdown_timeout=2.0), Outcomes())
+    handed_over = asyncio.Event()
+
+    def queued(records: int) -> None:
+        if records > 0:
+            handed_over.set()
+
+    publisher = KafkaPublisher(replace(settings, linger_ms=3000, shutdown_timeout=2.0), Outcomes(), queued)
     await publisher.start()
     try:
         await _ready(publisher, settings.topic)
@@ -281,7 +287,8 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
         assert producer is not None
         started = time.monotonic()
         publishing = asyncio.ensure_future(publisher.publish(_record(settings.topic, 0, 1), 20.0))
-        await asyncio.sleep(0.2)  # handed over, lingering in the producer
+        async with asyncio.timeout(5):
+            await handed_over.wait()  # lingering in the producer
         producer._sender.sender_task.cancel()
         with pytest.raises(PublishError) as raised:
             await publishing
@@ -295,15 +302,15 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
 
 
 async def test_a_record_over_the_bridges_limit_or_without_time_left_is_not_queued(
-    settings: Settings,
+    offline_settings: Settings,
 ) -> None:
     """Answered 413 and 503, each saying that the callback was not written, and nothing reaches Kafka."""
     producer = _Producer()
-    publisher = KafkaPublisher(settings, Outcomes())
+    publisher = KafkaPublisher(offline_settings, Outcomes())
     publisher._batches = _batches(producer, publisher._abandoned_changed)
     producer.taking.set()
     with pytest.raises(RecordTooLarge, match=r"the bridge's limit .* was not written"):
-        await publisher.publish(_record("t", 0, 1, size=max_record_bytes(settings) + 1), 5.0)
+        await publisher.publish(_record("t", 0, 1, size=max_record_bytes(offline_settings) + 1), 5.0)
     with pytest.raises(DeliveryTimeout, match="was not written") as late:
         await publisher.publish(_record("t", 0, 2), 0.0)
     assert not late.value.ambiguous
@@ -312,13 +319,13 @@ async def test_a_record_over_the_bridges_limit_or_without_time_left_is_not_queue
 
 
 async def test_a_bug_while_handing_a_batch_over_settles_that_batch_and_frees_its_partition(
-    settings: Settings,
+    offline_settings: Settings,
 ) -> None:
     """An unexpected failure in the flush loop after it took a batch: that batch's callbacks are answered
     as not written at once (not at their deadline, which would leave them counted against the in-flight
     limit for good), and the partition takes the next record."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(settings, outcomes)
+    publisher = KafkaPublisher(offline_settings, outcomes)
     batches = _batches(producer, publisher._abandoned_changed)
     publisher._batches = batches
     producer.taking.set()
@@ -364,12 +371,12 @@ async def test_a_batch_acknowledged_as_the_producer_stops_is_answered_by_that_ac
 
 
 async def test_a_handler_cancelled_while_its_record_is_in_the_producer_still_has_it_followed(
-    settings: Settings,
+    offline_settings: Settings,
 ) -> None:
     """At shutdown aiohttp cancels the handlers still running: their records count against the in-flight
     limit until settled, and how they ended is counted as for an expired one."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(settings, outcomes)
+    publisher = KafkaPublisher(offline_settings, outcomes)
     publisher._batches = _batches(producer, publisher._abandoned_changed)
     producer.taking.set()
     publishing = asyncio.ensure_future(publisher.publish(_record("t", 0, 1), 5.0))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 from bridge.tencent.protocol import decode_body
 from bridge.tools.loadgen import CallbackMix, percentile
@@ -31,6 +32,7 @@ def test_percentile_is_the_nearest_rank() -> None:
     assert percentile(values, 1.0) == 100
 
 
+@pytest.mark.kafka  # the floor and the bridge write to Tansu
 def test_a_short_bench_with_baseline_and_floor_reports_the_three_servers_without_errors() -> None:
     clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
     argv = ["bench", "--baseline", "--floor", "--duration", "1", "--warmup", "0.3", "--rounds", "1"]

@@ -22,7 +22,8 @@ from bridge.ingest.server import DEDUP, create_app
 from bridge.settings import Settings
 from bridge.tencent.commands import MAX_ID_BYTES, route
 from bridge.tencent.partitioner import PartitionCache, murmur2
-from tests.support import FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
 
 APP = "1400000000"
 SEED = fixture("oa-after-send-text")

@@ -15,7 +15,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
+from tests.support.broker import FaultBroker, fault_broker
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import wait_until_ready
+from tests.support.settings import unique_settings
+
+pytestmark = pytest.mark.kafka  # starts brokers of its own
 
 SEED = fixture("oa-after-send-text")
 DELIVERY_TIMEOUT_S = 1.0

@@ -14,7 +14,8 @@ from bridge.tencent.commands import TopicGroup
 from bridge.tencent.envelope import json_schema
 from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
-from tests.support import Fixture, fixture, load_fixtures, read_records
+from tests.support.records import read_records
+from tests.support.requests import Fixture, fixture, load_fixtures
 
 OK = {"ActionStatus": "OK", "ErrorInfo": "", "ErrorCode": 0}
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.chaos import cluster_possible, run_chaos
+
+pytestmark = pytest.mark.kafka  # starts brokers of its own
 
 
 async def test_under_random_faults_every_200_is_in_kafka_as_sent_and_no_4xx_is(tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ from bridge.tencent.envelope import Record
 from bridge.tools.embedded import free_port
 from tests.chaos import PARTITIONS, Planned, run_chaos
 from tests.history import Report
-from tests.support import FaultBroker, fault_broker
+from tests.support.broker import FaultBroker, fault_broker
+
+pytestmark = pytest.mark.kafka  # starts brokers of its own
 
 Publish = Callable[[Record, float], Any]
 

@@ -136,6 +136,7 @@ def test_main_without_a_command_prints_help_and_fails(capsys: pytest.CaptureFixt
     assert "serve" in capsys.readouterr().out
 
 
+@pytest.mark.kafka  # `bridge dev` starts Tansu
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_bridge_dev_serves_the_seed_callback_and_stops_cleanly(
     tmp_path: Path, stop_signal: signal.Signals
@@ -175,6 +176,7 @@ def test_bridge_dev_serves_the_seed_callback_and_stops_cleanly(
             process.wait()
 
 
+@pytest.mark.kafka  # `bridge dev` starts Tansu
 def test_a_killed_bridge_dev_takes_its_broker_along(tmp_path: Path) -> None:
     """Even SIGKILL, which the bridge cannot handle, leaves no orphaned broker behind."""
     stdout_path = tmp_path / "stdout"
@@ -222,7 +224,7 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") == -1
 
 
-@pytest.mark.parametrize("command", ["serve", "dev"])
+@pytest.mark.parametrize("command", ["serve", pytest.param("dev", marks=pytest.mark.kafka)])
 def test_a_port_in_use_is_reported_in_one_line_not_a_traceback(command: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -249,6 +251,7 @@ def test_every_command_that_needs_kafka_says_how_to_name_it(argv: list[str]) -> 
     assert "BRIDGE_BOOTSTRAP_SERVERS" in result.stderr
 
 
+@pytest.mark.kafka  # `bridge dev` starts Tansu
 def test_bridge_dev_with_a_token_prints_a_curl_that_is_signed_and_accepted(tmp_path: Path) -> None:
     stdout_path = tmp_path / "stdout"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}

@@ -1,8 +1,8 @@
 """acks=all on a three-node Apache Kafka cluster: leaders killed, too few replicas in sync, the quorum lost.
 
-Every node is broker and controller (`tests/kafka/nodes.py`); topics have replication factor 3. One cluster
-serves the whole module: each test brings back every node it killed, and waits until every partition of
-the cluster has all its replicas in sync again, before the next one starts (the `cluster` fixture checks).
+Every node is broker and controller (`tests/support/kafka/nodes.py`); topics have replication factor 3. One
+cluster serves the whole module: each test brings back every node it killed, and waits until every partition
+of the cluster has all its replicas in sync again, before the next one starts (the `cluster` fixture checks).
 
 Each test keeps callbacks coming while it breaks the cluster, notes every answer, and reads the topics back
 at the end: a callback answered 200 must be there. Measured figures are printed on a `measured:` line
@@ -34,14 +34,21 @@ from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import Settings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
-from tests.kafka import jars
-from tests.kafka.nodes import KafkaCluster, KafkaNode
-from tests.kafka.view import partition_states, topic_states
-from tests.support import fixture, read_records, start_serve, unique_settings, until_ready, wait_until_ready
+from tests.support.kafka import jars
+from tests.support.kafka.nodes import KafkaCluster, KafkaNode
+from tests.support.kafka.view import partition_states, topic_states
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import start_serve, until_ready, wait_until_ready
+from tests.support.settings import unique_settings
 
-pytestmark = pytest.mark.skipif(
-    not jars.tools_present(), reason="needs the local Apache Kafka (java and mvn) for a three-node cluster"
-)
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.skipif(
+        not jars.tools_present(),
+        reason="needs the local Apache Kafka (java and mvn) for a three-node cluster",
+    ),
+]
 
 SEED = fixture("oa-after-send-text")
 PARTITIONS = 3

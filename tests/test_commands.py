@@ -10,7 +10,7 @@ from bridge.errors import InvalidField
 from bridge.settings import Settings
 from bridge.tencent.commands import COMMANDS, TopicGroup, route
 from bridge.tencent.envelope import record_timestamp
-from tests.support import load_fixtures
+from tests.support.requests import load_fixtures
 
 APP = "1400000000"
 

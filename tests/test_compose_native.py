@@ -1,6 +1,6 @@
 """docker-compose.yml run for real without Docker: its Kafka, its topics service and its bridge, natively.
 
-`tests/compose.py` derives each Kafka node's `server.properties` from the compose service's `KAFKA_*`
+`tests/support/compose.py` derives each Kafka node's `server.properties` from the compose service's `KAFKA_*`
 environment by the `apache/kafka` image's rule, runs the `topics` service's command and the bridge with
 their environments, with every host name mapped to a loopback port. The README's curl then goes to the
 bridge and its record is read back through the listener the README gives for clients on the host.
@@ -30,10 +30,10 @@ import yaml
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from bridge.settings import build
-from tests import compose
-from tests.compose import ComposeError, NativeStack
-from tests.kafka import jars
-from tests.kafka.view import partition_states
+from tests.support import compose
+from tests.support.compose import ComposeError, NativeStack
+from tests.support.kafka import jars
+from tests.support.kafka.view import partition_states
 from tests.test_deploy import OPTION_ENVS, PLANNED_ENVS
 
 README = (compose.ROOT / "README.md").read_text()
@@ -41,7 +41,7 @@ COMPOSE = compose.load()
 PROFILES = {"default": (), "cluster": ("cluster",)}
 
 needs_kafka = pytest.mark.skipif(
-    not jars.tools_present(), reason="the local Apache Kafka needs java and mvn (tests/kafka)"
+    not jars.tools_present(), reason="the local Apache Kafka needs java and mvn (tests/support/kafka)"
 )
 
 
@@ -158,6 +158,7 @@ def test_every_bridge_variable_compose_sets_is_one_the_bridge_reads() -> None:
                 assert set(env) <= OPTION_ENVS | set(PLANNED_ENVS), (name, set(env) - OPTION_ENVS)
 
 
+@pytest.mark.kafka
 @needs_kafka
 def test_the_compose_stack_runs_natively_and_the_readme_curl_lands_in_kafka(stack: NativeStack) -> None:
     kafkas = [name for name in stack.services if stack.kind(name) == "kafka"]
@@ -232,6 +233,7 @@ def properties_file(text: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
+@pytest.mark.kafka
 @needs_kafka
 def test_the_derived_properties_are_what_the_images_wrapper_writes(tmp_path: Path) -> None:
     """`kafka.docker.KafkaDockerWrapper setup`, the image's start step, from the pinned jars, agrees.

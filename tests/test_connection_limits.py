@@ -19,7 +19,9 @@ from aiohttp.test_utils import TestServer
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
-from tests.support import BridgeTestServer, FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
+from tests.support.serve import BridgeTestServer
 
 SEED = fixture("oa-after-send-text")
 LIMITS = Settings(

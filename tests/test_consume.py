@@ -19,17 +19,10 @@ from bridge.readback.events import Event, EventFilter
 from bridge.readback.reader import EventReader
 from bridge.settings import Settings
 from bridge.tools.embedded import free_port
-from tests.support import (
-    ACCOUNTS,
-    DAY_MS,
-    FIRST_DAY_MS,
-    Posted,
-    broker_choice,
-    one_line_error,
-    post_through_a_bridge,
-    run_bridge,
-    three_days,
-)
+from tests.support.broker import broker_choice
+from tests.support.readback import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, post_through_a_bridge, three_days
+from tests.support.serve import one_line_error, run_bridge
+from tests.support.settings import NO_BROKER
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -175,9 +168,9 @@ async def test_consume_refuses_an_output_it_cannot_write_with_a_one_line_usage_e
     assert f"cannot write --output {output}" in one_line_error(result)
 
 
-async def test_consume_with_since_later_than_until_is_a_usage_error(settings: Settings, kafka: str) -> None:
+async def test_consume_with_since_later_than_until_is_a_usage_error(offline_settings: Settings) -> None:
     result = await asyncio.to_thread(
-        run_bridge, "consume", "--bootstrap-servers", kafka, "--topic", settings.topic,
+        run_bridge, "consume", "--bootstrap-servers", NO_BROKER, "--topic", offline_settings.topic,
         "--since", "2024-05-03", "--until", "2024-05-02",
     )  # fmt: skip
     assert result.returncode == 2

@@ -17,7 +17,8 @@ from bridge.readback.reader import EventReader
 from bridge.readback.replay import Replay
 from bridge.readback.sinks import FileSink
 from bridge.settings import Settings
-from tests.support import ACCOUNTS, OA_QUERY, message, wait_until_ready
+from tests.support.readback import ACCOUNTS, OA_QUERY, message
+from tests.support.serve import wait_until_ready
 
 APP_A, APP_B = "1400000000", "1400000001"
 

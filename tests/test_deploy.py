@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.ingest.server import create_app
 from bridge.kafka.topics import intended_topic
 from bridge.settings import OPTIONS, Settings, SettingsError, build, require_authentication
-from tests.support import FakePublisher
+from tests.support.fakes import FakePublisher
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"

@@ -21,7 +21,8 @@ from bridge.readback.consume import _consume
 from bridge.readback.replay import Checkpoint, Replay
 from bridge.readback.sinks import FileSink, UrlSink
 from bridge.settings import Settings
-from tests.support import Posted, Receiver, run_bridge
+from tests.support.readback import Posted, Receiver
+from tests.support.serve import run_bridge
 
 Call = tuple[str, ...]
 

@@ -17,7 +17,9 @@ from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import ADMISSION, create_app
 from bridge.logs import LineBudget
 from bridge.settings import Settings
-from tests.support import BridgeTestServer, FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
+from tests.support.serve import BridgeTestServer
 
 SEED = fixture("oa-after-send-text")
 TARGET = f"/callback?{urlencode(SEED.query)}"

@@ -29,7 +29,9 @@ from bridge.ingest.server import create_app
 from bridge.secret import Secret
 from bridge.settings import Settings
 from bridge.tencent.signature import expected_sign
-from tests.support import load_fixtures, read_records, unique_settings
+from tests.support.records import read_records
+from tests.support.requests import load_fixtures
+from tests.support.settings import unique_settings
 
 TOKEN = "fuzz-token"  # noqa: S105 - a test token
 APP = "1400000000"

@@ -23,7 +23,8 @@ from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from bridge.tencent.envelope import Record
 from bridge.tencent.protocol import parse_query
-from tests.support import FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
 
 atheris = pytest.importorskip("atheris", reason="atheris has wheels for Linux only")
 from tests import fuzz_request, fuzz_target  # noqa: E402 - both need atheris

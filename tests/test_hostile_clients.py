@@ -7,6 +7,7 @@ import gzip
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import BaseTestServer, TestClient
@@ -14,7 +15,9 @@ from aiohttp.test_utils import BaseTestServer, TestClient
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
-from tests.support import BridgeTestServer, count_records, fixture, wait_until_ready
+from tests.support.records import count_records
+from tests.support.requests import fixture
+from tests.support.serve import BridgeTestServer, until_stats, wait_until_ready
 
 SEED = fixture("oa-after-send-text")
 QUERY = "&".join(f"{k}={v}" for k, v in SEED.query.items())
@@ -154,7 +157,8 @@ async def test_bad_chunked_framing_after_the_body_began_gets_408_as_a_body_that_
     try:
         writer.write(request_head(CHUNKED) + b"2\r\n{}\r\n")
         await writer.drain()
-        await asyncio.sleep(0.2)  # the handler is reading the body by now
+        async with aiohttp.ClientSession() as session:  # the handler is reading the body
+            await until_stats(session, server.make_url("/stats"), lambda stats: stats["pending_bodies"] == 1)
         writer.write(b"2\r\n{}{}\r\n0\r\n\r\n")
         async with asyncio.timeout(5):
             answer = await reader.read(65536)

@@ -1,11 +1,11 @@
 """Every Kafka client of the bridge connects through SASL and TLS to a real Apache Kafka; refusals are told.
 
-One node (tests/kafka/secured.py) has SASL_PLAINTEXT and SASL_SSL listeners with PLAIN, SCRAM-SHA-256 and
-SCRAM-SHA-512, a TLS listener and a mutual-TLS one, with a throwaway CA. `serve` (producer, admin client,
-leader check), `consume`, `replay` (the reader and the topic sink) and `topics ensure` work through them;
-a wrong password, an unknown CA and a missing client certificate each give one clear line and a bridge that
-stays up, not ready; and neither the password nor a private key shows in any log line at debug level.
-The tests put records in and read them back through the node's PLAINTEXT listener.
+One node (tests/support/kafka/secured.py) has SASL_PLAINTEXT and SASL_SSL listeners with PLAIN, SCRAM-SHA-256
+and SCRAM-SHA-512, a TLS listener and a mutual-TLS one, with a throwaway CA. `serve` (producer, admin client,
+leader check), `consume`, `replay` (the reader and the topic sink) and `topics ensure` work through them; a
+wrong password, an unknown CA and a missing client certificate each give one clear line and a bridge that
+stays up, not ready; and neither the password nor a private key shows in any log line at debug level. The
+tests put records in and read them back through the node's PLAINTEXT listener.
 """
 
 from __future__ import annotations
@@ -26,26 +26,19 @@ from bridge.readback.consume import run_consume
 from bridge.readback.replay import run_replay
 from bridge.secret import Secret
 from bridge.settings import Settings
-from tests.kafka import jars
-from tests.kafka.secured import PASSWORD, SecuredKafkaNode, connection_settings, make_pki
-from tests.support import (
-    ACCOUNTS,
-    Posted,
-    Receiver,
-    create_topic,
-    message,
-    one_line_error,
-    post_all,
-    post_through_a_bridge,
-    read_records,
-    run_bridge,
-    unique_settings,
-    wait_until_ready,
-)
+from tests.support.kafka import jars
+from tests.support.kafka.secured import PASSWORD, SecuredKafkaNode, connection_settings, make_pki
+from tests.support.readback import ACCOUNTS, Posted, Receiver, message, post_all, post_through_a_bridge
+from tests.support.records import create_topic, read_records
+from tests.support.serve import one_line_error, run_bridge, wait_until_ready
+from tests.support.settings import unique_settings
 
-pytestmark = pytest.mark.skipif(
-    not jars.tools_present(), reason="the secured Apache Kafka needs java and mvn (tests/kafka)"
-)
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.skipif(
+        not jars.tools_present(), reason="the secured Apache Kafka needs java and mvn (tests/support/kafka)"
+    ),
+]
 
 WRONG_PASSWORD = "Wr0ng-Pa55-not-to-be-logged"  # noqa: S105 - a test value, to search the logs for
 SUCCESS_KINDS = [

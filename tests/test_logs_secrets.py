@@ -10,7 +10,7 @@ import aiohttp
 from aiokafka.protocol.admin import SaslAuthenticateRequest_v1
 
 from bridge.settings import build
-from tests.support import fixture
+from tests.support.requests import fixture
 
 PASSWORD = "S3cretPW-do-not-log"  # noqa: S105 - a test value, to search the log for
 
@@ -31,7 +31,8 @@ async def test_a_malformed_request_is_one_info_line_not_an_error_with_a_tracebac
     """The line quotes no query string (it may hold `Sign`) and carries the answer's `X-Request-Id`."""
     from bridge.ingest.runner import request_handler_options  # noqa: PLC0415
     from bridge.ingest.server import create_app  # noqa: PLC0415
-    from tests.support import BridgeTestServer, unique_settings  # noqa: PLC0415
+    from tests.support.serve import BridgeTestServer  # noqa: PLC0415
+    from tests.support.settings import unique_settings  # noqa: PLC0415
 
     settings = unique_settings(kafka)
     server = BridgeTestServer(create_app(settings))

@@ -21,7 +21,8 @@ from bridge.ingest.server import create_app
 from bridge.logs import log_handler
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
 
 OA = fixture("oa-after-send-text")
 C2C = fixture("c2c-after-send")

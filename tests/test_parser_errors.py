@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.ingest.runner import TencentRequestHandler
-from tests.support import BridgeTestServer, unique_settings
+from tests.support.serve import BridgeTestServer
+from tests.support.settings import unique_settings
 
 
 async def raw_exchange(host: str, port: int, data: bytes) -> tuple[int, dict[str, object]]:

@@ -1,10 +1,10 @@
 """A broker error the broker never appended: every 200 is in Kafka, and nothing refused is.
 
-`tests/proxy.py`'s `refuse_produce` answers Produce requests itself, and `partition_error` withholds one
-partition of a multi-partition request from the broker and answers it with an error: unlike `produce_error`,
-which lies after the append, a bridge answering 200 on a broker error is caught here, since the record is
-then absent. The proxy sits in front of the session's shared broker (`advertise_self`), and the topics are
-read back from that broker directly, not through the proxy.
+`tests/support/proxy.py`'s `refuse_produce` answers Produce requests itself, and `partition_error` withholds
+one partition of a multi-partition request from the broker and answers it with an error: unlike
+`produce_error`, which lies after the append, a bridge answering 200 on a broker error is caught here, since
+the record is then absent. The proxy sits in front of the session's shared broker (`advertise_self`), and the
+topics are read back from that broker directly, not through the proxy.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ from bridge.ingest.server import ADMISSION, create_app
 from bridge.settings import Settings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
-from tests.kafka_frames import ProduceRequestFrame
-from tests.proxy import KafkaProxy
-from tests.support import fixture, read_records, unique_settings, wait_until_ready
+from tests.support.kafka_frames import ProduceRequestFrame
+from tests.support.proxy import KafkaProxy
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import wait_until_ready
+from tests.support.settings import unique_settings
 
 SEED = fixture("oa-after-send-text")
 DEADLINE_S = 3.0

@@ -23,7 +23,9 @@ from bridge.ingest.server import PUBLISHER, create_app
 from bridge.settings import Settings
 from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
-from tests.support import fixture, read_records, wait_until_ready
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import wait_until_ready
 
 OA = fixture("oa-after-send-text")
 C2C = fixture("c2c-after-send")

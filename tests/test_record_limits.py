@@ -29,7 +29,10 @@ from bridge.settings import Settings
 from bridge.tencent.commands import MAX_ID_BYTES
 from bridge.tencent.envelope import Record, envelope
 from tests.conftest import BridgeClient
-from tests.support import fixture, read_records, unique_settings, wait_until_ready
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import wait_until_ready
+from tests.support.settings import unique_settings
 from tests.test_docs import README
 
 OA = fixture("oa-after-send-text")

@@ -23,19 +23,10 @@ from bridge.settings import Settings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
-from tests.support import (
-    ACCOUNTS,
-    DAY_MS,
-    FIRST_DAY_MS,
-    Posted,
-    Receiver,
-    create_topic,
-    message,
-    one_line_error,
-    post_all,
-    read_records,
-    run_bridge,
-)
+from tests.support.readback import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, Receiver, message, post_all
+from tests.support.records import create_topic, read_records
+from tests.support.serve import one_line_error, run_bridge
+from tests.support.settings import NO_BROKER
 
 DAY_1 = (FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
 
@@ -252,10 +243,10 @@ async def test_replay_refuses_a_file_it_cannot_write_before_copying_anything(
 
 
 async def test_replay_with_since_later_than_until_is_a_usage_error(
-    settings: Settings, kafka: str, tmp_path: Path
+    offline_settings: Settings, tmp_path: Path
 ) -> None:
     result = await asyncio.to_thread(
-        run_bridge, "replay", "--bootstrap-servers", kafka, "--topic", settings.topic,
+        run_bridge, "replay", "--bootstrap-servers", NO_BROKER, "--topic", offline_settings.topic,
         "--since", "2024-05-03", "--until", "2024-05-02", "--to-file", "never-written.jsonl",
         cwd=tmp_path,
     )  # fmt: skip

@@ -21,7 +21,9 @@ from yarl import URL
 from bridge.readback.replay import Replay
 from bridge.readback.sinks import TopicSink, UrlSink
 from bridge.settings import Settings
-from tests.support import Posted, Receiver, create_topic, read_records, run_bridge
+from tests.support.readback import Posted, Receiver
+from tests.support.records import create_topic, read_records
+from tests.support.serve import run_bridge
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

@@ -20,18 +20,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.ingest.server import create_app
 from bridge.tools.embedded import free_port
-from tests.kafka.nodes import KafkaNode
-from tests.proxy import KafkaProxy
-from tests.support import (
-    FaultBroker,
-    fault_broker,
-    fixture,
-    read_records,
-    start_serve,
-    unique_settings,
-    until_ready,
-    wait_until_ready,
-)
+from tests.support.broker import FaultBroker, fault_broker
+from tests.support.kafka.nodes import KafkaNode
+from tests.support.proxy import KafkaProxy
+from tests.support.records import read_records
+from tests.support.requests import fixture
+from tests.support.serve import start_serve, until_ready, wait_until_ready
+from tests.support.settings import unique_settings
+
+pytestmark = pytest.mark.kafka  # starts brokers of its own
 
 SEED = fixture("oa-after-send-text")
 

@@ -25,14 +25,10 @@ from bridge.secret import CallbackToken, Secret
 from bridge.settings import Settings, SettingsError, build, require_authentication
 from bridge.tencent.signature import expected_sign
 from tests.conftest import BridgeClient
-from tests.support import (
-    BridgeTestServer,
-    FakePublisher,
-    fixture,
-    one_line_error,
-    run_bridge,
-    unique_settings,
-)
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
+from tests.support.serve import BridgeTestServer, one_line_error, run_bridge
+from tests.support.settings import unique_settings
 
 SEED = fixture("oa-after-send-text")
 OLD_TOKEN, NEW_TOKEN = "my_token", "next-token-2024"

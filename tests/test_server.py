@@ -15,7 +15,9 @@ from bridge.errors import BrokerRejected, DeliveryTimeout
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
 from tests.conftest import BridgeClient
-from tests.support import FakePublisher, fixture
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
+from tests.support.serve import until_stats
 
 SEED = fixture("oa-after-send-text")
 
@@ -35,7 +37,7 @@ async def test_the_ok_is_sent_only_after_the_broker_confirms(
     client: BridgeClient, publisher: FakePublisher
 ) -> None:
     request = asyncio.create_task(client.post("/callback", params=SEED.query, data=SEED.raw_body))
-    await asyncio.sleep(0.3)
+    await until_stats(client.session, client.make_url("/stats"), lambda stats: stats["in_flight"] == 1)
     assert not request.done(), "answered before the broker confirmed"
     publisher.confirm.set()
     response = await request

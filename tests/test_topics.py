@@ -15,7 +15,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.kafka.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
 from bridge.settings import Settings
-from tests.support import broker_choice, unique_settings
+from tests.support.broker import broker_choice
+from tests.support.settings import unique_settings
 from tests.test_cli import run_bridge
 
 

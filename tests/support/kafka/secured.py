@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from bridge.secret import Secret
 from bridge.tools.embedded import free_port
-from tests.kafka.nodes import KafkaNode, KafkaNodeError
+from tests.support.kafka.nodes import KafkaNode, KafkaNodeError
 
 USER = "bridge"
 PASSWORD = "s3cret-Pa55-for-the-test"  # noqa: S105 - the throwaway broker's own user

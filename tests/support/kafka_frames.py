@@ -1,4 +1,4 @@
-"""Kafka protocol frames as the fault proxy (`tests/proxy.py`) reads and rewrites them.
+"""Kafka protocol frames as the fault proxy (`tests/support/proxy.py`) reads and rewrites them.
 
 A frame is a size-prefixed request or response. Produce and Metadata bodies are decoded and encoded with
 aiokafka's own structs, for the versions aiokafka 0.14 sends: all non-flexible, so a request header is api

@@ -1,8 +1,8 @@
 """docker-compose.yml run without Docker: the same services, as local processes on loopback ports.
 
-There is no container engine here, so this reads the compose file and starts what it describes natively:
-each `apache/kafka` service as a local Kafka node (`tests/kafka/`) whose `server.properties` is derived from
-the service's environment by the image's own rule, each service built from `deploy/Dockerfile` as the
+There is no container engine here, so this reads the compose file and starts what it describes natively: each
+`apache/kafka` service as a local Kafka node (`tests/support/kafka/`) whose `server.properties` is derived
+from the service's environment by the image's own rule, each service built from `deploy/Dockerfile` as the
 `bridge` command with the image's and the service's environment, in `depends_on` order.
 
 Each service has a network of its own in compose, natively they all share 127.0.0.1: every (service, port)
@@ -45,9 +45,9 @@ from typing import Any
 import yaml
 
 from bridge.tools.embedded import free_port
-from tests.kafka.nodes import KafkaNode, Started
+from tests.support.kafka.nodes import KafkaNode, Started
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 KAFKA_IMAGE = "apache/kafka"

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Self
 
 from bridge.tools.embedded import free_port
-from tests.kafka import jars
+from tests.support.kafka import jars
 
 START_TIMEOUT_S = 60.0
 HEAP = "512m"

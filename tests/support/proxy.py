@@ -15,7 +15,7 @@ before or just after forwarding a Produce request, and lies about Produce reques
   written. A request with one partition passes untouched.
 
 Answers the proxy makes up keep their place: a connection's answers reach the client in the order of its
-requests, as Kafka's protocol requires. Frames are read and rewritten by `tests/kafka_frames.py`, with
+requests, as Kafka's protocol requires. Frames are read and rewritten by `tests/support/kafka_frames.py`, with
 aiokafka's own structs, for the versions aiokafka 0.14 sends; a Produce request of another version passes
 untouched.
 
@@ -34,7 +34,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 
-from tests.kafka_frames import (
+from tests.support.kafka_frames import (
     HEADER,
     LENGTH,
     METADATA_API_KEY,

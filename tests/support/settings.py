@@ -1,0 +1,31 @@
+"""Settings for a bridge under test: topics of its own on the broker, or no broker at all."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from bridge.settings import Settings
+
+NO_BROKER = "127.0.0.1:9"
+"""A bootstrap address for unit tests, which never connect: the discard port, where no broker listens."""
+
+
+def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
+    """Settings whose six topics are new to the broker, so each test reads only its own records."""
+    run = uuid.uuid4().hex[:10]
+    base = Settings(
+        bootstrap_servers=tuple(bootstrap_servers.split(",")),
+        host="127.0.0.1",
+        port=0,
+        topic=f"t{run}.official-account",
+        c2c_topic=f"t{run}.c2c",
+        group_topic=f"t{run}.group",
+        user_topic=f"t{run}.user",
+        app_topic=f"t{run}.app",
+        unknown_topic=f"t{run}.unknown",
+        create_topics=True,
+        partitions=12,
+    )
+    return replace(base, **overrides)
