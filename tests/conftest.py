@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bridge.ingest.server import create_app
 from bridge.logs import configure_logging
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.support import (
     FakePublisher,
     Posted,
@@ -50,7 +50,7 @@ async def admin(kafka: str) -> AsyncIterator[AIOKafkaAdminClient]:
 
 
 @pytest.fixture
-def settings(kafka: str) -> Settings:
+def settings(kafka: str) -> ServeSettings:
     return unique_settings(kafka)
 
 
@@ -63,7 +63,7 @@ def publisher() -> FakePublisher:
 
 
 @pytest.fixture
-async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
+async def bridge(settings: ServeSettings) -> AsyncIterator[BridgeClient]:
     """The bridge against the session's broker, ready, with topics no other test writes to."""
     async with TestClient(TestServer(create_app(settings))) as client:
         await wait_until_ready(client)
@@ -71,7 +71,7 @@ async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
 
 
 @pytest.fixture
-async def posted(settings: Settings) -> list[Posted]:
+async def posted(settings: ServeSettings) -> list[Posted]:
     """The settings' official-account topic, filled through the bridge with three days of callbacks (the
     bridge's edge dedup off, so the callbacks posted twice land twice)."""
     callbacks = three_days()

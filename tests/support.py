@@ -32,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 
 from bridge.ingest.runner import BridgeRunner
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tools.embedded import EmbeddedBroker
 from tests.kafka import jars
@@ -170,10 +170,10 @@ def fault_broker(
     return KafkaNode(directory, client_port=port, advertised_port=advertised_port, short_lived=True)
 
 
-def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
-    """Settings whose six topics are new to the broker, so each test reads only its own records."""
+def unique_settings(bootstrap_servers: str, **overrides: Any) -> ServeSettings:
+    """ServeSettings whose six topics are new to the broker, so each test reads only its own records."""
     run = uuid.uuid4().hex[:10]
-    base = Settings(
+    base = ServeSettings(
         bootstrap_servers=tuple(bootstrap_servers.split(",")),
         host="127.0.0.1",
         port=0,
@@ -441,7 +441,7 @@ def three_days(first_day_ms: int = FIRST_DAY_MS) -> list[Posted]:
     return posted
 
 
-async def post_through_a_bridge(settings: Settings, callbacks: Sequence[Posted]) -> None:
+async def post_through_a_bridge(settings: ServeSettings, callbacks: Sequence[Posted]) -> None:
     """Post `callbacks` through a bridge of `settings` whose edge dedup is off, so that the callbacks posted
     twice land twice, as they do in Kafka after a restart, from two replicas, or after an ambiguous 503."""
     async with TestClient(TestServer(create_app(replace(settings, dedup_window=0)))) as client:

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.ingest.server import ADMISSION, PUBLISHER, create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.proxy import KafkaProxy
 from tests.support import FaultBroker, fault_broker, fixture, read_records, unique_settings, wait_until_ready
@@ -38,7 +38,7 @@ NOT_LEADER_OR_FOLLOWER, MESSAGE_TOO_LARGE, NOT_ENOUGH_REPLICAS, NOT_ENOUGH_REPLI
 class Rig:
     broker: FaultBroker
     proxy: KafkaProxy
-    settings: Settings
+    settings: ServeSettings
     client: TestClient[web.Request, web.Application]
 
     async def send(self, msg_key: str) -> tuple[int, dict[str, Any], float]:
