@@ -363,3 +363,108 @@ def test_every_bad_value_of_every_option_gets_the_bridges_own_one_line_message(
             if option.hidden and value.strip():
                 assert repr(value) not in errors
     assert refused or option.parse in {values.text, values.path}, f"{option.flag} refused no bad value"
+
+
+def test_the_command_line_loads_neither_aiohttp_nor_aiokafka_until_a_command_runs() -> None:
+    """`bridge --help` starts fast: the HTTP and Kafka libraries load with the commands that use them."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, bridge.cli; print(sorted({m.split('.')[0] for m in sys.modules}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'aiohttp'" not in loaded
+    assert "'aiokafka'" not in loaded
+
+
+@pytest.mark.parametrize("command", ["consume", "replay", "bench"])
+def test_every_tool_takes_the_logging_options(command: str) -> None:
+    settings = build(command, {"log_level": "debug"}, {"BRIDGE_LOG_FORMAT": "json"})
+    assert (settings.log_level, settings.log_format) == ("debug", "json")
+
+
+def test_consume_given_the_logging_options_goes_on_to_its_own_checks() -> None:
+    result = run_bridge("consume", "--log-level", "debug", "--log-format", "json")
+    assert result.returncode == 2
+    assert result.stderr.startswith("bridge consume: no Kafka brokers given"), result.stderr
+
+
+@pytest.mark.parametrize("command", ["consume", "replay"])
+def test_each_reader_has_its_own_client_id_not_the_servers(command: str) -> None:
+    assert build(command, {}, {}).client_id == f"tencent-chat-kafka-bridge-{command}"
+    assert build(command, {}, {"BRIDGE_CLIENT_ID": "the-server"}).client_id.endswith(f"-{command}")
+    assert build(command, {"client_id": "job-7"}, {}).client_id == "job-7"
+    scoped = f"BRIDGE_{command.upper()}_CLIENT_ID"
+    assert build(command, {}, {scoped: "nightly"}).client_id == "nightly"
+
+
+@pytest.mark.parametrize("command", ["consume", "replay"])
+def test_the_topic_a_reader_reads_is_its_own_variable_and_serves_stays(command: str) -> None:
+    scoped = f"BRIDGE_{command.upper()}_TOPIC"
+    assert build(command, {}, {scoped: "tim.archive"}).topic == "tim.archive"
+    assert build(command, {"topic": "tim.flag"}, {scoped: "tim.archive"}).topic == "tim.flag"
+    assert build("serve", {}, {scoped: "tim.archive"}).topic == "tim.official-account"
+    assert build("serve", {}, {"BRIDGE_TOPIC": "tim.oa"}).topic == "tim.oa"
+
+
+def test_the_rate_of_replay_and_the_rate_of_bench_are_two_variables() -> None:
+    environ = {"BRIDGE_REPLAY_RATE": "50", "BRIDGE_BENCH_RATE": "2000"}
+    assert build("replay", {}, environ).rate == 50.0
+    assert build("bench", {}, environ).rate == 2000.0
+    assert build("replay", {}, {"BRIDGE_BENCH_RATE": "2000"}).rate is None
+
+
+def test_serve_settings_carry_no_option_of_the_tools() -> None:
+    serve = build("serve", {}, {})
+    for field in ("max", "rate", "format", "group", "since", "url"):
+        assert not hasattr(serve, field), field
+
+
+def test_an_old_variable_of_a_tool_is_still_read_with_a_one_line_warning_naming_its_replacement() -> None:
+    warnings: list[str] = []
+    settings = build("consume", {}, {"BRIDGE_GROUP": "daily"}, warnings.append)
+    assert settings.group == "daily"
+    assert warnings == ["BRIDGE_GROUP is deprecated for `bridge consume`: set BRIDGE_CONSUME_GROUP instead"]
+
+
+def test_the_scoped_variable_wins_over_the_old_one_and_the_old_one_is_said_to_be_ignored() -> None:
+    warnings: list[str] = []
+    environ = {"BRIDGE_RATE": "10", "BRIDGE_REPLAY_RATE": "20"}
+    assert build("replay", {}, environ, warnings.append).rate == 20.0
+    assert len(warnings) == 1
+    assert "BRIDGE_RATE is ignored: BRIDGE_REPLAY_RATE is set" in warnings[0]
+
+
+def test_a_flag_wins_over_an_old_variable_without_a_warning() -> None:
+    warnings: list[str] = []
+    assert build("bench", {"rate": 5.0}, {"BRIDGE_RATE": "10"}, warnings.append).rate == 5.0
+    assert warnings == []
+
+
+def test_a_bad_value_of_an_old_variable_names_the_old_variable() -> None:
+    with pytest.raises(SettingsError, match=r"BRIDGE_SINCE='someday'"):
+        build("replay", {}, {"BRIDGE_SINCE": "someday"}, lambda _: None)
+
+
+def test_a_group_left_in_the_environment_warns_on_stderr_instead_of_silently_joining_a_group() -> None:
+    result = run_bridge("consume", env={"BRIDGE_GROUP": "left-over"})
+    warning, error = result.stderr.splitlines()
+    assert warning == (
+        "bridge consume: warning: BRIDGE_GROUP is deprecated for `bridge consume`: set BRIDGE_CONSUME_GROUP "
+        "instead"
+    )
+    assert error.startswith("bridge consume: no Kafka brokers given")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["consume", "replay", "bench"])
+def test_every_old_variable_of_a_tool_is_scoped_by_the_tool(command: str) -> None:
+    spec = COMMANDS[command]
+    for option in spec.options:
+        old = spec.old_env(option)
+        if old is not None:
+            assert spec.env(option) == old.replace("BRIDGE_", f"BRIDGE_{command.upper()}_", 1)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -18,7 +19,7 @@ from aiokafka.structs import ConsumerRecord
 
 from bridge.readback.replay import Replay
 from bridge.readback.sinks import FileSink, TopicSink, UrlSink
-from bridge.settings import ReplaySettings, ServeSettings
+from bridge.settings import ReplaySettings, ServeSettings, build
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
@@ -302,3 +303,25 @@ async def test_a_delivery_that_stops_the_replay_after_its_retries_counts_as_an_e
     replay = await replay_to(window, UrlSink(url))
     assert replay.failure is not None
     assert replay.tally.errors == 1
+
+
+async def test_the_topic_sink_writes_with_replays_own_compression_and_record_limit_not_serves() -> None:
+    """`--compression` and `--max-record-bytes` are replay's; serve's variables do not reach its producer."""
+    given: dict[str, Any] = {}
+
+    class Recording(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka ships no type information
+        def __init__(self, **arguments: Any) -> None:
+            given.update(arguments)
+            super().__init__(**arguments)
+
+    serves = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9092", "BRIDGE_COMPRESSION": "gzip"}
+    serves["BRIDGE_MAX_BODY_BYTES"] = "10"
+    untouched = build("replay", {}, serves)
+    assert (untouched.compression, untouched.max_record_bytes) == ("none", 1024 * 1024 + 64 * 1024)
+    environ = {**serves, "BRIDGE_REPLAY_COMPRESSION": "zstd", "BRIDGE_REPLAY_MAX_RECORD_BYTES": "2097152"}
+    sink = TopicSink(build("replay", {}, environ), "tim.copy", producer_class=Recording)
+    try:
+        assert (given["compression_type"], given["max_request_size"]) == ("zstd", 2097152)
+        assert given["client_id"] == "tencent-chat-kafka-bridge-replay"
+    finally:
+        await sink.close()
