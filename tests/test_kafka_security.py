@@ -117,8 +117,9 @@ def test_a_ca_file_that_is_not_pem_is_refused_naming_the_file(tmp_path: Path) ->
 
 
 def test_serve_with_a_missing_ca_file_exits_2_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["serve", "--security-protocol", "SSL", "--ssl-cafile", "/nonexistent/ca.pem"], SERVERS)
-    assert status == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--security-protocol", "SSL", "--ssl-cafile", "/nonexistent/ca.pem"], SERVERS)
+    assert exit_.value.code == 2
     assert "/nonexistent/ca.pem" in capsys.readouterr().err
 
 
