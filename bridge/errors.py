@@ -3,11 +3,13 @@
 Handlers raise these; the error middleware in `bridge.ingest.server` turns them into Tencent-style answers in
 one place. ErrorCodes are five-digit numbers built from the HTTP status so they never collide with the codes
 Tencent gives meaning to for "before" callbacks (1 rejects the user's action, 2 drops the message,
-120001-130000 are custom errors)."""
+120001-130000 are custom errors).
+`CommandError`, at the end, is the command line's: a command that cannot go on, and its exit status."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 
 
 class BridgeError(Exception):
@@ -210,3 +212,32 @@ def describe(exc: BaseException) -> str:
     if getattr(exc, "says_it_all", False):
         return text
     return text if text.startswith(name) else f"{name}: {text}"
+
+
+# --- the command line's errors ---------------------------------------------------------------------------
+
+
+class ExitStatus(enum.IntEnum):
+    """The exit statuses of the `bridge` commands, each in one place."""
+
+    OK = 0
+    FAILED = 1
+    """The command ran and failed: records not copied, a topic that cannot be read, a port taken."""
+    DRIFT = 1
+    """`bridge topics ensure`: a topic is not as intended (left unchanged)."""
+    USAGE = 2
+    """Bad flags, settings or files given: nothing was done."""
+    KAFKA_FAILED = 3
+    """The Kafka cluster could not be reached, or refused."""
+    INTERRUPTED = 130
+    """Stopped by Ctrl-C before the end (128 + SIGINT, as a shell says)."""
+
+
+class CommandError(Exception):
+    """A command cannot go on: `bridge.cli.main` prints `bridge COMMAND: message` on stderr and exits with
+    `exit_status`."""
+
+    def __init__(self, message: str, exit_status: int = ExitStatus.FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_status = exit_status

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -135,6 +134,10 @@ class LineBudget:
 
 
 def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    # Imported here, not at the top: aiohttp is loaded by the time its server logs, and every command that
+    # configures logging (`bridge --help` too) would otherwise load it, doubling the start-up.
+    from aiohttp.http_exceptions import HttpProcessingError, LineTooLong  # noqa: PLC0415
+
     error = record.exc_info[1] if record.exc_info else None
     if record.levelno >= logging.ERROR and isinstance(error, HttpProcessingError):
         if isinstance(error, LineTooLong):

@@ -2,7 +2,7 @@
 
 While `serve`, `dev`, `consume` and `replay` run, a stop signal asks them to finish gracefully instead of
 ending the process with a traceback; `consume` and `replay` tell a Kafka error that reaches them in one line
-and exit with status 3.
+and exit with status 3 (`ExitStatus.KAFKA_FAILED`).
 """
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from aiokafka.errors import KafkaError
+from bridge.errors import CommandError, ExitStatus, describe
 
-from bridge.errors import describe
-from bridge.settings import Settings
+if TYPE_CHECKING:
+    from aiokafka.errors import KafkaError
+
+    from bridge.settings import KafkaConnection
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-KAFKA_FAILED = 3
-"""Exit status of a command the Kafka cluster could not serve: unreachable, or it refused."""
 
 
 @contextlib.contextmanager
@@ -38,13 +38,12 @@ def stop_signals(
             loop.remove_signal_handler(signum)
 
 
-def cluster_failure(exc: KafkaError, settings: Settings) -> str:
+def cluster_failure(exc: KafkaError, settings: KafkaConnection) -> str:
     """One line for a Kafka error at the command's boundary: the cluster is unreachable or refused."""
     brokers = ",".join(settings.bootstrap_servers)
     return f"cannot reach the Kafka cluster, or it refused: {describe(exc)} (brokers: {brokers})"
 
 
-def kafka_failed(command: str, exc: KafkaError, settings: Settings) -> int:
-    """Say on stderr that `bridge COMMAND` failed for the Kafka error `exc`; the exit status to end with."""
-    print(f"bridge {command}: {cluster_failure(exc, settings)}", file=sys.stderr)
-    return KAFKA_FAILED
+def kafka_failed(exc: KafkaError, settings: KafkaConnection) -> CommandError:
+    """The error a command ends with for the Kafka error `exc`: the cluster is unreachable or refused."""
+    return CommandError(cluster_failure(exc, settings), ExitStatus.KAFKA_FAILED)

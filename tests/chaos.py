@@ -46,7 +46,7 @@ from bridge.ingest.runner import run_server
 from bridge.ingest.server import OUTCOMES, PUBLISHER
 from bridge.kafka.publisher import Publisher
 from bridge.kafka.topics import intended_topic
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.history import Attempt, Callback, Fault, History, Report, judge, read_run
 from tests.support.broker import FaultBroker, broker_choice, fault_broker
@@ -144,7 +144,7 @@ class Kind:
     name: str
     command: str
     topic_setting: str
-    """The Settings field naming its topic."""
+    """The ServeSettings field naming its topic."""
     weight: float
     make: Maker
     platform: str = "Web"
@@ -243,7 +243,7 @@ Mutation = Callable[[Publisher], None]
 class Bridge:
     """The bridge under test, run by `run_server` in this process: stopped by SIGTERM, started again."""
 
-    def __init__(self, settings: Settings, mutate: Mutation | None, history: History) -> None:
+    def __init__(self, settings: ServeSettings, mutate: Mutation | None, history: History) -> None:
         self.settings = settings
         self.history = history
         self.url = f"http://127.0.0.1:{settings.port}"
@@ -326,7 +326,7 @@ class Chaos:
         return time.monotonic() - self.history.t0
 
     @property
-    def settings(self) -> Settings:
+    def settings(self) -> ServeSettings:
         return self.bridge.settings
 
 

@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bridge.ingest.server import create_app
 from bridge.logs import configure_logging
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tools.embedded import EmbeddedBroker
 from tests.support.broker import broker_choice, kafka_broker
 from tests.support.fakes import FakePublisher
@@ -120,13 +120,13 @@ async def admin(kafka: str) -> AsyncIterator[AIOKafkaAdminClient]:
 
 
 @pytest.fixture
-def settings(kafka: str) -> Settings:
-    """Settings whose topics are the test's own, on the session's broker."""
+def settings(kafka: str) -> ServeSettings:
+    """ServeSettings whose topics are the test's own, on the session's broker."""
     return unique_settings(kafka)
 
 
 @pytest.fixture
-def offline_settings() -> Settings:
+def offline_settings() -> ServeSettings:
     """Settings for a bridge that never connects (the unit tier's): no broker is started for them."""
     return unique_settings(NO_BROKER)
 
@@ -140,7 +140,7 @@ def publisher() -> FakePublisher:
 
 
 @pytest.fixture
-async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
+async def bridge(settings: ServeSettings) -> AsyncIterator[BridgeClient]:
     """The bridge against the session's broker, ready, with topics no other test writes to."""
     async with TestClient(TestServer(create_app(settings))) as client:
         await wait_until_ready(client)
@@ -148,7 +148,7 @@ async def bridge(settings: Settings) -> AsyncIterator[BridgeClient]:
 
 
 @pytest.fixture
-async def posted(settings: Settings) -> list[Posted]:
+async def posted(settings: ServeSettings) -> list[Posted]:
     """The settings' official-account topic, filled through the bridge with three days of callbacks (the
     bridge's edge dedup off, so the callbacks posted twice land twice)."""
     callbacks = three_days()

@@ -33,7 +33,7 @@ from yarl import URL
 from bridge.errors import BadCallback, BridgeError, ForbiddenApp, Unauthorized
 from bridge.ingest.server import callback_record, checked_query
 from bridge.secret import Secret
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent import commands
 from bridge.tencent.commands import COMMANDS, RoutedCallback
 from bridge.tencent.envelope import SCHEMA, Record
@@ -52,8 +52,8 @@ PARTITIONS = 12
 REFUSALS = frozenset({400, 401, 403})
 SIGNATURE = SignatureCheck(tuple(Secret(token) for token in TOKENS), MAX_SKEW_S, clock=lambda: NOW_S)
 APP_LISTS: tuple[tuple[str, ...], ...] = ((), (APP,), ("1400000001", APP))
-TOPIC_FOR = Settings().topic_for
-MAX_EVENT_AGE_MS = Settings().max_event_age_ms
+TOPIC_FOR = ServeSettings().topic_for
+MAX_EVENT_AGE_MS = ServeSettings().max_event_age_ms
 # What the request target may not hold (aiohttp's parser refuses controls, and a space ends the target).
 _NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 

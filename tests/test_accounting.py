@@ -24,7 +24,7 @@ from bridge.ingest.dedup import EdgeDedup
 from bridge.ingest.metrics import METRICS
 from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.ingest.server import ADMISSION, OUTCOMES, PUBLISHER, create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
 from tests.support.fakes import FakePublisher
@@ -45,7 +45,7 @@ def settled(outcomes: dict[str, int]) -> bool:
 
 @pytest.fixture
 async def fake_client(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
-    app = create_app(replace(Settings(), max_in_flight=1, dedup_window=0), publisher=publisher)
+    app = create_app(replace(ServeSettings(), max_in_flight=1, dedup_window=0), publisher=publisher)
     async with TestClient(TestServer(app)) as client:
         yield client
 
@@ -162,7 +162,7 @@ async def test_a_copy_of_a_write_that_failed_is_lost_and_of_an_ambiguous_one_fol
 
 
 async def test_a_handler_cancelled_at_shutdown_is_counted_ambiguous_and_its_record_followed(
-    settings: Settings, kafka: str
+    settings: ServeSettings, kafka: str
 ) -> None:
     """aiohttp cancels the handlers that outlive its shutdown wait. Such a callback got no answer and its
     record was in the producer: it counts as ambiguous in `/stats` as in the metrics, and, flushed as the
@@ -203,7 +203,7 @@ async def test_a_handler_cancelled_at_shutdown_is_counted_ambiguous_and_its_reco
 
 
 async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    settings: ServeSettings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """If watching the producer fails (aiokafka renamed what the watch reads, say), the supervisor says so
     and builds a new producer, rather than end and leave `/readyz` saying ready with no one watching."""
@@ -231,7 +231,7 @@ async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
 
 
 async def test_a_producer_that_can_never_be_watched_never_makes_the_bridge_ready(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def always_fails(_producer: object) -> str:
         raise AttributeError("'AIOKafkaProducer' object has no attribute '_sender'")

@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.conftest import BridgeClient
 from tests.support.records import count_records, read_records
 from tests.support.requests import fixture
@@ -179,7 +179,7 @@ async def assert_fail(response: Any, status: int, phrase: str) -> None:
 
 @pytest.mark.parametrize(("raw", "phrase"), [case[1:] for case in BAD_BODIES], ids=[c[0] for c in BAD_BODIES])
 async def test_malformed_bodies_get_400_and_write_nothing(
-    bridge: BridgeClient, settings: Settings, kafka: str, raw: bytes, phrase: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, raw: bytes, phrase: str
 ) -> None:
     await assert_fail(await bridge.post("/callback", params=QUERY, data=raw), 400, phrase)
     assert await count_records(kafka, settings.topics) == 0
@@ -187,7 +187,7 @@ async def test_malformed_bodies_get_400_and_write_nothing(
 
 @pytest.mark.parametrize(("raw", "phrase"), [case[1:] for case in BAD_FIELDS], ids=[c[0] for c in BAD_FIELDS])
 async def test_official_account_fields_of_the_wrong_type_get_400_and_write_nothing(
-    bridge: BridgeClient, settings: Settings, kafka: str, raw: bytes, phrase: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, raw: bytes, phrase: str
 ) -> None:
     await assert_fail(await bridge.post("/callback", params=QUERY, data=raw), 400, phrase)
     assert await count_records(kafka, settings.topics) == 0
@@ -197,7 +197,7 @@ async def test_official_account_fields_of_the_wrong_type_get_400_and_write_nothi
     ("query", "raw", "phrase"), [case[1:] for case in BAD_COMMANDS], ids=[c[0] for c in BAD_COMMANDS]
 )
 async def test_bad_commands_get_400_and_write_nothing(
-    bridge: BridgeClient, settings: Settings, kafka: str, query: dict[str, str], raw: bytes, phrase: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, query: dict[str, str], raw: bytes, phrase: str
 ) -> None:
     await assert_fail(await bridge.post("/callback", params=query, data=raw), 400, phrase)
     assert await count_records(kafka, settings.topics) == 0
@@ -207,7 +207,7 @@ async def test_bad_commands_get_400_and_write_nothing(
     ("query", "phrase"), [case[1:] for case in BAD_QUERIES], ids=[c[0] for c in BAD_QUERIES]
 )
 async def test_bad_sdk_app_ids_get_400_and_write_nothing(
-    bridge: BridgeClient, settings: Settings, kafka: str, query: str, phrase: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, query: str, phrase: str
 ) -> None:
     await assert_fail(await bridge.post(f"/callback?{query}", data=SEED.raw_body), 400, phrase)
     assert await count_records(kafka, settings.topics) == 0
@@ -215,7 +215,7 @@ async def test_bad_sdk_app_ids_get_400_and_write_nothing(
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
 async def test_other_methods_on_the_callback_path_get_405(
-    bridge: BridgeClient, settings: Settings, kafka: str, method: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, method: str
 ) -> None:
     response = await bridge.request(method, "/callback", params=QUERY, data=SEED.raw_body)
     await assert_fail(response, 405, f"{method} is not allowed")
@@ -230,7 +230,7 @@ async def test_unknown_paths_get_404_with_a_tencent_body(bridge: BridgeClient) -
 
 
 @pytest.fixture
-async def small_bridge(settings: Settings) -> Any:
+async def small_bridge(settings: ServeSettings) -> Any:
     """A bridge that accepts bodies of at most 1,000 bytes."""
     small = replace(settings, max_body_bytes=1000)
     async with TestClient(TestServer(create_app(small))) as client:
@@ -239,7 +239,7 @@ async def small_bridge(settings: Settings) -> Any:
 
 
 async def test_a_body_over_the_limit_gets_413_and_writes_nothing(
-    small_bridge: BridgeClient, settings: Settings, kafka: str
+    small_bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     big = body_with(CloudCustomData="x" * 1000)
     await assert_fail(
@@ -249,7 +249,7 @@ async def test_a_body_over_the_limit_gets_413_and_writes_nothing(
 
 
 async def test_a_chunked_body_over_the_limit_gets_413_and_writes_nothing(
-    small_bridge: BridgeClient, settings: Settings, kafka: str
+    small_bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     """Without a Content-Length the limit is enforced while reading."""
 
@@ -264,7 +264,7 @@ async def test_a_chunked_body_over_the_limit_gets_413_and_writes_nothing(
 
 
 async def test_a_body_exactly_at_the_limit_is_accepted(
-    small_bridge: BridgeClient, settings: Settings, kafka: str
+    small_bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     raw = SEED.raw_body
     padded = raw[:-1] + b" " * (1000 - len(raw)) + b"}"
@@ -296,7 +296,7 @@ ACCEPTED_EDGES: list[tuple[str, bytes]] = [
 
 @pytest.mark.parametrize("raw", [case[1] for case in ACCEPTED_EDGES], ids=[c[0] for c in ACCEPTED_EDGES])
 async def test_unusual_but_valid_callbacks_are_accepted(
-    bridge: BridgeClient, settings: Settings, kafka: str, raw: bytes
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, raw: bytes
 ) -> None:
     response = await bridge.post("/callback", params=QUERY, data=raw)
     assert (response.status, await response.json()) == (
@@ -309,7 +309,7 @@ async def test_unusual_but_valid_callbacks_are_accepted(
 
 
 async def test_a_far_future_event_time_gives_way_to_the_receive_time(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     """Kafka 4 refuses records more than an hour ahead; a broken clock must not cost the callback."""
     response = await bridge.post("/callback", params=QUERY, data=body_with(EventTime=9223372036854775807))

@@ -16,7 +16,7 @@ from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.kafka.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.topics import max_record_bytes
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from tests.support.records import read_records
 
@@ -42,7 +42,9 @@ def _batches(producer: _Producer, on_abandoned: Callable[[bool | None], None]) -
     return PartitionBatches(cast(AIOKafkaProducer, producer), on_abandoned)
 
 
-async def test_concurrent_records_land_once_each_in_publishing_order(kafka: str, settings: Settings) -> None:
+async def test_concurrent_records_land_once_each_in_publishing_order(
+    kafka: str, settings: ServeSettings
+) -> None:
     """400 records published at once to two partitions, some larger than a batch, each land exactly once,
     with their key, timestamp and headers, in the order they were published within each partition."""
     publisher = KafkaPublisher(settings, Outcomes())
@@ -220,7 +222,7 @@ async def test_an_expired_record_is_reported_once_when_its_batch_settles() -> No
 
 
 async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as_abandoned(
-    offline_settings: Settings,
+    offline_settings: ServeSettings,
 ) -> None:
     """The acknowledgement and the deadline in the same turn of the loop, before the callback's task runs:
     the callback is answered as ambiguous, the record counted as landed, and nothing stays abandoned."""
@@ -245,7 +247,7 @@ async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as
 
 
 async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
-    offline_settings: Settings,
+    offline_settings: ServeSettings,
 ) -> None:
     """Closing with batches still waiting for the producer fails their callbacks with a 503 that says the
     callback was not written, not an ambiguous one."""
@@ -269,7 +271,7 @@ async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
 
 
 async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_producer_is_replaced(
-    settings: Settings,
+    settings: ServeSettings,
 ) -> None:
     """aiokafka settles nothing when its sender task is cancelled: once the producer is stopped, the bridge
     answers the callbacks whose records it held with an ambiguous 503, without waiting for their deadline."""
@@ -302,7 +304,7 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
 
 
 async def test_a_record_over_the_bridges_limit_or_without_time_left_is_not_queued(
-    offline_settings: Settings,
+    offline_settings: ServeSettings,
 ) -> None:
     """Answered 413 and 503, each saying that the callback was not written, and nothing reaches Kafka."""
     producer = _Producer()
@@ -319,7 +321,7 @@ async def test_a_record_over_the_bridges_limit_or_without_time_left_is_not_queue
 
 
 async def test_a_bug_while_handing_a_batch_over_settles_that_batch_and_frees_its_partition(
-    offline_settings: Settings,
+    offline_settings: ServeSettings,
 ) -> None:
     """An unexpected failure in the flush loop after it took a batch: that batch's callbacks are answered
     as not written at once (not at their deadline, which would leave them counted against the in-flight
@@ -371,7 +373,7 @@ async def test_a_batch_acknowledged_as_the_producer_stops_is_answered_by_that_ac
 
 
 async def test_a_handler_cancelled_while_its_record_is_in_the_producer_still_has_it_followed(
-    offline_settings: Settings,
+    offline_settings: ServeSettings,
 ) -> None:
     """At shutdown aiohttp cancels the handlers still running: their records count against the in-flight
     limit until settled, and how they ended is counted as for an expired one."""

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.errors import InvalidField
 from bridge.ingest.dedup import EdgeDedup
 from bridge.ingest.server import DEDUP, create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.commands import MAX_ID_BYTES, route
 from bridge.tencent.partitioner import PartitionCache, murmur2
 from tests.support.fakes import FakePublisher
@@ -89,7 +89,7 @@ def test_an_entity_or_key_field_at_the_limit_is_accepted(
 async def test_a_callback_with_a_megabyte_account_gets_400_naming_the_field_and_nothing_is_written(
     publisher: FakePublisher,
 ) -> None:
-    async with TestClient(TestServer(create_app(Settings(), publisher=publisher))) as client:
+    async with TestClient(TestServer(create_app(ServeSettings(), publisher=publisher))) as client:
         for field in ("Official_Account", "MsgKey"):
             body = io.BytesIO(orjson.dumps({**SEED.body, field: MEGABYTE}))
             response = await client.post("/callback", params=SEED.query, data=body)
@@ -155,7 +155,7 @@ def test_the_partition_caches_byte_count_is_not_below_what_it_holds(
 async def test_many_callbacks_with_the_longest_keys_keep_the_window_within_its_byte_bound(
     publisher: FakePublisher,
 ) -> None:
-    settings = replace(Settings(), dedup_max_bytes=64 << 10)
+    settings = replace(ServeSettings(), dedup_max_bytes=64 << 10)
     async with TestClient(TestServer(create_app(settings, publisher=publisher))) as client:
         for n in range(300):
             key = f"{n}-".ljust(MAX_ID_BYTES, "k")

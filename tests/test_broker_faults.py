@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.conftest import BridgeClient
 from tests.support.broker import FaultBroker, fault_broker
 from tests.support.records import read_records
@@ -39,19 +39,19 @@ def own_broker(tmp_path: Path) -> Iterator[FaultBroker]:
 
 
 @pytest.fixture
-def own_settings(own_broker: FaultBroker) -> Settings:
+def own_settings(own_broker: FaultBroker) -> ServeSettings:
     return unique_settings(own_broker.bootstrap_servers, delivery_timeout=DELIVERY_TIMEOUT_S)
 
 
 @pytest.fixture
-async def own_bridge(own_settings: Settings) -> AsyncIterator[BridgeClient]:
+async def own_bridge(own_settings: ServeSettings) -> AsyncIterator[BridgeClient]:
     async with TestClient(TestServer(create_app(own_settings))) as client:
         await wait_until_ready(client)
         yield client
 
 
 async def test_a_paused_broker_gets_503_within_the_deadline_and_the_next_request_after_resume_succeeds(
-    own_bridge: BridgeClient, own_broker: FaultBroker, own_settings: Settings
+    own_bridge: BridgeClient, own_broker: FaultBroker, own_settings: ServeSettings
 ) -> None:
     assert (await own_bridge.post("/callback", params=SEED.query, data=callback("before"))).status == 200
 

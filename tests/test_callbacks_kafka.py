@@ -9,7 +9,7 @@ import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.commands import TopicGroup
 from bridge.tencent.envelope import json_schema
 from bridge.tencent.partitioner import partition_for
@@ -68,7 +68,7 @@ def envelope_of(record: ConsumerRecord[bytes, bytes]) -> dict[str, object]:
 
 
 async def test_every_fixture_lands_once_with_key_partition_timestamp_headers_and_envelope(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     fixtures = load_fixtures()
     assert {f.name for f in fixtures} == set(EXPECTED)
@@ -113,7 +113,7 @@ async def test_every_fixture_lands_once_with_key_partition_timestamp_headers_and
 
 
 async def test_partitions_follow_the_java_formula_for_known_accounts(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     """Official accounts with known Java partitions (12 partitions) land exactly there."""
     # toPositive(murmur2(utf8(account))) % 12, worked out by hand from Kafka's Java murmur2 vectors
@@ -130,7 +130,7 @@ async def test_partitions_follow_the_java_formula_for_known_accounts(
 
 
 async def test_the_same_account_always_lands_on_the_same_partition(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     base = fixture("oa-after-send-text")
     for number in range(5):
@@ -143,7 +143,7 @@ async def test_the_same_account_always_lands_on_the_same_partition(
 
 
 async def test_body_bytes_are_kept_exactly_as_posted(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     """Spacing, key order, escapes and unknown fields survive byte for byte inside the envelope."""
     base = fixture("oa-after-send-text")
@@ -170,7 +170,7 @@ async def test_body_bytes_are_kept_exactly_as_posted(
     ],
 )
 async def test_unknown_commands_are_accepted_and_published(
-    bridge: BridgeClient, settings: Settings, kafka: str, command: str, group: TopicGroup
+    bridge: BridgeClient, settings: ServeSettings, kafka: str, command: str, group: TopicGroup
 ) -> None:
     body = {"CallbackCommand": command, "Official_Account": "@TOA#_x", "GroupId": "@TGS#y", "Anything": [1]}
     query = {"SdkAppid": "1400000001", "CallbackCommand": command, "contenttype": "json"}
@@ -184,7 +184,7 @@ async def test_unknown_commands_are_accepted_and_published(
 
 
 async def test_command_only_in_the_body_or_only_in_the_query_is_enough(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     base = fixture("oa-after-send-text")
     query_without = {k: v for k, v in base.query.items() if k != "CallbackCommand"}
@@ -199,7 +199,7 @@ async def test_command_only_in_the_body_or_only_in_the_query_is_enough(
 
 
 async def test_sign_is_left_out_of_the_envelope_and_other_parameters_kept(
-    bridge: BridgeClient, settings: Settings, kafka: str
+    bridge: BridgeClient, settings: ServeSettings, kafka: str
 ) -> None:
     base = fixture("oa-after-send-text")
     query = {

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from bridge.cli import main
-from bridge.settings import OPTIONS, Option, SettingsError, build, values
+from bridge.settings import COMMANDS, Command, Option, SettingsError, build, values
 
 BRIDGE = [sys.executable, "-m", "bridge"]
 
@@ -34,11 +34,20 @@ def run_bridge(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-def test_top_level_help_lists_every_option_with_its_environment_variable() -> None:
+def test_top_level_help_lists_the_commands_and_says_where_their_options_are() -> None:
+    """It fits a terminal: the options are in each command's own `--help`."""
     result = run_bridge("--help")
     assert result.returncode == 0
-    for option in OPTIONS:
-        assert re.search(rf"{option.flag}\s+{option.env}\s+\S", result.stdout), option.flag
+    lines = result.stdout.splitlines()
+    assert len(lines) < 30
+    assert max(len(line) for line in lines) < 100
+    for name in COMMANDS:
+        assert re.search(rf"^    {name}\s+\S", result.stdout, flags=re.MULTILINE), name
+    assert "bridge COMMAND --help" in result.stdout
+    assert "--bootstrap-servers" not in result.stdout
+
+
+ALL_FLAGS = sorted({option.flag for command in COMMANDS.values() for option in command.options})
 
 
 @pytest.mark.parametrize(
@@ -58,16 +67,21 @@ def test_subcommand_help_gives_every_option_its_default_and_environment_variable
     result = run_bridge(*argv, "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    for option in OPTIONS:
-        offered = (
-            re.search(rf"{re.escape(option.flag)}(?![\w-])", text) is not None
-        )  # --max, not --max-body-bytes
-        if command in option.commands:
-            assert offered, option.flag
-            assert f"env: {option.env}]" in text
-        else:
-            assert not offered, option.flag
-    assert text.count("[default: ") == sum(command in option.commands for option in OPTIONS)
+    spec = COMMANDS[command]
+    flags = {option.flag for option in spec.options}
+    for flag in ALL_FLAGS:
+        offered = re.search(rf"{re.escape(flag)}(?![\w-])", text) is not None  # --max, not --max-body-bytes
+        assert offered == (flag in flags), flag
+    for option in spec.options:
+        assert f"env: {spec.env(option)}]" in text, option.flag
+    assert text.count("[default: ") == len(spec.options)
+
+
+def test_subcommand_help_groups_the_options() -> None:
+    result = run_bridge("serve", "--help")
+    titles = [line[:-1] for line in result.stdout.splitlines() if line and not line[0].isspace()]
+    for title in ("Kafka connection", "topics", "HTTP", "authentication", "delivery", "logging"):
+        assert title in titles, titles
 
 
 @pytest.mark.parametrize("environment", [{}, {"BRIDGE_BOOTSTRAP_SERVERS": ""}], ids=["unset", "empty"])
@@ -303,19 +317,34 @@ def refusal(option: Option, value: str) -> str | None:
     return None
 
 
-def first_command(option: Option) -> str:
-    return next(
-        name for name in ("serve", "dev", "consume", "replay", "bench", "topics") if name in option.commands
-    )
+def first_commands() -> dict[int, tuple[Option, Command]]:
+    """Every option once, with the first command that takes it."""
+    found: dict[int, tuple[Option, Command]] = {}
+    for name in ("serve", "dev", "consume", "replay", "bench", "topics"):
+        for option in COMMANDS[name].options:
+            found.setdefault(id(option), (option, COMMANDS[name]))
+    return found
 
 
-@pytest.mark.parametrize("option", [o for o in OPTIONS if not o.is_switch], ids=lambda o: o.flag)
+def exit_status(arguments: list[str], environ: dict[str, str]) -> int:
+    """`main`'s exit status, whether argparse ends the process (a bad flag) or `main` returns it."""
+    try:
+        return main(arguments, environ)
+    except SystemExit as exited:
+        return exited.code if isinstance(exited.code, int) else -1
+
+
+@pytest.mark.parametrize(
+    ("option", "command"),
+    [found for found in first_commands().values() if not found[0].is_switch],
+    ids=lambda value: value.flag if isinstance(value, Option) else value.name,
+)
 def test_every_bad_value_of_every_option_gets_the_bridges_own_one_line_message(
-    option: Option, capsys: pytest.CaptureFixture[str]
+    option: Option, command: Command, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """From a flag or a variable; never Python's wording, a traceback, or a secret's value."""
-    command = first_command(option)
-    argv = ["topics", "ensure"] if command == "topics" else [command]
+    argv = command.title.split()
+    env = command.env(option)
     refused = 0
     for value in BAD_VALUES:
         message = refusal(option, value)
@@ -327,15 +356,118 @@ def test_every_bad_value_of_every_option_gets_the_bridges_own_one_line_message(
             continue
         tries: list[tuple[list[str], dict[str, str]]] = [([*argv, option.flag, value], {})]
         if value.strip():  # an empty variable counts as unset
-            tries.append((argv, {option.env: value}))
+            tries.append((argv, {env: value}))
         for arguments, environ in tries:
-            with pytest.raises(SystemExit) as exited:
-                main(arguments, environ)
-            assert exited.value.code == 2
+            assert exit_status(arguments, environ) == 2
             errors = capsys.readouterr().err
             assert errors.count("\n") == 1, errors
-            assert errors.startswith(f"bridge {' '.join(argv)}: ".replace(" ensure", "")), errors
-            assert option.flag in errors or option.env in errors
+            assert errors.startswith(f"bridge {' '.join(argv)}: "), errors
+            assert option.flag in errors or env in errors
             if option.hidden and value.strip():
                 assert repr(value) not in errors
     assert refused or option.parse in {values.text, values.path}, f"{option.flag} refused no bad value"
+
+
+def test_the_command_line_loads_neither_aiohttp_nor_aiokafka_until_a_command_runs() -> None:
+    """`bridge --help` starts fast: the HTTP and Kafka libraries load with the commands that use them."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, bridge.cli; print(sorted({m.split('.')[0] for m in sys.modules}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'aiohttp'" not in loaded
+    assert "'aiokafka'" not in loaded
+
+
+@pytest.mark.parametrize("command", ["consume", "replay", "bench"])
+def test_every_tool_takes_the_logging_options(command: str) -> None:
+    settings = build(command, {"log_level": "debug"}, {"BRIDGE_LOG_FORMAT": "json"})
+    assert (settings.log_level, settings.log_format) == ("debug", "json")
+
+
+def test_consume_given_the_logging_options_goes_on_to_its_own_checks() -> None:
+    result = run_bridge("consume", "--log-level", "debug", "--log-format", "json")
+    assert result.returncode == 2
+    assert result.stderr.startswith("bridge consume: no Kafka brokers given"), result.stderr
+
+
+@pytest.mark.parametrize("command", ["consume", "replay"])
+def test_each_reader_has_its_own_client_id_not_the_servers(command: str) -> None:
+    assert build(command, {}, {}).client_id == f"tencent-chat-kafka-bridge-{command}"
+    assert build(command, {}, {"BRIDGE_CLIENT_ID": "the-server"}).client_id.endswith(f"-{command}")
+    assert build(command, {"client_id": "job-7"}, {}).client_id == "job-7"
+    scoped = f"BRIDGE_{command.upper()}_CLIENT_ID"
+    assert build(command, {}, {scoped: "nightly"}).client_id == "nightly"
+
+
+@pytest.mark.parametrize("command", ["consume", "replay"])
+def test_the_topic_a_reader_reads_is_its_own_variable_and_serves_stays(command: str) -> None:
+    scoped = f"BRIDGE_{command.upper()}_TOPIC"
+    assert build(command, {}, {scoped: "tim.archive"}).topic == "tim.archive"
+    assert build(command, {"topic": "tim.flag"}, {scoped: "tim.archive"}).topic == "tim.flag"
+    assert build("serve", {}, {scoped: "tim.archive"}).topic == "tim.official-account"
+    assert build("serve", {}, {"BRIDGE_TOPIC": "tim.oa"}).topic == "tim.oa"
+
+
+def test_the_rate_of_replay_and_the_rate_of_bench_are_two_variables() -> None:
+    environ = {"BRIDGE_REPLAY_RATE": "50", "BRIDGE_BENCH_RATE": "2000"}
+    assert build("replay", {}, environ).rate == 50.0
+    assert build("bench", {}, environ).rate == 2000.0
+    assert build("replay", {}, {"BRIDGE_BENCH_RATE": "2000"}).rate is None
+
+
+def test_serve_settings_carry_no_option_of_the_tools() -> None:
+    serve = build("serve", {}, {})
+    for field in ("max", "rate", "format", "group", "since", "url"):
+        assert not hasattr(serve, field), field
+
+
+def test_an_old_variable_of_a_tool_is_still_read_with_a_one_line_warning_naming_its_replacement() -> None:
+    warnings: list[str] = []
+    settings = build("consume", {}, {"BRIDGE_GROUP": "daily"}, warnings.append)
+    assert settings.group == "daily"
+    assert warnings == ["BRIDGE_GROUP is deprecated for `bridge consume`: set BRIDGE_CONSUME_GROUP instead"]
+
+
+def test_the_scoped_variable_wins_over_the_old_one_and_the_old_one_is_said_to_be_ignored() -> None:
+    warnings: list[str] = []
+    environ = {"BRIDGE_RATE": "10", "BRIDGE_REPLAY_RATE": "20"}
+    assert build("replay", {}, environ, warnings.append).rate == 20.0
+    assert len(warnings) == 1
+    assert "BRIDGE_RATE is ignored: BRIDGE_REPLAY_RATE is set" in warnings[0]
+
+
+def test_a_flag_wins_over_an_old_variable_without_a_warning() -> None:
+    warnings: list[str] = []
+    assert build("bench", {"rate": 5.0}, {"BRIDGE_RATE": "10"}, warnings.append).rate == 5.0
+    assert warnings == []
+
+
+def test_a_bad_value_of_an_old_variable_names_the_old_variable() -> None:
+    with pytest.raises(SettingsError, match=r"BRIDGE_SINCE='someday'"):
+        build("replay", {}, {"BRIDGE_SINCE": "someday"}, lambda _: None)
+
+
+def test_a_group_left_in_the_environment_warns_on_stderr_instead_of_silently_joining_a_group() -> None:
+    result = run_bridge("consume", env={"BRIDGE_GROUP": "left-over"})
+    warning, error = result.stderr.splitlines()
+    assert warning == (
+        "bridge consume: warning: BRIDGE_GROUP is deprecated for `bridge consume`: set BRIDGE_CONSUME_GROUP "
+        "instead"
+    )
+    assert error.startswith("bridge consume: no Kafka brokers given")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["consume", "replay", "bench"])
+def test_every_old_variable_of_a_tool_is_scoped_by_the_tool(command: str) -> None:
+    spec = COMMANDS[command]
+    for option in spec.options:
+        old = spec.old_env(option)
+        if old is not None:
+            assert spec.env(option) == old.replace("BRIDGE_", f"BRIDGE_{command.upper()}_", 1)

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.ingest.outcomes import Outcomes
 from bridge.ingest.server import create_app
 from bridge.kafka.publisher import KafkaPublisher
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
 from tests.support.kafka import jars
@@ -214,12 +214,12 @@ async def all_in_sync(cluster: KafkaCluster, topics: Sequence[str] | None = None
         raise AssertionError(f"not all in sync within {HEAL_TIMEOUT_S:g} s: {last!r}"[:3000]) from None
 
 
-def cluster_settings(cluster: KafkaCluster, **overrides: Any) -> Settings:
+def cluster_settings(cluster: KafkaCluster, **overrides: Any) -> ServeSettings:
     return unique_settings(cluster.bootstrap_servers, partitions=PARTITIONS, **overrides)
 
 
 @contextlib.asynccontextmanager
-async def in_process_bridge(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+async def in_process_bridge(settings: ServeSettings) -> AsyncIterator[TestClient[Any, Any]]:
     async with TestClient(TestServer(create_app(settings))) as client:
         await wait_until_ready(client)
         yield client
@@ -257,7 +257,7 @@ async def metric(client: TestClient[Any, Any], name: str, **labels: str) -> floa
 
 
 async def assert_confirmed_landed(
-    cluster: KafkaCluster, settings: Settings, answers: Sequence[Answer]
+    cluster: KafkaCluster, settings: ServeSettings, answers: Sequence[Answer]
 ) -> set[str]:
     """Every callback answered 200 is in the topic; return their keys."""
     confirmed = {a.key for a in answers if a.status == 200}
@@ -394,7 +394,7 @@ async def test_too_few_replicas_in_sync_are_refused_with_503_readyz_and_metrics_
 class BridgeProcess:
     """`bridge serve` in a process of its own, for a real exit code, real signals and its own memory."""
 
-    def __init__(self, settings: Settings, log_path: Path, **flags: str) -> None:
+    def __init__(self, settings: ServeSettings, log_path: Path, **flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = settings
@@ -449,7 +449,7 @@ class BridgeProcess:
 
 @contextlib.asynccontextmanager
 async def bridge_process(
-    settings: Settings, log_path: Path, **flags: str
+    settings: ServeSettings, log_path: Path, **flags: str
 ) -> AsyncIterator[tuple[BridgeProcess, aiohttp.ClientSession]]:
     bridge = BridgeProcess(settings, log_path, **flags)
     try:

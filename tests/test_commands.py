@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bridge.errors import InvalidField
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.commands import COMMANDS, TopicGroup, route
 from bridge.tencent.envelope import record_timestamp
 from tests.support.requests import load_fixtures
@@ -131,5 +131,5 @@ DAY = 86_400_000
 def test_the_record_timestamp_is_the_event_time_unless_absent_far_ahead_or_older_than_half_the_retention(
     event_time: int | None, expected: int
 ) -> None:
-    half_of_14_days = Settings(retention_hours=14 * 24).max_event_age_ms
+    half_of_14_days = ServeSettings(retention_hours=14 * 24).max_event_age_ms
     assert record_timestamp(event_time, RECEIVED, half_of_14_days) == expected

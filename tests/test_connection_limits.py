@@ -18,13 +18,13 @@ from aiohttp.test_utils import TestServer
 
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.support.fakes import FakePublisher
 from tests.support.requests import fixture
 from tests.support.serve import BridgeTestServer
 
 SEED = fixture("oa-after-send-text")
-LIMITS = Settings(
+LIMITS = ServeSettings(
     max_url_bytes=1024, max_header_bytes=512, max_headers=16, idle_timeout=1.0, max_body_bytes=4096
 )
 TARGET = f"/callback?{urlencode(SEED.query)}"

@@ -17,7 +17,7 @@ import pytest
 
 from bridge.readback.events import Event, EventFilter
 from bridge.readback.reader import EventReader
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.support.broker import broker_choice
 from tests.support.readback import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, post_through_a_bridge, three_days
@@ -39,7 +39,7 @@ def normalized(body: object) -> bytes:
 
 
 async def test_consume_prints_exactly_the_events_of_a_command_an_account_and_a_day(
-    posted: list[Posted], settings: Settings, kafka: str
+    posted: list[Posted], settings: ServeSettings, kafka: str
 ) -> None:
     result = await asyncio.to_thread(
         run,
@@ -63,7 +63,7 @@ async def test_consume_prints_exactly_the_events_of_a_command_an_account_and_a_d
 
 
 async def test_consume_by_family_from_the_beginning_with_max_stops_after_max_events(
-    posted: list[Posted], settings: Settings, kafka: str
+    posted: list[Posted], settings: ServeSettings, kafka: str
 ) -> None:
     result = await asyncio.to_thread(
         run,
@@ -91,7 +91,7 @@ async def job_failing_on_its_fourth_event(reader: EventReader, finished: list[Ev
 
 
 async def test_a_group_commits_the_events_a_job_finished_and_not_the_one_it_failed_on(
-    posted: list[Posted], settings: Settings, kafka: str
+    posted: list[Posted], settings: ServeSettings, kafka: str
 ) -> None:
     one_account = EventFilter.of(entities=[ACCOUNTS[1]])
     finished: list[Event] = []
@@ -108,7 +108,7 @@ async def test_a_group_commits_the_events_a_job_finished_and_not_the_one_it_fail
 
 
 async def test_the_readmes_analytics_job_counts_each_accounts_messages_of_the_day_once(
-    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     job = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL) if "EventReader" in b)
     (tmp_path / "job.py").write_text(job)
@@ -133,7 +133,7 @@ def consume_day(kafka: str, topic: str, group: str, day: int) -> subprocess.Comp
 
 
 async def test_a_group_reading_one_day_after_another_gets_every_event_of_the_next_day(
-    posted: list[Posted], settings: Settings, kafka: str
+    posted: list[Posted], settings: ServeSettings, kafka: str
 ) -> None:
     """The first day's run reads past its --until but commits nothing from there on, so the next day's
     run of the same group starts before that day's first events."""
@@ -157,7 +157,7 @@ async def test_consume_with_no_broker_answering_exits_3_with_a_one_line_error() 
 
 @pytest.mark.parametrize("where", ["missing directory", "a directory"])
 async def test_consume_refuses_an_output_it_cannot_write_with_a_one_line_usage_error(
-    where: str, posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    where: str, posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     output = str(tmp_path / "missing" / "out.jsonl") if where == "missing directory" else str(tmp_path)
     result = await asyncio.to_thread(
@@ -168,7 +168,7 @@ async def test_consume_refuses_an_output_it_cannot_write_with_a_one_line_usage_e
     assert f"cannot write --output {output}" in one_line_error(result)
 
 
-async def test_consume_with_since_later_than_until_is_a_usage_error(offline_settings: Settings) -> None:
+async def test_consume_with_since_later_than_until_is_a_usage_error(offline_settings: ServeSettings) -> None:
     result = await asyncio.to_thread(
         run_bridge, "consume", "--bootstrap-servers", NO_BROKER, "--topic", offline_settings.topic,
         "--since", "2024-05-03", "--until", "2024-05-02",
@@ -178,7 +178,7 @@ async def test_consume_with_since_later_than_until_is_a_usage_error(offline_sett
 
 
 async def test_consume_says_1_event_in_the_singular(
-    posted: list[Posted], settings: Settings, kafka: str
+    posted: list[Posted], settings: ServeSettings, kafka: str
 ) -> None:
     result = await asyncio.to_thread(
         run_bridge, "consume", "--bootstrap-servers", kafka, "--topic", settings.topic, "--from-beginning",
@@ -189,7 +189,7 @@ async def test_consume_says_1_event_in_the_singular(
 
 
 async def test_a_window_at_the_end_of_the_topic_is_found_by_time_and_reads_only_its_own_records(
-    settings: Settings, kafka: str
+    settings: ServeSettings, kafka: str
 ) -> None:
     """`--since` looks the start up with ListOffsets by time: reading the last day of the three before
     today reads that day's records and no earlier one, where a full scan reads all of them. (Recent days:

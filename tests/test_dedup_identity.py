@@ -16,14 +16,14 @@ from bridge.readback.events import unique
 from bridge.readback.reader import EventReader
 from bridge.readback.replay import Replay
 from bridge.readback.sinks import FileSink
-from bridge.settings import Settings
+from bridge.settings import ReplaySettings, ServeSettings
 from tests.support.readback import ACCOUNTS, OA_QUERY, message
 from tests.support.serve import wait_until_ready
 
 APP_A, APP_B = "1400000000", "1400000001"
 
 
-async def post_same_key_from_two_apps(settings: Settings) -> bytes:
+async def post_same_key_from_two_apps(settings: ServeSettings) -> bytes:
     """App A's message twice (a retry that landed twice), app B's message with the same MsgKey once."""
     callback = message(1, 30, ACCOUNTS[0], 7)
     body = orjson.dumps(callback.body)
@@ -38,11 +38,15 @@ async def post_same_key_from_two_apps(settings: Settings) -> bytes:
 
 
 async def test_a_deduplicated_replay_keeps_both_apps_callbacks_that_share_a_msgkey(
-    settings: Settings, tmp_path: Path
+    settings: ServeSettings, tmp_path: Path
 ) -> None:
     await post_same_key_from_two_apps(settings)
     out = tmp_path / "copy.jsonl"
-    replay = Replay(replace(settings, to_file=str(out), dedup=True), FileSink(str(out)), report=io.StringIO())
+    replay = Replay(
+        ReplaySettings.reading(settings, to_file=str(out), dedup=True),
+        FileSink(str(out)),
+        report=io.StringIO(),
+    )
     async with asyncio.timeout(60):
         await replay.run()
 
@@ -52,7 +56,7 @@ async def test_a_deduplicated_replay_keeps_both_apps_callbacks_that_share_a_msgk
 
 
 async def test_unique_keeps_both_apps_callbacks_that_share_a_msgkey_and_drops_the_retry(
-    settings: Settings, kafka: str
+    settings: ServeSettings, kafka: str
 ) -> None:
     await post_same_key_from_two_apps(settings)
     async with asyncio.timeout(60), EventReader(kafka, settings.topic) as reader:

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.ingest.server import ADMISSION, PUBLISHER, create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.support.broker import FaultBroker, fault_broker
 from tests.support.proxy import KafkaProxy
@@ -44,7 +44,7 @@ NOT_LEADER_OR_FOLLOWER, MESSAGE_TOO_LARGE, NOT_ENOUGH_REPLICAS, NOT_ENOUGH_REPLI
 class Rig:
     broker: FaultBroker
     proxy: KafkaProxy
-    settings: Settings
+    settings: ServeSettings
     client: TestClient[web.Request, web.Application]
 
     async def send(self, msg_key: str) -> tuple[int, dict[str, Any], float]:

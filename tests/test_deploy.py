@@ -19,13 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.ingest.server import create_app
 from bridge.kafka.topics import intended_topic
-from bridge.settings import OPTIONS, Settings, SettingsError, build, require_authentication
+from bridge.settings import COMMANDS, ServeSettings, SettingsError, build, require_authentication
 from tests.support.fakes import FakePublisher
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
-OPTION_ENVS = {option.env for option in OPTIONS}
+OPTION_ENVS = {command.env(option) for command in COMMANDS.values() for option in command.options}
 # Names the deployment files set ahead of the code that reads them, with the issue that adds it.
 PLANNED_ENVS: dict[str, str] = {}
 
@@ -56,7 +56,7 @@ def env_of(service: str) -> dict[str, str]:
     }
 
 
-def drain_seconds(settings: Settings) -> float:
+def drain_seconds(settings: ServeSettings) -> float:
     """The longest a bridge takes to stop (README, Guarantees): delay, drain, flush, and two seconds."""
     return (
         settings.shutdown_delay
@@ -361,7 +361,7 @@ def queries() -> list[str]:
 async def exported_sample_names() -> set[str]:
     """Every sample name a bridge can export, from the HELP/TYPE lines of a fresh bridge's /metrics."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    async with TestClient(TestServer(create_app(Settings(), publisher=FakePublisher()))) as client:
+    async with TestClient(TestServer(create_app(ServeSettings(), publisher=FakePublisher()))) as client:
         text = await (await client.get("/metrics")).text()
     return {
         family.name + suffix

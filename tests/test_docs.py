@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.settings import OPTIONS, Option, default, describe_default
+from bridge.settings import COMMANDS, Option, describe_default
 from bridge.tencent.partitioner import partition_for
 
 ROOT = Path(__file__).parent.parent
@@ -36,36 +36,58 @@ def table_row(heading: str, flag: str) -> list[str] | None:
     return None if row is None else [cell.strip() for cell in row.strip("|").split("|")]
 
 
-@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.flag)
-def test_the_configuration_tables_give_each_options_environment_and_defaults(option: Option) -> None:
-    main = option.commands & {"serve", "dev", "topics"}
-    readers = sorted(option.commands & {"consume", "replay"})
-    assert main or readers or "bench" in option.commands, option.flag
-    if main:
-        cells = table_row("## Configuration", option.flag)
-        assert cells is not None, f"no README row for {option.flag} in the configuration table"
-        assert cells[1] == f"`{option.env}`"
-        for cell, command in ((cells[2], "serve"), (cells[3], "dev")):
-            expected = describe_default(default(option, command), option.unset) if command in main else "-"
-            assert cell == expected, f"{option.flag}: the {command} default"
-        assert cells[4] == ("yes" if "topics" in main else "-"), "the `topics ensure` column"
-    if readers:
-        cells = table_row("### Options of `consume` and `replay`", option.flag)
-        assert cells is not None, f"no README row for {option.flag} in the consume and replay table"
-        assert cells[1] == f"`{option.env}`"
-        assert cells[2] == describe_default(default(option, readers[0]), option.unset)
-        assert cells[3] == ", ".join(readers)
-    if "bench" in option.commands:
-        cells = table_row("### Options of `bench`", option.flag)
-        assert cells is not None, f"no README row for {option.flag} in the bench table"
-        assert cells[1] == f"`{option.env}`"
-        assert cells[2] == describe_default(default(option, "bench"), option.unset)
+def table_flags(heading: str) -> list[str]:
+    section = README.split(heading, 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\| `(--[a-z0-9-]+)`", section, flags=re.MULTILINE)
+
+
+SERVE, DEV, TOPICS = COMMANDS["serve"], COMMANDS["dev"], COMMANDS["topics"]
+
+
+@pytest.mark.parametrize("option", SERVE.options, ids=lambda option: option.flag)
+def test_the_configuration_table_gives_each_options_environment_and_defaults(option: Option) -> None:
+    cells = table_row("## Configuration", option.flag)
+    assert cells is not None, f"no README row for {option.flag} in the configuration table"
+    assert cells[1] == f"`{SERVE.env(option)}`"
+    assert cells[2] == describe_default(SERVE.default(option), option.unset), (
+        f"{option.flag}: the serve default"
+    )
+    dev = next((o for o in DEV.options if o.field == option.field), None)
+    expected = "-" if dev is None else describe_default(DEV.default(dev), dev.unset)
+    assert cells[3] == expected, f"{option.flag}: the dev default"
+    in_topics = any(o.field == option.field for o in TOPICS.options)
+    assert cells[4] == ("yes" if in_topics else "-"), "the `topics ensure` column"
 
 
 def test_the_configuration_table_has_a_row_for_each_option_and_no_other() -> None:
-    section = README.split("## Configuration", 1)[1].split("\n#", 1)[0]
-    flags = re.findall(r"^\| `(--[a-z0-9-]+)`", section, flags=re.MULTILINE)
-    assert flags == [option.flag for option in OPTIONS if option.commands & {"serve", "dev", "topics"}]
+    assert table_flags("## Configuration") == [option.flag for option in SERVE.options]
+    every = {option.flag for option in SERVE.options}
+    assert {option.flag for option in (*DEV.options, *TOPICS.options)} <= every
+
+
+TOOL_TABLES = {"consume": "#### `consume`", "replay": "#### `replay`", "bench": "### Options of `bench`"}
+
+
+@pytest.mark.parametrize(
+    ("name", "option"),
+    [(name, option) for name in TOOL_TABLES for option in COMMANDS[name].options],
+    ids=lambda value: value.flag if isinstance(value, Option) else value,
+)
+def test_each_tools_table_gives_each_options_environment_its_old_name_and_default(
+    name: str, option: Option
+) -> None:
+    command = COMMANDS[name]
+    cells = table_row(TOOL_TABLES[name], option.flag)
+    assert cells is not None, f"no README row for {option.flag} in the {name} table"
+    assert cells[1] == f"`{command.env(option)}`"
+    old = command.old_env(option)
+    assert cells[2] == ("-" if old is None else f"`{old}`"), f"{option.flag}: the name it replaces"
+    assert cells[3] == describe_default(command.default(option), option.unset)
+
+
+@pytest.mark.parametrize("name", TOOL_TABLES)
+def test_each_tools_table_has_a_row_for_each_of_its_options_and_no_other(name: str) -> None:
+    assert table_flags(TOOL_TABLES[name]) == [option.flag for option in COMMANDS[name].options]
 
 
 def test_the_readmes_backfill_is_one_replay_command_of_one_day() -> None:

@@ -9,7 +9,6 @@ import io
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from bridge.readback.consume import _consume
 from bridge.readback.replay import Checkpoint, Replay
 from bridge.readback.sinks import FileSink, UrlSink
-from bridge.settings import Settings
+from bridge.settings import ConsumeSettings, ReplaySettings, ServeSettings
 from tests.support.readback import Posted, Receiver
 from tests.support.serve import run_bridge
 
@@ -80,10 +79,10 @@ def assert_each_checkpoint_follows_its_data(calls: list[Call], data: Path, check
 
 
 async def test_a_replay_to_a_file_creates_it_and_its_checkpoint_0600_and_fsyncs_the_data_first(
-    posted: list[Posted], settings: Settings, tmp_path: Path, usual_umask: None, calls: list[Call]
+    posted: list[Posted], settings: ServeSettings, tmp_path: Path, usual_umask: None, calls: list[Call]
 ) -> None:
     out, checkpoint = tmp_path / "copy.jsonl", tmp_path / "replay.ckpt"
-    window = replace(settings, to_file=str(out), checkpoint=str(checkpoint))
+    window = ReplaySettings.reading(settings, to_file=str(out), checkpoint=str(checkpoint))
     replay = Replay(window, FileSink(str(out)), report=io.StringIO())
     async with asyncio.timeout(60):
         await replay.run()
@@ -95,7 +94,7 @@ async def test_a_replay_to_a_file_creates_it_and_its_checkpoint_0600_and_fsyncs_
 
 async def test_records_set_aside_are_fsynced_before_the_checkpoint_that_passes_them(
     posted: list[Posted],
-    settings: Settings,
+    settings: ServeSettings,
     receiver: Receiver,
     tmp_path: Path,
     usual_umask: None,
@@ -103,7 +102,9 @@ async def test_records_set_aside_are_fsynced_before_the_checkpoint_that_passes_t
 ) -> None:
     receiver.status = 422
     skipped, checkpoint = tmp_path / "skipped.jsonl", tmp_path / "replay.ckpt"
-    window = replace(settings, to_url=receiver.url(), checkpoint=str(checkpoint), skipped=str(skipped))
+    window = ReplaySettings.reading(
+        settings, to_url=receiver.url(), checkpoint=str(checkpoint), skipped=str(skipped)
+    )
     replay = Replay(window, UrlSink(receiver.url()), report=io.StringIO())
     async with asyncio.timeout(60):
         await replay.run()
@@ -126,7 +127,7 @@ def test_a_checkpoint_left_0644_by_an_older_version_becomes_0600_at_its_next_sav
 
 
 async def test_consume_output_is_created_0600(
-    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path, usual_umask: None
+    posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path, usual_umask: None
 ) -> None:
     output = tmp_path / "events.jsonl"
     result = await asyncio.to_thread(
@@ -139,12 +140,14 @@ async def test_consume_output_is_created_0600(
 
 
 async def test_consume_with_a_group_fsyncs_its_output_before_each_commit(
-    posted: list[Posted], settings: Settings, tmp_path: Path, calls: list[Call]
+    posted: list[Posted], settings: ServeSettings, tmp_path: Path, calls: list[Call]
 ) -> None:
     output = tmp_path / "events.jsonl"
     with output.open("ab") as file:
         async with asyncio.timeout(60):
-            status = await _consume(replace(settings, group="durable", from_beginning=True), file)
+            status = await _consume(
+                ConsumeSettings.reading(settings, group="durable", from_beginning=True), file
+            )
     assert status == 0
     assert len(output.read_bytes().splitlines()) == len(posted)
     commits = [i for i, call in enumerate(calls) if call == ("commit",)]

@@ -16,14 +16,14 @@ from aiohttp.test_utils import BaseTestServer, TestServer
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import ADMISSION, create_app
 from bridge.logs import LineBudget
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.support.fakes import FakePublisher
 from tests.support.requests import fixture
 from tests.support.serve import BridgeTestServer
 
 SEED = fixture("oa-after-send-text")
 TARGET = f"/callback?{urlencode(SEED.query)}"
-LIMITS = Settings(max_in_flight=2, max_pending_bodies=3, max_connections=8, body_timeout=5.0)
+LIMITS = ServeSettings(max_in_flight=2, max_pending_bodies=3, max_connections=8, body_timeout=5.0)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from bridge.ingest.runner import BridgeRunner, request_handler_options
 from bridge.ingest.server import create_app
 from bridge.secret import Secret
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.signature import expected_sign
 from tests.support.records import read_records
 from tests.support.requests import load_fixtures
@@ -40,7 +40,7 @@ FIXTURES = load_fixtures()
 
 
 @contextlib.contextmanager
-def bridge_in_a_thread(bridge_settings: Settings) -> Iterator[int]:
+def bridge_in_a_thread(bridge_settings: ServeSettings) -> Iterator[int]:
     """The bridge, as `bridge serve` runs it, on its own loop in a thread; yields its port once ready."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from bridge.errors import BridgeError, InvalidQuery
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tencent.protocol import parse_query
 from tests.support.fakes import FakePublisher
@@ -63,7 +63,7 @@ def test_every_input_of_the_committed_corpus_ends_in_a_record_or_a_refusal() -> 
             topics[result.topic] += 1
         elif isinstance(result, BridgeError):
             refusals[result.status] += 1
-    assert set(topics) == set(Settings().topics), topics
+    assert set(topics) == set(ServeSettings().topics), topics
     assert set(refusals) == fuzz_target.REFUSALS, refusals
 
 
@@ -88,7 +88,7 @@ async def test_a_query_byte_that_is_not_utf8_gets_400_from_the_pure_python_parse
     publisher = FakePublisher()
     publisher.confirm.set()
     query = "&".join(f"{name}={value}" for name, value in seed.query.items()).encode() + b"\xc4"
-    async with TestServer(create_app(Settings(), publisher)) as server:
+    async with TestServer(create_app(ServeSettings(), publisher)) as server:
         reader, writer = await asyncio.open_connection(server.host, server.port)
         head = b"POST /callback?%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
         writer.write(head % (query, len(seed.raw_body)) + seed.raw_body)

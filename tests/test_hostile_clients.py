@@ -14,7 +14,7 @@ from aiohttp.test_utils import BaseTestServer, TestClient
 
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.support.records import count_records
 from tests.support.requests import fixture
 from tests.support.serve import BridgeTestServer, until_stats, wait_until_ready
@@ -24,7 +24,7 @@ QUERY = "&".join(f"{k}={v}" for k, v in SEED.query.items())
 
 
 @pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[BaseTestServer]:
+async def server(settings: ServeSettings) -> AsyncIterator[BaseTestServer]:
     """A ready bridge, served as `bridge serve` serves it, that gives a body one second to arrive."""
     bridge_settings = replace(settings, body_timeout=1.0)
     test_server = BridgeTestServer(create_app(bridge_settings))
@@ -60,7 +60,7 @@ def status_and_body(answer: bytes) -> tuple[int, dict[str, object]]:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_a_body_that_is_not_in_its_content_encoding_gets_400(
-    server: BaseTestServer, settings: Settings, kafka: str, encoding: str
+    server: BaseTestServer, settings: ServeSettings, kafka: str, encoding: str
 ) -> None:
     answer = await exchange(
         server, request_head(f"Content-Encoding: {encoding}", "Content-Length: 9"), b"notgzip!!"
@@ -79,7 +79,7 @@ async def test_a_gzip_encoded_callback_is_accepted(server: BaseTestServer) -> No
 
 
 async def test_a_body_that_trickles_in_too_slowly_gets_408_and_frees_its_slot(
-    server: BaseTestServer, settings: Settings, kafka: str
+    server: BaseTestServer, settings: ServeSettings, kafka: str
 ) -> None:
     head = request_head(f"Content-Length: {len(SEED.raw_body)}")
     answer = await exchange(server, head, SEED.raw_body[:10])  # and the rest never comes
@@ -137,7 +137,7 @@ CHUNKED = "Transfer-Encoding: chunked"
     ],
 )
 async def test_a_request_the_http_parser_refuses_gets_a_tencent_400_saying_why_and_is_not_written(
-    server: BaseTestServer, settings: Settings, kafka: str, request_bytes: bytes, reason: str
+    server: BaseTestServer, settings: ServeSettings, kafka: str, request_bytes: bytes, reason: str
 ) -> None:
     answer = await exchange(server, request_bytes)
     head, _, _ = answer.partition(b"\r\n\r\n")
@@ -150,7 +150,7 @@ async def test_a_request_the_http_parser_refuses_gets_a_tencent_400_saying_why_a
 
 
 async def test_bad_chunked_framing_after_the_body_began_gets_408_as_a_body_that_never_ends(
-    server: BaseTestServer, settings: Settings, kafka: str
+    server: BaseTestServer, settings: ServeSettings, kafka: str
 ) -> None:
     """aiohttp does not hand a framing error in a body being read to its reader: the body just stops."""
     reader, writer = await asyncio.open_connection(server.host, server.port)

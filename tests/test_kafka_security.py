@@ -11,7 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiokafka.helpers
 import pytest
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
 from bridge.cli import main
@@ -19,15 +21,16 @@ from bridge.ingest.outcomes import Outcomes
 from bridge.kafka import security as kafka_security
 from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.security import kafka_connection_options
-from bridge.kafka.topics import _admin
+from bridge.kafka.topics import admin_client
+from bridge.readback.sinks import TopicSink
 from bridge.secret import Secret
-from bridge.settings import Settings, SettingsError, build
+from bridge.settings import ConsumeSettings, ReplaySettings, ServeSettings, SettingsError, build
 
 SERVERS = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9093"}
 
 
 def test_by_default_the_connection_is_plaintext_without_tls_or_sasl() -> None:
-    assert kafka_connection_options(Settings()) == {"security_protocol": "PLAINTEXT"}
+    assert kafka_connection_options(ServeSettings()) == {"security_protocol": "PLAINTEXT"}
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
@@ -73,7 +76,7 @@ def test_tls_settings_become_a_verifying_ssl_context_built_from_the_files(
         given.update(kwargs)
         return ssl.create_default_context()
 
-    monkeypatch.setattr(kafka_security, "create_ssl_context", fake_context)
+    monkeypatch.setattr(aiokafka.helpers, "create_ssl_context", fake_context)  # loaded where it is used
     env = {
         **SERVERS,
         "BRIDGE_SECURITY_PROTOCOL": "SASL_SSL",
@@ -92,7 +95,7 @@ def test_tls_settings_become_a_verifying_ssl_context_built_from_the_files(
 
 
 def test_tls_without_a_ca_file_verifies_brokers_against_the_systems_cas() -> None:
-    context = kafka_connection_options(Settings(security_protocol="SSL"))["ssl_context"]
+    context = kafka_connection_options(ServeSettings(security_protocol="SSL"))["ssl_context"]
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
 
@@ -110,7 +113,7 @@ def test_a_ca_file_that_is_not_pem_is_refused_naming_the_file(tmp_path: Path) ->
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
     with pytest.raises(SettingsError, match=r"cannot load TLS files \(.*ca\.pem\)"):
-        kafka_connection_options(Settings(security_protocol="SSL", ssl_cafile=str(bad)))
+        kafka_connection_options(ServeSettings(security_protocol="SSL", ssl_cafile=str(bad)))
 
 
 def test_serve_with_a_missing_ca_file_exits_2_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,16 +127,16 @@ def test_serve_with_a_missing_ca_file_exits_2_saying_so(capsys: pytest.CaptureFi
     ("settings", "phrase"),
     [
         (
-            Settings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN"),
+            ServeSettings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN"),
             "needs --sasl-username, --sasl-password",
         ),
         (
-            Settings(sasl_username="u", sasl_password=Secret("p")),
+            ServeSettings(sasl_username="u", sasl_password=Secret("p")),
             "is PLAINTEXT: use SASL_PLAINTEXT or SASL_SSL",
         ),
-        (Settings(ssl_cafile="/etc/hosts"), "is PLAINTEXT: use SSL or SASL_SSL"),
+        (ServeSettings(ssl_cafile="/etc/hosts"), "is PLAINTEXT: use SSL or SASL_SSL"),
         (
-            Settings(
+            ServeSettings(
                 security_protocol="SASL_PLAINTEXT", sasl_password=Secret("a"), sasl_password_file=Secret("b")
             ),
             "not both",
@@ -142,13 +145,13 @@ def test_serve_with_a_missing_ca_file_exits_2_saying_so(capsys: pytest.CaptureFi
     ids=["sasl without user", "sasl settings on plaintext", "tls file on plaintext", "two passwords"],
 )
 def test_settings_that_do_not_fit_together_are_refused_saying_what_to_change(
-    settings: Settings, phrase: str
+    settings: ServeSettings, phrase: str
 ) -> None:
     with pytest.raises(SettingsError, match=phrase):
         kafka_connection_options(settings)
 
 
-SASL = Settings(
+SASL = ServeSettings(
     bootstrap_servers=("kafka:9093",),
     security_protocol="SASL_PLAINTEXT",
     sasl_mechanism="SCRAM-SHA-256",
@@ -157,28 +160,58 @@ SASL = Settings(
 )
 
 
-async def test_the_producer_and_the_admin_client_get_the_same_security_arguments() -> None:
-    producer, admin = KafkaPublisher(SASL, Outcomes())._new_producer(), _admin(SASL)
+def recording_clients(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The arguments every aiokafka client built from now on gives its network client (`AIOKafkaClient`,
+    which producers, consumers and admin clients all build with keyword arguments): the one place aiokafka
+    takes the security settings."""
+    given: list[dict[str, Any]] = []
+    build = AIOKafkaClient.__init__
+
+    def record(client: AIOKafkaClient, **arguments: Any) -> None:
+        given.append(arguments)
+        build(client, **arguments)
+
+    monkeypatch.setattr(AIOKafkaClient, "__init__", record)
+    return given
+
+
+SASL_ARGUMENTS = {
+    "security_protocol": "SASL_PLAINTEXT",
+    "sasl_mechanism": "SCRAM-SHA-256",
+    "sasl_plain_username": "bridge",
+    "sasl_plain_password": "pw",
+}
+
+
+async def test_the_producer_and_the_admin_client_get_the_same_security_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    given = recording_clients(monkeypatch)
+    producer, admin = KafkaPublisher(SASL, Outcomes())._new_producer(), admin_client(SASL)
     try:
-        for client in (producer.client, admin._client):
-            assert client._security_protocol == "SASL_PLAINTEXT"
-            assert client._sasl_mechanism == "SCRAM-SHA-256"
-            assert client._sasl_plain_username == "bridge"
-            assert client._sasl_plain_password == "pw"  # noqa: S105 - the test's own password
+        assert len(given) == 2
+        for arguments in given:
+            assert {name: arguments.get(name) for name in SASL_ARGUMENTS} == SASL_ARGUMENTS
     finally:
         await producer.stop()
         await admin.close()
 
 
-async def test_the_readers_get_the_same_security_arguments() -> None:
+async def test_the_readers_get_the_same_security_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     from bridge.readback.reader import EventReader  # noqa: PLC0415
 
-    reader = EventReader("kafka:9093", "t", kafka_options=kafka_connection_options(SASL))
+    given = recording_clients(monkeypatch)
+    consume, replay = ConsumeSettings.reading(SASL), ReplaySettings.reading(SASL)
+    reader = EventReader("kafka:9093", "t", kafka_options=consume.client_options())
+    sink = TopicSink(replay, "copy")
     try:
-        assert reader._consumer._client._security_protocol == "SASL_PLAINTEXT"
-        assert reader._consumer._client._sasl_mechanism == "SCRAM-SHA-256"
+        assert len(given) == 2
+        for arguments in given:
+            assert arguments["security_protocol"] == "SASL_PLAINTEXT"
+            assert arguments["sasl_mechanism"] == "SCRAM-SHA-256"
     finally:
-        await reader._consumer.stop()
+        await reader.close()
+        await sink.close()
 
 
 def test_secrets_never_show_in_the_settings_repr() -> None:

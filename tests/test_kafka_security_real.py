@@ -21,11 +21,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge.errors import CommandError
 from bridge.ingest.server import create_app
 from bridge.readback.consume import run_consume
 from bridge.readback.replay import run_replay
 from bridge.secret import Secret
-from bridge.settings import Settings
+from bridge.settings import ConsumeSettings, ReplaySettings, ServeSettings
 from tests.support.kafka import jars
 from tests.support.kafka.secured import PASSWORD, SecuredKafkaNode, connection_settings, make_pki
 from tests.support.readback import ACCOUNTS, Posted, Receiver, message, post_all, post_through_a_bridge
@@ -79,8 +80,8 @@ def secured_fields(node: SecuredKafkaNode, kind: str, change: str | None = None)
     return fields
 
 
-def secured_settings(node: SecuredKafkaNode, kind: str, change: str | None = None) -> Settings:
-    """Settings of unique topics, connecting through the listener `kind` names."""
+def secured_settings(node: SecuredKafkaNode, kind: str, change: str | None = None) -> ServeSettings:
+    """ServeSettings of unique topics, connecting through the listener `kind` names."""
     fields = secured_fields(node, kind, change)
     return replace(unique_settings(node.bootstrap_servers), **fields)  # type: ignore[arg-type]
 
@@ -173,7 +174,7 @@ async def test_serve_refused_by_the_broker_stays_up_not_ready_saying_why(
 
 
 @pytest.fixture
-async def filled(secured: SecuredKafkaNode) -> Settings:
+async def filled(secured: SecuredKafkaNode) -> ServeSettings:
     """Plaintext settings of new topics, the official-account one holding six callbacks."""
     settings = unique_settings(secured.bootstrap_servers)
     await post_through_a_bridge(settings, callbacks(6))
@@ -182,7 +183,7 @@ async def filled(secured: SecuredKafkaNode) -> Settings:
 
 @pytest.mark.parametrize("kind", ["SASL_TLS/SCRAM-SHA-512", "MTLS"])
 async def test_consume_reads_through_a_secured_listener(
-    kind: str, secured: SecuredKafkaNode, filled: Settings, tmp_path: Path
+    kind: str, secured: SecuredKafkaNode, filled: ServeSettings, tmp_path: Path
 ) -> None:
     result = await asyncio.to_thread(
         run_bridge, "consume", *secured_flags(secured, kind, tmp_path), "--topic", filled.topic,
@@ -195,7 +196,7 @@ async def test_consume_reads_through_a_secured_listener(
 
 @pytest.mark.parametrize("kind", ["SASL_PLAIN/SCRAM-SHA-256", "MTLS"])
 async def test_replay_reads_and_writes_a_topic_through_a_secured_listener(
-    kind: str, secured: SecuredKafkaNode, filled: Settings, tmp_path: Path
+    kind: str, secured: SecuredKafkaNode, filled: ServeSettings, tmp_path: Path
 ) -> None:
     destination = f"{filled.topic}.copy"
     await create_topic(secured.bootstrap_servers, destination, 3)
@@ -209,7 +210,7 @@ async def test_replay_reads_and_writes_a_topic_through_a_secured_listener(
 
 
 async def test_replay_to_a_url_reads_through_a_secured_listener(
-    secured: SecuredKafkaNode, filled: Settings, receiver: Receiver, tmp_path: Path
+    secured: SecuredKafkaNode, filled: ServeSettings, receiver: Receiver, tmp_path: Path
 ) -> None:
     result = await asyncio.to_thread(
         run_bridge, "replay", *secured_flags(secured, "TLS", tmp_path), "--topic", filled.topic,
@@ -220,7 +221,7 @@ async def test_replay_to_a_url_reads_through_a_secured_listener(
     assert keys == sorted(p.key for p in callbacks(6) if p.key)
 
 
-def topic_flags(settings: Settings) -> list[str]:
+def topic_flags(settings: ServeSettings) -> list[str]:
     return [
         "--partitions", "2", "--topic", settings.topic, "--c2c-topic", settings.c2c_topic,
         "--group-topic", settings.group_topic, "--user-topic", settings.user_topic,
@@ -270,20 +271,22 @@ def test_consume_and_replay_log_no_password_at_debug(
     command: str,
     change: str | None,
     secured: SecuredKafkaNode,
-    filled: Settings,
+    filled: ServeSettings,
     debug_log: io.StringIO,
     tmp_path: Path,
 ) -> None:
     """PLAIN over SASL_PLAINTEXT: the password crosses the wire as is, and aiokafka logs each request."""
-    settings = replace(
-        secured_settings(secured, "SASL_PLAIN/PLAIN", change),
-        topic=filled.topic,
-        from_beginning=True,
-        output=str(tmp_path / "out.jsonl"),
-        to_file=str(tmp_path / "copy.jsonl"),
-        skipped=str(tmp_path / "skipped.jsonl"),
-    )
-    status = (run_consume if command == "consume" else run_replay)(settings)
+    source = replace(secured_settings(secured, "SASL_PLAIN/PLAIN", change), topic=filled.topic)
+    try:
+        if command == "consume":
+            status = run_consume(
+                ConsumeSettings.reading(source, from_beginning=True, output=str(tmp_path / "out.jsonl"))
+            )
+        else:
+            copy, skipped = str(tmp_path / "copy.jsonl"), str(tmp_path / "skipped.jsonl")
+            status = run_replay(ReplaySettings.reading(source, to_file=copy, skipped=skipped))
+    except CommandError as exc:
+        status = exc.exit_status
     assert status == (0 if change is None else 3)
     assert "aiokafka" in debug_log.getvalue()  # aiokafka's loggers did log, at debug
     assert_no_secret(debug_log.getvalue(), secured)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.errors import BrokerRejected, DeliveryTimeout
 from bridge.ingest.server import create_app
 from bridge.logs import log_handler
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.conftest import BridgeClient
 from tests.support.fakes import FakePublisher
 from tests.support.requests import fixture
@@ -88,7 +88,7 @@ async def test_metrics_count_good_and_bad_callbacks_by_family_status_and_outcome
 
 @pytest.fixture
 async def client(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
-    async with TestClient(TestServer(create_app(Settings(), publisher=publisher))) as test_client:
+    async with TestClient(TestServer(create_app(ServeSettings(), publisher=publisher))) as test_client:
         yield test_client
 
 

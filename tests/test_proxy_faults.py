@@ -26,7 +26,7 @@ from aiokafka.protocol.metadata import MetadataRequest_v5
 
 from bridge.ingest.metrics import METRICS
 from bridge.ingest.server import ADMISSION, create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
 from tests.support.kafka_frames import ProduceRequestFrame
@@ -52,7 +52,7 @@ ACCOUNTS = 4
 class Rig:
     proxy: KafkaProxy
     kafka: str
-    settings: Settings
+    settings: ServeSettings
     client: TestClient[web.Request, web.Application]
 
     async def send(self, msg_key: str, account: str | None = None) -> tuple[int, dict[str, Any], float]:

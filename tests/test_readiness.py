@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import IncompatibleBrokerVersion, UnsupportedVersionError
 
 from bridge.ingest.server import PUBLISHER, create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
 from tests.support.records import read_records
@@ -68,7 +68,10 @@ async def create(admin: AIOKafkaAdminClient, topic: str, partitions: int) -> Non
 
 
 async def test_a_topic_deleted_while_serving_makes_the_bridge_not_ready_and_is_not_created_again(
-    bridge: BridgeClient, settings: Settings, admin: AIOKafkaAdminClient, caplog: pytest.LogCaptureFixture
+    bridge: BridgeClient,
+    settings: ServeSettings,
+    admin: AIOKafkaAdminClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge")
     assert (await post(bridge, "before"))[0] == 200
@@ -113,7 +116,7 @@ async def grow(admin: AIOKafkaAdminClient, topic: str, partitions: int) -> None:
 @pytest.mark.parametrize("partitions", [4, 16], ids=["re-created-smaller", "grown"])
 async def test_a_topic_whose_partition_count_changed_makes_the_bridge_not_ready_until_restarted(
     bridge: BridgeClient,
-    settings: Settings,
+    settings: ServeSettings,
     admin: AIOKafkaAdminClient,
     kafka: str,
     caplog: pytest.LogCaptureFixture,
@@ -144,7 +147,7 @@ async def test_a_topic_whose_partition_count_changed_makes_the_bridge_not_ready_
 
 
 async def test_a_bridge_waiting_for_missing_topics_never_has_them_created(
-    kafka: str, settings: Settings, admin: AIOKafkaAdminClient
+    kafka: str, settings: ServeSettings, admin: AIOKafkaAdminClient
 ) -> None:
     """Without --create-topics the bridge waits, asking only for every topic's metadata: however long it
     waits and whatever it is sent, no topic appears (a broker that creates topics on demand included)."""

@@ -25,7 +25,7 @@ from bridge.ingest.server import create_app
 from bridge.kafka.batching import batch_bytes, record_bytes
 from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.topics import max_record_bytes
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.commands import MAX_ID_BYTES
 from bridge.tencent.envelope import Record, envelope
 from tests.conftest import BridgeClient
@@ -41,8 +41,8 @@ LIMIT = 4096
 
 
 @pytest.fixture
-async def small_topic(kafka: str) -> Settings:
-    """Settings whose official-account topic takes records of at most `LIMIT` bytes; the bridge creates
+async def small_topic(kafka: str) -> ServeSettings:
+    """ServeSettings whose official-account topic takes records of at most `LIMIT` bytes; the bridge creates
     the other topics as usual."""
     settings = unique_settings(kafka)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
@@ -56,7 +56,7 @@ async def small_topic(kafka: str) -> Settings:
 
 
 @pytest.fixture
-async def small_bridge(small_topic: Settings) -> AsyncIterator[BridgeClient]:
+async def small_bridge(small_topic: ServeSettings) -> AsyncIterator[BridgeClient]:
     async with TestClient(TestServer(create_app(small_topic))) as client:
         await wait_until_ready(client)
         yield client
@@ -69,7 +69,7 @@ def with_text(fixture_body: dict[str, object], msg_key: str, text: str) -> bytes
 
 
 async def test_a_callback_larger_than_its_topic_takes_gets_413_and_is_not_written(
-    small_bridge: BridgeClient, small_topic: Settings, kafka: str
+    small_bridge: BridgeClient, small_topic: ServeSettings, kafka: str
 ) -> None:
     small = await small_bridge.post("/callback", params=OA.query, data=with_text(OA.body, "small", "hi"))
     assert small.status == 200
@@ -104,7 +104,7 @@ def record_of(topic: str, value_bytes: int, value: bytes | None = None) -> Recor
 
 
 @pytest.fixture
-async def small_publisher(small_topic: Settings) -> AsyncIterator[KafkaPublisher]:
+async def small_publisher(small_topic: ServeSettings) -> AsyncIterator[KafkaPublisher]:
     publisher = KafkaPublisher(small_topic, Outcomes())
     await publisher.start()
     try:
@@ -117,7 +117,7 @@ async def small_publisher(small_topic: Settings) -> AsyncIterator[KafkaPublisher
 
 
 async def test_a_record_of_exactly_the_limit_is_written_and_one_byte_more_is_refused_up_front(
-    small_publisher: KafkaPublisher, small_topic: Settings
+    small_publisher: KafkaPublisher, small_topic: ServeSettings
 ) -> None:
     """The bridge measures a record as the broker does: the size of the batch that carries it."""
     topic = small_topic.topic
@@ -129,7 +129,7 @@ async def test_a_record_of_exactly_the_limit_is_written_and_one_byte_more_is_ref
 
 
 async def test_records_that_fit_alone_are_batched_within_the_limit(
-    small_publisher: KafkaPublisher, small_topic: Settings
+    small_publisher: KafkaPublisher, small_topic: ServeSettings
 ) -> None:
     """The broker refuses a batch, not a record: 40 records of 1 KB sent at once to one partition (which
     would share 16 KiB batches) all land."""
@@ -138,7 +138,7 @@ async def test_records_that_fit_alone_are_batched_within_the_limit(
 
 
 async def test_with_compression_a_record_that_fits_only_compressed_is_written(
-    small_topic: Settings,
+    small_topic: ServeSettings,
 ) -> None:
     publisher = KafkaPublisher(replace(small_topic, compression="gzip"), Outcomes())
     await publisher.start()
@@ -157,14 +157,14 @@ def test_the_readme_gives_the_topics_limit_as_the_code_computes_it() -> None:
     row = re.search(r"^\| `max.message.bytes` \| (.*?) \|", README, flags=re.MULTILINE)
     assert row is not None
     assert row.group(1) == "`--max-body-bytes` + 64 KiB"
-    assert max_record_bytes(Settings(max_body_bytes=1000)) == 1000 + 64 * 1024
+    assert max_record_bytes(ServeSettings(max_body_bytes=1000)) == 1000 + 64 * 1024
 
 
 @pytest.mark.parametrize("max_url_bytes", [4096, 16384])
 def test_the_largest_record_the_bridge_can_build_fits_the_topics_limit(max_url_bytes: int) -> None:
     """The largest body, the longest key (a command of 128 characters, `:`, a MsgKey of `MAX_ID_BYTES`), and
     a query of `--max-url-bytes` that doubles when escaped (`%01` is 3 bytes of URL, `\\u0001` 6 of JSON)."""
-    settings = Settings(max_url_bytes=max_url_bytes)
+    settings = ServeSettings(max_url_bytes=max_url_bytes)
     command = "C." + "c" * 126
     query = {
         "SdkAppid": "1" * 19,
@@ -200,7 +200,7 @@ def test_a_compressed_record_that_grows_past_its_topics_limit_is_refused_up_fron
         headers=(("CallbackCommand", b"C.c"),),
     )
     assert batch_bytes(record, compression) > record_bytes(record), "the codec did not grow the batch"
-    publisher = KafkaPublisher(replace(Settings(), compression=compression), Outcomes())
+    publisher = KafkaPublisher(replace(ServeSettings(), compression=compression), Outcomes())
     publisher._record_limits = {"t": record_bytes(record)}
     with pytest.raises(RecordTooLarge):
         publisher._check_size(record)

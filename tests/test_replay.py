@@ -9,8 +9,8 @@ import shlex
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,7 +19,7 @@ from aiokafka.structs import ConsumerRecord
 
 from bridge.readback.replay import Replay
 from bridge.readback.sinks import FileSink, TopicSink, UrlSink
-from bridge.settings import Settings
+from bridge.settings import ReplaySettings, ServeSettings, build
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
@@ -44,7 +44,7 @@ def normalized(body: object) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
-async def replay_to(settings: Settings, sink: FileSink | TopicSink | UrlSink) -> Replay:
+async def replay_to(settings: ReplaySettings, sink: FileSink | TopicSink | UrlSink) -> Replay:
     replay = Replay(settings, sink, report=io.StringIO())
     async with asyncio.timeout(60):
         await replay.run()
@@ -52,10 +52,10 @@ async def replay_to(settings: Settings, sink: FileSink | TopicSink | UrlSink) ->
 
 
 async def test_a_day_replayed_to_a_file_holds_that_days_callbacks_late_and_repeated_ones_included(
-    posted: list[Posted], settings: Settings, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, tmp_path: Path
 ) -> None:
     out = tmp_path / "day1.jsonl"
-    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_file=str(out))
+    window = ReplaySettings.reading(settings, since=DAY_1[0], until=DAY_1[1], to_file=str(out))
     replay = await replay_to(window, FileSink(str(out)))
 
     lines = out.read_bytes().splitlines()
@@ -69,14 +69,14 @@ async def test_a_day_replayed_to_a_file_holds_that_days_callbacks_late_and_repea
 
 
 async def test_the_late_callback_of_a_day_is_copied_even_with_no_lateness_allowed(
-    posted: list[Posted], settings: Settings, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, tmp_path: Path
 ) -> None:
     """Day 0's 23:50 message lands after day 1's 00:30 ones: the lateness only moves the start lookup, it
     never ends a partition's read before the end offset."""
     day_0 = in_day(posted, 0)
     assert "d0-news-99" in {p.key for p in day_0}
     out = tmp_path / "day0.jsonl"
-    window = replace(
+    window = ReplaySettings.reading(
         settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, lateness=0.0, to_file=str(out)
     )
     await replay_to(window, FileSink(str(out)))
@@ -85,11 +85,13 @@ async def test_the_late_callback_of_a_day_is_copied_even_with_no_lateness_allowe
 
 
 async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_and_the_partition_rule(
-    posted: list[Posted], settings: Settings, kafka: str
+    posted: list[Posted], settings: ServeSettings, kafka: str
 ) -> None:
     destination = f"{settings.topic}.backfill"
     await create_topic(kafka, destination, 3)
-    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True)
+    window = ReplaySettings.reading(
+        settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True
+    )
     replay = await replay_to(window, TopicSink(window, destination))
 
     expected = {normalized(p.body): p for p in in_day(posted, 1)}  # each callback once
@@ -111,12 +113,14 @@ async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_
 
 
 async def test_a_day_reposted_to_a_url_arrives_with_its_original_query_and_bytes_despite_a_503(
-    posted: list[Posted], settings: Settings, receiver: Receiver
+    posted: list[Posted], settings: ServeSettings, receiver: Receiver
 ) -> None:
     target, url = receiver, receiver.url()
     first = in_day(posted, 1)[0]
     target.fail_first.add(orjson.dumps(first.body))  # the bridge posted orjson.dumps(body): same bytes
-    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=4, rate=500.0)
+    window = ReplaySettings.reading(
+        settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=4, rate=500.0
+    )
     replay = await replay_to(window, UrlSink(url))
 
     assert replay.tally.copied == 16
@@ -128,11 +132,11 @@ async def test_a_day_reposted_to_a_url_arrives_with_its_original_query_and_bytes
 
 
 async def test_an_interrupted_replay_resumed_from_its_checkpoint_copies_each_record_once(
-    posted: list[Posted], settings: Settings, receiver: Receiver, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, receiver: Receiver, tmp_path: Path
 ) -> None:
     target, url = receiver, receiver.url()
     checkpoint = tmp_path / "checkpoint.json"
-    everything = replace(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
+    everything = ReplaySettings.reading(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
     first = Replay(everything, UrlSink(url), report=io.StringIO())
 
     def interrupt_after_ten() -> None:
@@ -155,7 +159,7 @@ async def test_an_interrupted_replay_resumed_from_its_checkpoint_copies_each_rec
 
 
 async def test_a_foreign_record_is_reported_with_its_coordinates_and_the_replay_goes_on(
-    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=False)
     await producer.start()
@@ -165,7 +169,7 @@ async def test_a_foreign_record_is_reported_with_its_coordinates_and_the_replay_
         await producer.stop()
     report = io.StringIO()
     out = tmp_path / "all.jsonl"
-    replay = Replay(replace(settings, to_file=str(out)), FileSink(str(out)), report=report)
+    replay = Replay(ReplaySettings.reading(settings, to_file=str(out)), FileSink(str(out)), report=report)
     async with asyncio.timeout(60):
         await replay.run()
     assert replay.tally.errors == 1
@@ -174,7 +178,7 @@ async def test_a_foreign_record_is_reported_with_its_coordinates_and_the_replay_
 
 
 async def test_the_readmes_backfill_command_copies_that_day_each_callback_once(
-    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     backfill = next(line for line in readme.splitlines() if line.startswith("bridge replay "))
@@ -192,7 +196,7 @@ async def test_the_readmes_backfill_command_copies_that_day_each_callback_once(
 
 
 async def test_a_replay_copies_a_backfilled_callback_written_after_later_days_and_a_foreign_record(
-    posted: list[Posted], settings: Settings, kafka: str, bridge: BridgeClient, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, kafka: str, bridge: BridgeClient, tmp_path: Path
 ) -> None:
     """Backfills write old event times after newer ones, and a foreign record may be stamped now: neither
     ends the partition; only the end offset seen at start does."""
@@ -206,7 +210,9 @@ async def test_a_replay_copies_a_backfilled_callback_written_after_later_days_an
     backfilled = message(0, 720, ACCOUNTS[0], 77)
     await post_all(bridge, [backfilled])
     out = tmp_path / "day0.jsonl"
-    window = replace(settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, to_file=str(out))
+    window = ReplaySettings.reading(
+        settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, to_file=str(out)
+    )
     replay = await replay_to(window, FileSink(str(out)))
 
     copied = Counter(normalized(orjson.loads(line)["callback"]) for line in out.read_bytes().splitlines())
@@ -225,7 +231,7 @@ async def test_replay_with_no_broker_answering_exits_3_with_a_one_line_error(tmp
 
 @pytest.mark.parametrize("option", ["--to-file", "--checkpoint"])
 async def test_replay_refuses_a_file_it_cannot_write_before_copying_anything(
-    option: str, posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    option: str, posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     unwritable = str(tmp_path / "missing" / "file")
     files = {
@@ -243,7 +249,7 @@ async def test_replay_refuses_a_file_it_cannot_write_before_copying_anything(
 
 
 async def test_replay_with_since_later_than_until_is_a_usage_error(
-    offline_settings: Settings, tmp_path: Path
+    offline_settings: ServeSettings, tmp_path: Path
 ) -> None:
     result = await asyncio.to_thread(
         run_bridge, "replay", "--bootstrap-servers", NO_BROKER, "--topic", offline_settings.topic,
@@ -257,7 +263,7 @@ async def test_replay_with_since_later_than_until_is_a_usage_error(
 
 @pytest.mark.parametrize("change", ["window", "destination"])
 async def test_a_checkpoint_refuses_to_resume_a_replay_of_another_window_or_destination(
-    change: str, posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    change: str, posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     common = ("replay", "--bootstrap-servers", kafka, "--topic", settings.topic, "--checkpoint", "day.ckpt")
     first = await asyncio.to_thread(
@@ -277,12 +283,36 @@ async def test_a_checkpoint_refuses_to_resume_a_replay_of_another_window_or_dest
 
 
 async def test_a_delivery_that_stops_the_replay_after_its_retries_counts_as_an_error(
-    posted: list[Posted], settings: Settings, receiver: Receiver
+    posted: list[Posted], settings: ServeSettings, receiver: Receiver
 ) -> None:
     target, url = receiver, receiver.url()
     first = in_day(posted, 1)[0]
     target.fail_first.add(orjson.dumps(first.body))
-    window = replace(settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=1, retries=0)
+    window = ReplaySettings.reading(
+        settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=1, retries=0
+    )
     replay = await replay_to(window, UrlSink(url))
     assert replay.failure is not None
     assert replay.tally.errors == 1
+
+
+async def test_the_topic_sink_writes_with_replays_own_compression_and_record_limit_not_serves() -> None:
+    """`--compression` and `--max-record-bytes` are replay's; serve's variables do not reach its producer."""
+    given: dict[str, Any] = {}
+
+    class Recording(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka ships no type information
+        def __init__(self, **arguments: Any) -> None:
+            given.update(arguments)
+            super().__init__(**arguments)
+
+    serves = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9092", "BRIDGE_COMPRESSION": "gzip"}
+    serves["BRIDGE_MAX_BODY_BYTES"] = "10"
+    untouched = build("replay", {}, serves)
+    assert (untouched.compression, untouched.max_record_bytes) == ("none", 1024 * 1024 + 64 * 1024)
+    environ = {**serves, "BRIDGE_REPLAY_COMPRESSION": "zstd", "BRIDGE_REPLAY_MAX_RECORD_BYTES": "2097152"}
+    sink = TopicSink(build("replay", {}, environ), "tim.copy", producer_class=Recording)
+    try:
+        assert (given["compression_type"], given["max_request_size"]) == ("zstd", 2097152)
+        assert given["client_id"] == "tencent-chat-kafka-bridge-replay"
+    finally:
+        await sink.close()

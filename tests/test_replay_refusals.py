@@ -10,17 +10,17 @@ import shutil
 import stat
 import subprocess
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from yarl import URL
 
 from bridge.readback.replay import Replay
 from bridge.readback.sinks import TopicSink, UrlSink
-from bridge.settings import Settings
+from bridge.settings import ReplaySettings, ServeSettings
 from tests.support.readback import Posted, Receiver
 from tests.support.records import create_topic, read_records
 from tests.support.serve import run_bridge
@@ -32,7 +32,7 @@ def body_bytes(posted: Posted) -> bytes:
     return orjson.dumps(posted.body)  # what the bridge was posted, so what the envelope holds
 
 
-async def run(settings: Settings, sink: UrlSink | TopicSink) -> tuple[Replay, str]:
+async def run(settings: ReplaySettings, sink: UrlSink | TopicSink) -> tuple[Replay, str]:
     report = io.StringIO()
     replay = Replay(settings, sink, report=report)
     async with asyncio.timeout(60):
@@ -49,7 +49,7 @@ def checkpointed(path: Path) -> dict[str, int]:
 async def test_a_destination_refusing_every_record_stops_the_replay_and_the_next_run_copies_them_all(
     status: int,
     posted: list[Posted],
-    settings: Settings,
+    settings: ServeSettings,
     receiver: Receiver,
     tmp_path: Path,
 ) -> None:
@@ -59,7 +59,7 @@ async def test_a_destination_refusing_every_record_stops_the_replay_and_the_next
     receiver.status = status
     url = receiver.url()
     checkpoint = tmp_path / "replay.ckpt"
-    window = replace(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
+    window = ReplaySettings.reading(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
 
     first, _ = await run(window, UrlSink(url))
     assert first.failure is not None
@@ -80,7 +80,7 @@ async def test_replay_to_a_wrong_path_exits_1_with_one_line_saying_so_and_keeps_
     path: str,
     status: int,
     posted: list[Posted],
-    settings: Settings,
+    settings: ServeSettings,
     kafka: str,
     receiver: Receiver,
     tmp_path: Path,
@@ -111,7 +111,7 @@ def resend_loop() -> str:
 
 async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and_re_sent_by_the_readme(
     posted: list[Posted],
-    settings: Settings,
+    settings: ServeSettings,
     kafka: str,
     receiver: Receiver,
     tmp_path: Path,
@@ -174,35 +174,35 @@ async def test_records_refused_one_by_one_are_set_aside_named_in_the_summary_and
         assert query == next(p.query for p in posted if body_bytes(p) == body)
 
 
-async def destination_topic(kafka: str, settings: Settings) -> str:
+async def destination_topic(kafka: str, settings: ServeSettings) -> str:
     destination = f"{settings.topic}.copy"
     await create_topic(kafka, destination, 3)
     return destination
 
 
-def refusing(sink: TopicSink, error: KafkaError, *, only: bytes | None = None) -> TopicSink:
-    """`sink`, whose producer gets `error` from the broker for every record, or only for `only`'s."""
-    producer = sink._producer  # the broker's answer is what this test stands in for
-    send_and_wait = producer.send_and_wait
+def refusing(error: KafkaError, *, only: bytes | None = None) -> type[AIOKafkaProducer]:
+    """A producer that gets `error` from the broker for every record, or only for `only`'s."""
 
-    async def refuse(topic: str, value: bytes, **options: object) -> object:
-        if only is None or orjson.loads(value)["callback"] == orjson.loads(only):
-            raise error
-        return await send_and_wait(topic, value, **options)
+    class Refused(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka ships no type information
+        async def send_and_wait(self, topic: str, value: bytes, **options: object) -> object:
+            if only is None or orjson.loads(value)["callback"] == orjson.loads(only):
+                raise error
+            return await super().send_and_wait(topic, value, **options)
 
-    producer.send_and_wait = refuse
-    return sink
+    return Refused
 
 
 async def test_a_topic_refusing_authorization_stops_the_replay_instead_of_skipping_every_record(
-    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     destination = await destination_topic(kafka, settings)
     checkpoint = tmp_path / "replay.ckpt"
-    window = replace(settings, to_topic=destination, checkpoint=str(checkpoint), skipped=str(tmp_path / "s"))
+    window = ReplaySettings.reading(
+        settings, to_topic=destination, checkpoint=str(checkpoint), skipped=str(tmp_path / "s")
+    )
     denied = TopicAuthorizationFailedError(destination)
 
-    first, _ = await run(window, refusing(TopicSink(window, destination), denied))
+    first, _ = await run(window, TopicSink(window, destination, producer_class=refusing(denied)))
     assert first.failure is not None
     assert "TopicAuthorizationFailedError" in first.failure
     assert (first.tally.copied, first.tally.refused) == (0, 0)
@@ -215,13 +215,13 @@ async def test_a_topic_refusing_authorization_stops_the_replay_instead_of_skippi
 
 
 async def test_a_record_too_large_for_the_topic_is_set_aside_and_the_others_are_copied(
-    posted: list[Posted], settings: Settings, kafka: str, tmp_path: Path
+    posted: list[Posted], settings: ServeSettings, kafka: str, tmp_path: Path
 ) -> None:
     destination = await destination_topic(kafka, settings)
     skipped = tmp_path / "skipped.jsonl"
-    window = replace(settings, to_topic=destination, skipped=str(skipped))
+    window = ReplaySettings.reading(settings, to_topic=destination, skipped=str(skipped))
     large = body_bytes(posted[5])
-    sink = refusing(TopicSink(window, destination), MessageSizeTooLargeError(), only=large)
+    sink = TopicSink(window, destination, producer_class=refusing(MessageSizeTooLargeError(), only=large))
 
     replay, report = await run(window, sink)
     assert replay.failure is None
@@ -234,11 +234,11 @@ async def test_a_record_too_large_for_the_topic_is_set_aside_and_the_others_are_
 
 
 async def test_a_stopped_replay_names_its_url_without_the_password_in_it(
-    posted: list[Posted], settings: Settings, receiver: Receiver
+    posted: list[Posted], settings: ServeSettings, receiver: Receiver
 ) -> None:
     receiver.status = 401
     url = str(URL(receiver.url()).with_user("replayer").with_password("s3cret-pass"))
-    replay, report = await run(replace(settings, to_url=url), UrlSink(url))
+    replay, report = await run(ReplaySettings.reading(settings, to_url=url), UrlSink(url))
     assert replay.failure is not None
     assert "replayer:********@" in replay.failure
     assert "s3cret-pass" not in replay.failure + report

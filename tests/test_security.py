@@ -22,7 +22,7 @@ from bridge.cli import _parser
 from bridge.ingest.runner import request_handler_options
 from bridge.ingest.server import PUBLISHER, create_app
 from bridge.secret import CallbackToken, Secret
-from bridge.settings import Settings, SettingsError, build, require_authentication
+from bridge.settings import ServeSettings, SettingsError, build, require_authentication
 from bridge.tencent.signature import expected_sign
 from tests.conftest import BridgeClient
 from tests.support.fakes import FakePublisher
@@ -34,7 +34,7 @@ SEED = fixture("oa-after-send-text")
 OLD_TOKEN, NEW_TOKEN = "my_token", "next-token-2024"
 PASSWORD = "kafka-pa55word-xyz"  # noqa: S105 - a test password
 GUESS = "an-attackers-guess"
-SECURED = Settings(
+SECURED = ServeSettings(
     callback_token=(Secret(OLD_TOKEN), Secret(NEW_TOKEN)), sdk_app_id=("1400000000", "1400000001")
 )
 
@@ -144,7 +144,7 @@ async def test_without_a_token_the_bridge_warns_once_at_start_that_callbacks_are
     caplog: pytest.LogCaptureFixture, publisher: FakePublisher
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bridge")
-    async with TestClient(TestServer(create_app(Settings(), publisher=publisher))) as client:
+    async with TestClient(TestServer(create_app(ServeSettings(), publisher=publisher))) as client:
         await client.post("/callback", params=SEED.query, data=SEED.raw_body)
         await client.post("/callback", params=SEED.query, data=SEED.raw_body)
     warnings = [r for r in caplog.records if "NOT authenticated" in r.getMessage()]
@@ -238,7 +238,7 @@ def test_tokens_from_flags_and_a_file_one_a_line_are_all_accepted(tmp_path: Path
 # --- one app's token does not sign for another (issue 12) --------------------------------------------------
 
 APP_ONE, APP_TWO = "1400000001", "1400000002"
-PER_APP = Settings(
+PER_APP = ServeSettings(
     callback_token=(CallbackToken("token-of-app-one", APP_ONE), CallbackToken("token-of-app-two", APP_TWO))
 )
 
@@ -373,7 +373,7 @@ def test_the_kubernetes_secrets_placeholder_is_refused_as_a_token(tmp_path: Path
 def test_bridge_devs_curl_is_signed_for_the_app_of_its_first_token_when_that_token_is_one_apps() -> None:
     from bridge.tools.dev import banner  # noqa: PLC0415 - only this test needs dev's banner
 
-    text = banner(Settings(callback_token=(CallbackToken("xxxxyyyy", APP_TWO),)), 8080, "127.0.0.1:9092")
+    text = banner(ServeSettings(callback_token=(CallbackToken("xxxxyyyy", APP_TWO),)), 8080, "127.0.0.1:9092")
     curl = next(line for line in text.splitlines() if "curl" in line)
     assert f"SdkAppid={APP_TWO}" in curl
     assert "Sign=" in curl

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.errors import BrokerRejected, DeliveryTimeout
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.conftest import BridgeClient
 from tests.support.fakes import FakePublisher
 from tests.support.requests import fixture
@@ -29,7 +29,7 @@ def publisher() -> FakePublisher:
 
 @pytest.fixture
 async def client(publisher: FakePublisher) -> AsyncIterator[BridgeClient]:
-    async with TestClient(TestServer(create_app(Settings(), publisher=publisher))) as test_client:
+    async with TestClient(TestServer(create_app(ServeSettings(), publisher=publisher))) as test_client:
         yield test_client
 
 

@@ -14,13 +14,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.kafka.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.support.broker import broker_choice
 from tests.support.settings import unique_settings
 from tests.test_cli import run_bridge
 
 
-def small(kafka: str, **overrides: object) -> Settings:
+def small(kafka: str, **overrides: object) -> ServeSettings:
     return unique_settings(kafka, create_topics=False, partitions=3, **overrides)
 
 
@@ -138,7 +138,7 @@ async def test_partitions_added_after_creation_are_drift_and_ensure_never_adds_o
     assert any("partitions is 5, intended 3" in line and "cannot be removed" in line for line in lines)
 
 
-def topic_flags(settings: Settings) -> list[str]:
+def topic_flags(settings: ServeSettings) -> list[str]:
     return [
         "--bootstrap-servers", ",".join(settings.bootstrap_servers), "--partitions", str(settings.partitions),
         "--topic", settings.topic, "--c2c-topic", settings.c2c_topic, "--group-topic", settings.group_topic,
@@ -148,7 +148,7 @@ def topic_flags(settings: Settings) -> list[str]:
 
 
 def test_three_replicas_want_two_in_sync_and_fewer_want_one() -> None:
-    settings = Settings()
+    settings = ServeSettings()
     assert intended_topic(settings, 5) == intended_topic(settings, 3)
     three = intended_topic(settings, 3)
     assert (three.replication_factor, three.configs["min.insync.replicas"]) == (3, "2")
@@ -161,7 +161,7 @@ def test_three_replicas_want_two_in_sync_and_fewer_want_one() -> None:
 
 
 def test_topics_keep_every_record_for_the_retention_time_and_fit_the_largest_body() -> None:
-    settings = Settings(retention_hours=24, max_body_bytes=1000)
+    settings = ServeSettings(retention_hours=24, max_body_bytes=1000)
     intended: IntendedTopic = intended_topic(settings, 3)
     assert intended.configs["cleanup.policy"] == "delete"
     assert intended.configs["retention.ms"] == "86400000"

@@ -38,7 +38,7 @@ from bridge.errors import BridgeError, InternalError, MalformedRequest, Overload
 from bridge.ingest.server import ADMISSION, REJECTION_LOG, SETTINGS, create_app, fail_response
 from bridge.logs import REQUEST_ID, LineBudget, new_request_id
 from bridge.process import STOP_SIGNALS, stop_signals
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.protocol import fail_body
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class BridgeRunner(web.AppRunner):
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
-            max_connections=(self.app.get(SETTINGS) or Settings()).max_connections,
+            max_connections=(self.app.get(SETTINGS) or ServeSettings()).max_connections,
             rejection_log=self.app.get(REJECTION_LOG),
             **server._kwargs,
         )
@@ -202,7 +202,7 @@ class ListenError(OSError):
     """The bridge cannot listen on its address and port."""
 
 
-def request_handler_options(settings: Settings) -> dict[str, Any]:
+def request_handler_options(settings: ServeSettings) -> dict[str, Any]:
     """aiohttp's request-handler arguments: no access log, and bounds on what a connection may send and when.
 
     No access log: it would repeat every query string, `Sign` included, which replays within the skew.
@@ -220,7 +220,7 @@ def request_handler_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def run_server(settings: Settings, on_started: OnStarted | None = None) -> None:
+async def run_server(settings: ServeSettings, on_started: OnStarted | None = None) -> None:
     """Serve until a stop signal; `on_started` gets the application and the bound port."""
     app = create_app(settings)
     # The bridge drains callbacks in flight itself before cleanup (below); aiohttp's own wait is the last

@@ -45,7 +45,7 @@ from bridge.ingest.metrics import (
 from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes
 from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import LineBudget
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.commands import RoutedCallback, TopicGroup, route
 from bridge.tencent.envelope import Record, build_record, callback_id
 from bridge.tencent.partitioner import partition_for
@@ -61,7 +61,7 @@ from bridge.tencent.signature import SignatureCheck
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", ServeSettings)
 PUBLISHER = web.AppKey("publisher", Publisher)
 OUTCOMES = web.AppKey("outcomes", Outcomes)
 ADMISSION = web.AppKey("admission", Admission)
@@ -77,7 +77,7 @@ OUTCOME_HEADER = "X-Bridge-Outcome"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(settings: Settings, publisher: Publisher | None = None) -> web.Application:
+def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> web.Application:
     """The bridge's application; with no `publisher`, a `KafkaPublisher` lives and dies with the app."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,

@@ -47,7 +47,7 @@ from bridge.kafka.batching import (
 )
 from bridge.kafka.security import kafka_connection_options, start_client
 from bridge.kafka.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Publisher(Protocol):
 class KafkaPublisher:
     def __init__(
         self,
-        settings: Settings,
+        settings: ServeSettings,
         outcomes: Outcomes,
         on_queued: Callable[[int], None] | None = None,
         on_broker_error: Callable[[str, int], None] | None = None,

@@ -18,8 +18,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
 
-from bridge.kafka.security import kafka_connection_options, start_client
-from bridge.settings import Settings
+from bridge.errors import CommandError, ExitStatus, describe
+from bridge.kafka.security import start_client
+from bridge.settings import KafkaConnection, TopicLayout, TopicsSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ _ADMIN_CALL_TIMEOUT_S = 30.0
 _MS_PER_HOUR = 3_600_000
 
 
-def max_record_bytes(settings: Settings) -> int:
+def max_record_bytes(settings: TopicLayout) -> int:
     """The largest record the bridge writes, and so the `max.message.bytes` its topics get: the body, which
     the value embeds byte for byte, and 64 KiB for the rest.
 
@@ -50,7 +51,7 @@ class IntendedTopic:
     configs: Mapping[str, str]
 
 
-def intended_topic(settings: Settings, broker_count: int) -> IntendedTopic:
+def intended_topic(settings: TopicLayout, broker_count: int) -> IntendedTopic:
     """What every bridge topic should look like on a cluster of `broker_count` brokers."""
     replication = settings.replication_factor or min(3, max(broker_count, 1))
     # With 3 replicas, 2 in sync: a write survives one broker down, and acks=all means two copies.
@@ -73,7 +74,7 @@ def intended_topic(settings: Settings, broker_count: int) -> IntendedTopic:
     )
 
 
-def how_to_create(settings: Settings, topics: Iterable[str]) -> str:
+def how_to_create(settings: TopicLayout, topics: Iterable[str]) -> str:
     """A hint a user can act on when topics are missing."""
     names = " ".join(topics)
     return (
@@ -83,17 +84,18 @@ def how_to_create(settings: Settings, topics: Iterable[str]) -> str:
     )
 
 
-def _admin(settings: Settings) -> AIOKafkaAdminClient:
+def admin_client(settings: KafkaConnection) -> AIOKafkaAdminClient:
+    """An admin client of the cluster, not started, with the settings' TLS and SASL."""
     return AIOKafkaAdminClient(
         bootstrap_servers=list(settings.bootstrap_servers),
         client_id=settings.client_id,
         request_timeout_ms=int(_ADMIN_CALL_TIMEOUT_S * 1000),
-        **kafka_connection_options(settings),
+        **settings.client_options(),
     )
 
 
-async def _start(admin: AIOKafkaAdminClient, settings: Settings) -> None:
-    await start_client(admin, settings.bootstrap_servers, kafka_connection_options(settings))
+async def _start(admin: AIOKafkaAdminClient, settings: KafkaConnection) -> None:
+    await start_client(admin, settings.bootstrap_servers, settings.client_options())
 
 
 async def _create(admin: AIOKafkaAdminClient, topics: list[str], intended: IntendedTopic) -> list[str]:
@@ -126,9 +128,9 @@ async def _create(admin: AIOKafkaAdminClient, topics: list[str], intended: Inten
     return created
 
 
-async def create_topics(settings: Settings, topics: list[str], broker_count: int) -> None:
+async def create_topics(settings: TopicsSettings, topics: list[str], broker_count: int) -> None:
     """Create `topics` as `intended_topic` says; existing ones are left alone."""
-    admin = _admin(settings)
+    admin = admin_client(settings)
     try:
         await _start(admin, settings)
         await _create(admin, topics, intended_topic(settings, broker_count))
@@ -136,7 +138,7 @@ async def create_topics(settings: Settings, topics: list[str], broker_count: int
         await admin.close()
 
 
-async def await_leaders(settings: Settings, topics: list[str]) -> None:
+async def await_leaders(settings: KafkaConnection, topics: list[str]) -> None:
     """Return once every partition of `topics` has a leader that answers for it.
 
     Apache Kafka names a new partition's leader in its metadata a moment before that broker has opened the
@@ -150,11 +152,11 @@ async def await_leaders(settings: Settings, topics: list[str]) -> None:
         client_id=settings.client_id,
         enable_auto_commit=False,
         request_timeout_ms=int(_ADMIN_CALL_TIMEOUT_S * 1000),
-        **kafka_connection_options(settings),
+        **settings.client_options(),
     )
     async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
         try:
-            await start_client(consumer, settings.bootstrap_servers, kafka_connection_options(settings))
+            await start_client(consumer, settings.bootstrap_servers, settings.client_options())
             # consumer.topics() throws the partitions away: read them from the metadata request itself.
             cluster = await consumer._client.fetch_all_metadata()
             while not all(cluster.partitions_for_topic(topic) for topic in topics):
@@ -189,9 +191,9 @@ class TopicReport:
     """Why the configs could not be checked, when the broker cannot describe them."""
 
 
-async def ensure_topics(settings: Settings) -> list[TopicReport]:
+async def ensure_topics(settings: TopicsSettings) -> list[TopicReport]:
     """Create the missing topics; compare the existing ones with `intended_topic`, changing nothing."""
-    admin = _admin(settings)
+    admin = admin_client(settings)
     try:
         async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
             await _start(admin, settings)
@@ -273,12 +275,12 @@ class TopicLimits:
     """Why some `max.message.bytes` could not be read, if so."""
 
 
-async def topic_limits(settings: Settings, topics: list[str]) -> TopicLimits:
+async def topic_limits(settings: TopicsSettings, topics: list[str]) -> TopicLimits:
     """Each topic's `max.message.bytes` and `min.insync.replicas`, in one DescribeConfigs.
 
     A topic the broker lists no value for (Tansu lists only the configs set on a topic) is left out.
     """
-    admin = _admin(settings)
+    admin = admin_client(settings)
     try:
         async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
             await _start(admin, settings)
@@ -297,13 +299,13 @@ async def topic_limits(settings: Settings, topics: list[str]) -> TopicLimits:
     return TopicLimits(limits["max.message.bytes"], limits["min.insync.replicas"], unread)
 
 
-async def max_message_bytes(settings: Settings, topics: list[str]) -> tuple[dict[str, int], str | None]:
+async def max_message_bytes(settings: TopicsSettings, topics: list[str]) -> tuple[dict[str, int], str | None]:
     """Each topic's `max.message.bytes` (DescribeConfigs), and why some could not be read, if so."""
     limits = await topic_limits(settings, topics)
     return limits.max_message_bytes, limits.unread
 
 
-def fix_hint(settings: Settings, topic: str, drift: Drift) -> str:
+def fix_hint(settings: TopicsSettings, topic: str, drift: Drift) -> str:
     """The command an operator would run to bring `topic` in line, with what it costs."""
     servers = ",".join(settings.bootstrap_servers)
     if drift.setting == "partitions":
@@ -321,7 +323,7 @@ def fix_hint(settings: Settings, topic: str, drift: Drift) -> str:
     )
 
 
-def describe_reports(settings: Settings, reports: list[TopicReport]) -> list[str]:
+def describe_reports(settings: TopicsSettings, reports: list[TopicReport]) -> list[str]:
     """The lines `bridge topics ensure` prints: one per topic, one more per drift."""
     lines = []
     for report in reports:
@@ -345,3 +347,16 @@ def describe_reports(settings: Settings, reports: list[TopicReport]) -> list[str
                 for drift in report.drifts
             )
     return lines
+
+
+def run_ensure(settings: TopicsSettings) -> int:
+    """`bridge topics ensure`: print a line per topic; 0 when all are as intended, 1 on drift. Raises
+    `CommandError` with status 3 when the cluster could not be reached or refused."""
+    try:
+        reports = asyncio.run(ensure_topics(settings))
+    except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+        brokers = ",".join(settings.bootstrap_servers)
+        raise CommandError(f"{describe(exc)} (brokers: {brokers})", ExitStatus.KAFKA_FAILED) from None
+    for line in describe_reports(settings, reports):
+        print(line)
+    return ExitStatus.DRIFT if any(report.drifts for report in reports) else ExitStatus.OK

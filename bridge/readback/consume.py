@@ -14,30 +14,30 @@ from typing import IO
 
 from aiokafka.errors import KafkaError
 
-from bridge.kafka.security import kafka_connection_options
+from bridge.errors import CommandError, ExitStatus
 from bridge.process import kafka_failed, stop_signals
 from bridge.readback import durable_files
 from bridge.readback.events import BadRecord
 from bridge.readback.reader import EventReader, ReaderError
 from bridge.readback.replay import plural, select_of, window_problem
-from bridge.settings import Settings
+from bridge.settings import ConsumeSettings
 
 
-def run_consume(settings: Settings) -> int:
-    """0 when done or stopped with Ctrl-C; 1 when the topic cannot be read or the output written; 2 on bad
-    usage (a window that ends before it starts, an --output that cannot be opened); 3 when the Kafka
-    cluster cannot be reached or refuses."""
+def run_consume(settings: ConsumeSettings) -> int:
+    """0 when done or stopped with Ctrl-C. Raises `CommandError` with status 1 when the topic cannot be
+    read or the output written; 2 on bad usage (a window that ends before it starts, an --output that
+    cannot be opened); 3 when the Kafka cluster cannot be reached or refuses."""
     problem = window_problem(settings)
     if problem is not None:
-        print(f"bridge consume: {problem}", file=sys.stderr)
-        return 2
+        raise CommandError(problem, ExitStatus.USAGE)
     if settings.output == "-":
         return asyncio.run(_consume(settings, sys.stdout.buffer))
     try:
         output = durable_files.open_append(settings.output)  # before the loop, to fail early; closed below
     except OSError as exc:
-        print(f"bridge consume: cannot write --output {settings.output}: {exc.strerror}", file=sys.stderr)
-        return 2
+        raise CommandError(
+            f"cannot write --output {settings.output}: {exc.strerror}", ExitStatus.USAGE
+        ) from None
     with output:
         return asyncio.run(_consume(settings, output))
 
@@ -46,7 +46,7 @@ def _report_bad(bad: BadRecord) -> None:
     print(f"consume: {bad}", file=sys.stderr)
 
 
-async def _consume(settings: Settings, output: IO[bytes]) -> int:
+async def _consume(settings: ConsumeSettings, output: IO[bytes]) -> int:
     from_start = settings.from_beginning or settings.since is not None
     reader = EventReader(
         settings.bootstrap_servers,
@@ -60,7 +60,7 @@ async def _consume(settings: Settings, output: IO[bytes]) -> int:
         on_bad_record=_report_bad,
         before_commit=lambda: durable_files.sync(output),
         client_id=settings.client_id,
-        kafka_options=kafka_connection_options(settings),
+        kafka_options=settings.client_options(),
     )
     # Line by line when someone watches or a group commits what was written; else in blocks, for speed.
     flush_each = settings.follow or settings.group is not None or output.isatty()
@@ -84,19 +84,17 @@ async def _consume(settings: Settings, output: IO[bytes]) -> int:
                         break
                 output.flush()
     except ReaderError as exc:
-        print(f"bridge consume: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from None
     except KafkaError as exc:
-        return kafka_failed("consume", exc, settings)
+        raise kafka_failed(exc, settings) from None
     except BrokenPipeError:  # `bridge consume | head`
-        return 0
+        return ExitStatus.OK
     except OSError as exc:
-        print(f"bridge consume: cannot write --output {settings.output}: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(f"cannot write --output {settings.output}: {exc}") from None
     stats = reader.stats
     print(
         f"consume: {plural(written, 'event')} written, {stats.filtered_out} filtered out, "
         f"{plural(stats.bad, 'bad record')}",
         file=sys.stderr,
     )
-    return 0
+    return ExitStatus.OK

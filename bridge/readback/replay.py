@@ -34,14 +34,14 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 from aiokafka.errors import KafkaError
 
-from bridge.kafka.security import kafka_connection_options
+from bridge.errors import CommandError, ExitStatus
 from bridge.process import kafka_failed, stop_signals
 from bridge.readback import durable_files
 from bridge.readback.events import BadRecord, Deduplicator, Event, EventFilter
 from bridge.readback.progress import Progress, Tally
 from bridge.readback.reader import EventReader, ReaderError
 from bridge.readback.sinks import DeliveryFailed, Failure, Sink, sink_for
-from bridge.settings import Settings
+from bridge.settings import ReaderSettings, ReplaySettings
 
 _CHECKPOINT_EVERY_S = 1.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
@@ -51,7 +51,7 @@ class ReplayError(RuntimeError):
     """The replay cannot start or cannot go on; the message says why."""
 
 
-def replay_identity(settings: Settings) -> dict[str, Any]:
+def replay_identity(settings: ReplaySettings) -> dict[str, Any]:
     """What makes two runs the same replay: a checkpoint is only valid for the replay that wrote it."""
     if settings.to_file is not None:
         destination = f"file:{os.path.abspath(settings.to_file)}"
@@ -158,7 +158,7 @@ class RateLimit:
 class Replay:
     """One run of a replay; `run()` returns the tally, `interrupted` and `failure` say how it ended."""
 
-    def __init__(self, settings: Settings, sink: Sink, *, report: TextIO = sys.stderr) -> None:
+    def __init__(self, settings: ReplaySettings, sink: Sink, *, report: TextIO = sys.stderr) -> None:
         self._settings, self._sink, self._report = settings, sink, report
         self.tally = Tally()
         self.stop = asyncio.Event()
@@ -196,7 +196,7 @@ class Replay:
             manual_done=True,
             on_bad_record=self._bad_record,
             client_id=settings.client_id,
-            kafka_options=kafka_connection_options(settings),
+            kafka_options=settings.client_options(),
         )
         self._reader = reader
         try:
@@ -304,7 +304,7 @@ class Replay:
         self._report.write(f"replay: {line}\n")
 
 
-def select_of(settings: Settings) -> EventFilter:
+def select_of(settings: ReaderSettings) -> EventFilter:
     """The filter `--command`, `--account`, `--since` and `--until` ask for."""
     return EventFilter.of(
         commands=settings.command,
@@ -314,7 +314,7 @@ def select_of(settings: Settings) -> EventFilter:
     )
 
 
-def window_problem(settings: Settings) -> str | None:
+def window_problem(settings: ReaderSettings) -> str | None:
     """What is wrong with `--since` and `--until` together, if anything."""
     if settings.since is not None and settings.until is not None and settings.since >= settings.until:
         return "--since must be earlier than --until"
@@ -325,10 +325,10 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def run_replay(settings: Settings) -> int:
-    """`bridge replay`: 0 when all was copied, 1 on errors or failure, 2 on bad usage (including a
-    destination file or checkpoint that cannot be written, or a checkpoint of another replay), 3 when the
-    Kafka cluster cannot be reached or refuses, 130 on Ctrl-C."""
+def run_replay(settings: ReplaySettings) -> int:
+    """`bridge replay`: 0 when all was copied, 1 when some records were not. Raises `CommandError` with status
+    1 on a failure, 2 on bad usage (including a destination file or checkpoint that cannot be written, or a
+    checkpoint of another replay), 3 when the Kafka cluster cannot be reached or refuses, 130 on Ctrl-C."""
     destinations = [d for d in (settings.to_topic, settings.to_file, settings.to_url) if d is not None]
     problem = window_problem(settings)
     if len(destinations) != 1:
@@ -341,8 +341,7 @@ def run_replay(settings: Settings) -> int:
         except ReplayError as exc:
             problem = str(exc)
     if problem is not None:
-        print(f"bridge replay: {problem}", file=sys.stderr)
-        return 2
+        raise CommandError(problem, ExitStatus.USAGE)
     return asyncio.run(_main(settings))
 
 
@@ -356,7 +355,7 @@ def _check_appendable(path: Path, option: str) -> None:
         path.unlink()
 
 
-def _check_files(settings: Settings) -> None:
+def _check_files(settings: ReplaySettings) -> None:
     """Before reading: the destination file, the skipped file (for a destination that can refuse records)
     and the checkpoint can be written, the checkpoint is ours."""
     if settings.to_file is not None:
@@ -369,20 +368,16 @@ def _check_files(settings: Settings) -> None:
         checkpoint.load()
 
 
-async def _main(settings: Settings) -> int:
+async def _main(settings: ReplaySettings) -> int:
     replay = Replay(settings, sink_for(settings))
     progress = Progress(sys.stderr, "replay")
     try:
         with stop_signals(replay.interrupt):
             tally = await replay.run(progress)
-    except (ReplayError, ReaderError, DeliveryFailed) as exc:
-        print(f"bridge replay: {exc}", file=sys.stderr)
-        return 1
+    except (ReplayError, ReaderError, DeliveryFailed, OSError) as exc:
+        raise CommandError(str(exc)) from None
     except KafkaError as exc:
-        return kafka_failed("replay", exc, settings)
-    except OSError as exc:
-        print(f"bridge replay: {exc}", file=sys.stderr)
-        return 1
+        raise kafka_failed(exc, settings) from None
     summary = tally.summary(progress.elapsed)
     if tally.refused:
         summary += f"; {plural(tally.refused, 'record')} refused, set aside in {replay.skipped.path}"
@@ -390,10 +385,8 @@ async def _main(settings: Settings) -> int:
     if replay.failure is not None:
         again = f"; fix that and run the same command: --checkpoint {settings.checkpoint} continues here"
         hint = again if settings.checkpoint else ""
-        print(f"bridge replay: stopped: {replay.failure}{hint}", file=sys.stderr)
-        return 1
+        raise CommandError(f"stopped: {replay.failure}{hint}")
     if replay.interrupted:
         hint = f"; run it again with --checkpoint {settings.checkpoint}" if settings.checkpoint else ""
-        print(f"bridge replay: interrupted{hint} to continue", file=sys.stderr)
-        return 130
-    return 1 if tally.errors else 0
+        raise CommandError(f"interrupted{hint} to continue", ExitStatus.INTERRUPTED)
+    return ExitStatus.FAILED if tally.errors else ExitStatus.OK

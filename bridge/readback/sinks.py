@@ -26,11 +26,10 @@ from aiokafka.errors import (
 )
 from yarl import URL
 
-from bridge.kafka.security import kafka_connection_options, start_client
-from bridge.kafka.topics import max_record_bytes
+from bridge.kafka.security import start_client
 from bridge.readback import durable_files
 from bridge.readback.events import Event
-from bridge.settings import Settings
+from bridge.settings import ReplaySettings
 from bridge.tencent.partitioner import partition_for
 
 _HTTP_TIMEOUT_S = 10.0
@@ -135,20 +134,30 @@ class FileSink:
 
 class TopicSink:
     """Produces to a topic of the same cluster with acks=all: same key, timestamp and headers, and the
-    partition the bridge would pick (the owning entity's, for the destination's partition count)."""
+    partition the bridge would pick (the owning entity's, for the destination's partition count).
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    Compression and the largest record are replay's own `--compression` and `--max-record-bytes`; the
+    producer is a `producer_class` (aiokafka's, unless a test stands in for the broker's answers).
+    """
+
+    def __init__(
+        self,
+        settings: ReplaySettings,
+        topic: str,
+        *,
+        producer_class: type[AIOKafkaProducer] = AIOKafkaProducer,
+    ) -> None:
         self.name = topic
         self._topic = topic
         self._partitions = 0
-        self._servers, self._kafka_options = settings.bootstrap_servers, kafka_connection_options(settings)
-        self._producer = AIOKafkaProducer(
+        self._servers, self._kafka_options = settings.bootstrap_servers, settings.client_options()
+        self._producer = producer_class(
             bootstrap_servers=list(settings.bootstrap_servers),
             client_id=settings.client_id,
             acks="all",
             enable_idempotence=False,  # broken on some brokers, and duplicates are handled by key
             compression_type=None if settings.compression == "none" else settings.compression,
-            max_request_size=max_record_bytes(settings),
+            max_request_size=settings.max_record_bytes,
             **self._kafka_options,
         )
 
@@ -235,7 +244,7 @@ class UrlSink:
             self._session = None
 
 
-def sink_for(settings: Settings) -> Sink:
+def sink_for(settings: ReplaySettings) -> Sink:
     if settings.to_topic is not None:
         return TopicSink(settings, settings.to_topic)
     if settings.to_file is not None:

@@ -26,8 +26,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bridge.settings import Settings, SettingsError
-from bridge.tools.embedded import EmbeddedBroker, free_port, stop_process
+from bridge.errors import CommandError, ExitStatus
+from bridge.settings import BenchSettings, ServeSettings
+from bridge.tools.embedded import EmbeddedBroker, EmbeddedBrokerError, free_port, stop_process
 from bridge.tools.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
 
 _READY_TIMEOUT_S = 30.0
@@ -51,9 +52,26 @@ class Target:
     rss_bytes: list[int] = field(default_factory=list)
 
 
-def run_bench(settings: Settings) -> int:
+def run_bench(settings: BenchSettings) -> int:
+    """0 when every callback was answered OK, else 1. Raises `CommandError` when the bench cannot run: status
+    2 for settings that do not fit, 1 when a server or the broker did not start."""
     if settings.floor and settings.url is not None and not settings.bootstrap_servers:
-        raise SettingsError("--floor writes to Kafka: with --url, give the bridge's --bootstrap-servers too")
+        raise CommandError(
+            "--floor writes to Kafka: with --url, give the bridge's --bootstrap-servers too", ExitStatus.USAGE
+        )
+    try:
+        report = _bench(settings)
+    except (EmbeddedBrokerError, RuntimeError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    if settings.format == "json":
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(_describe(settings, report))
+    failed = any(target["errors"] for target in report["targets"])
+    return ExitStatus.FAILED if failed else ExitStatus.OK
+
+
+def _bench(settings: BenchSettings) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         targets: list[Target] = []
         broker_pid: int | None = None
@@ -79,12 +97,8 @@ def run_bench(settings: Settings) -> int:
                 return _bridge_command(port, servers, embedded=embedded)
 
             targets.append(stack.enter_context(_started("bridge", bridge_command)))
-        report = _run(_measure(settings, targets, broker_pid))
-    if settings.format == "json":
-        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-    else:
-        print(_describe(settings, report))
-    return 0 if all(not target["errors"] for target in report["targets"]) else 1
+        report: dict[str, Any] = _run(_measure(settings, targets, broker_pid))
+        return report
 
 
 def _bridge_command(port: int, servers: str, *, embedded: bool) -> list[str]:
@@ -125,7 +139,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{url} did not answer 200 within {_READY_TIMEOUT_S:g} s")
 
 
-async def _measure(settings: Settings, targets: list[Target], broker_pid: int | None) -> dict[str, Any]:
+async def _measure(settings: BenchSettings, targets: list[Target], broker_pid: int | None) -> dict[str, Any]:
     mixes = {
         target.name: CallbackMix(target.host, target.port, target.path, settings.accounts)
         for target in targets
@@ -160,7 +174,7 @@ async def _measure(settings: Settings, targets: list[Target], broker_pid: int | 
     return report
 
 
-async def _load(settings: Settings, target: Target, mix: CallbackMix, seconds: float) -> LoadResult:
+async def _load(settings: BenchSettings, target: Target, mix: CallbackMix, seconds: float) -> LoadResult:
     if settings.rate:
         return await open_loop(
             target.host,
@@ -196,7 +210,7 @@ def _summary(target: Target, with_broker: bool) -> dict[str, Any]:
     return summary
 
 
-def _describe(settings: Settings, report: dict[str, Any]) -> str:
+def _describe(settings: BenchSettings, report: dict[str, Any]) -> str:
     load = (
         f"open loop at {settings.rate:g}/s over up to {settings.connections} connections"
         if settings.rate
@@ -260,7 +274,7 @@ def _run(coroutine: Any) -> Any:
 # --- and the floor: the baseline plus one write through the bridge's publisher, and nothing else ----------
 
 
-def baseline_app(publisher_settings: Settings | None = None) -> Any:
+def baseline_app(publisher_settings: ServeSettings | None = None) -> Any:
     """The bare server; with `publisher_settings`, the floor: each callback also written to Kafka."""
     from aiohttp import web  # noqa: PLC0415
 
@@ -318,7 +332,7 @@ def serve_baseline(port: int, bootstrap_servers: str | None = None, *, embedded:
 
     settings = None
     if bootstrap_servers is not None:
-        settings = Settings(bootstrap_servers=tuple(bootstrap_servers.split(",")), create_topics=True)
+        settings = ServeSettings(bootstrap_servers=tuple(bootstrap_servers.split(",")), create_topics=True)
         if embedded:
             settings = replace(settings, replication_factor=1)
     web.run_app(baseline_app(settings), host="127.0.0.1", port=port, access_log=None, print=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shlex
 import sys
 import time
@@ -11,13 +12,14 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from bridge.ingest.runner import run_server
+from bridge.errors import CommandError, ExitStatus
+from bridge.ingest.runner import ListenError, run_server
 from bridge.ingest.server import PUBLISHER
 from bridge.secret import CallbackToken
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from bridge.tencent.samples import SEED_CALLBACK, SEED_QUERY
 from bridge.tencent.signature import expected_sign
-from bridge.tools.embedded import EmbeddedBroker
+from bridge.tools.embedded import EmbeddedBroker, EmbeddedBrokerError
 
 _READY_TIMEOUT_S = 30.0
 
@@ -35,7 +37,7 @@ def base_url(host: str, port: int) -> str:
     return f"http://{shown_host}:{port}"
 
 
-def banner(settings: Settings, port: int, bootstrap_servers: str) -> str:
+def banner(settings: ServeSettings, port: int, bootstrap_servers: str) -> str:
     query = dict(SEED_QUERY)
     signed = ""
     if settings.callback_tokens:
@@ -68,7 +70,7 @@ def banner(settings: Settings, port: int, bootstrap_servers: str) -> str:
     )
 
 
-def run_dev(settings: Settings, broker: EmbeddedBroker) -> None:
+def run_dev(settings: ServeSettings, broker: EmbeddedBroker) -> None:
     """Serve against `broker` (already started) until Ctrl-C; the caller stops the broker."""
     print(_WARNING, file=sys.stderr, flush=True)
 
@@ -85,3 +87,14 @@ def run_dev(settings: Settings, broker: EmbeddedBroker) -> None:
         print(banner(settings, port, broker.bootstrap_servers), flush=True)
 
     asyncio.run(run_server(settings, on_started=announce))
+
+
+def start_dev(settings: ServeSettings) -> int:
+    """`bridge dev`: start the embedded broker, serve against it until Ctrl-C, stop it. Raises `CommandError`
+    when the broker or the server cannot start."""
+    try:
+        with EmbeddedBroker() as broker:
+            run_dev(dataclasses.replace(settings, bootstrap_servers=(broker.bootstrap_servers,)), broker)
+    except (EmbeddedBrokerError, ListenError) as exc:
+        raise CommandError(str(exc)) from None
+    return ExitStatus.OK

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.ingest.server import create_app
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 from tests.support.serve import wait_until_ready
 
 DAY_MS = 86_400_000
@@ -95,7 +95,7 @@ def three_days(first_day_ms: int = FIRST_DAY_MS) -> list[Posted]:
     return posted
 
 
-async def post_through_a_bridge(settings: Settings, callbacks: Sequence[Posted]) -> None:
+async def post_through_a_bridge(settings: ServeSettings, callbacks: Sequence[Posted]) -> None:
     """Post `callbacks` through a bridge of `settings` whose edge dedup is off, so that the callbacks posted
     twice land twice, as they do in Kafka after a restart, from two replicas, or after an ambiguous 503."""
     async with TestClient(TestServer(create_app(replace(settings, dedup_window=0)))) as client:

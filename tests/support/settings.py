@@ -6,16 +6,16 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from bridge.settings import Settings
+from bridge.settings import ServeSettings
 
 NO_BROKER = "127.0.0.1:9"
 """A bootstrap address for unit tests, which never connect: the discard port, where no broker listens."""
 
 
-def unique_settings(bootstrap_servers: str, **overrides: Any) -> Settings:
+def unique_settings(bootstrap_servers: str, **overrides: Any) -> ServeSettings:
     """Settings whose six topics are new to the broker, so each test reads only its own records."""
     run = uuid.uuid4().hex[:10]
-    base = Settings(
+    base = ServeSettings(
         bootstrap_servers=tuple(bootstrap_servers.split(",")),
         host="127.0.0.1",
         port=0,

@@ -142,7 +142,7 @@ PROTOCOLS = {"SASL_PLAIN": "SASL_PLAINTEXT", "SASL_TLS": "SASL_SSL", "TLS": "SSL
 
 
 def connection_settings(node: SecuredKafkaNode, kind: str) -> dict[str, object]:
-    """`Settings` fields for connecting to `node` as `kind` says: a listener and, for SASL, a mechanism
+    """`ServeSettings` fields for connecting to `node` as `kind` says: a listener and, for SASL, a mechanism
     (`SASL_PLAIN/SCRAM-SHA-256`, `SASL_TLS/PLAIN`), or `TLS`, or `MTLS`; with the right password and the
     client certificate the listener needs."""
     listener, _, mechanism = kind.partition("/")
