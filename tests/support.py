@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
+from bridge.errors import BrokerNotReady
 from bridge.ingest.runner import BridgeRunner
 from bridge.ingest.server import create_app
 from bridge.settings import Settings
@@ -201,10 +202,9 @@ class FakePublisher:
     records: list[Record] = field(default_factory=list)
     abandoned: int = 0
 
-    def partition_count(self, topic: str) -> int | None:
-        return self.partitions
-
-    async def publish(self, record: Record, timeout: float) -> None:
+    async def publish(self, record: Record, deadline: float) -> None:
+        if self.partitions is None:
+            raise BrokerNotReady(f"Kafka is not ready ({self.status}); the callback was not written")
         await self.confirm.wait()
         if self.failure is not None:
             raise self.failure

@@ -15,9 +15,8 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
 from bridge.cli import main
-from bridge.ingest.outcomes import Outcomes
 from bridge.kafka import security as kafka_security
-from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.producer import new_producer
 from bridge.kafka.security import kafka_connection_options
 from bridge.kafka.topics import _admin
 from bridge.secret import Secret
@@ -158,7 +157,7 @@ SASL = Settings(
 
 
 async def test_the_producer_and_the_admin_client_get_the_same_security_arguments() -> None:
-    producer, admin = KafkaPublisher(SASL, Outcomes())._new_producer(), _admin(SASL)
+    producer, admin = new_producer(SASL, kafka_connection_options(SASL)), _admin(SASL)
     try:
         for client in (producer.client, admin._client):
             assert client._security_protocol == "SASL_PLAINTEXT"

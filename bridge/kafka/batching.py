@@ -146,12 +146,13 @@ class PartitionBatches:
         self._closed: BaseException | None = None
         self._loop = asyncio.get_running_loop()
 
-    def add(self, record: Record) -> asyncio.Future[None]:
-        """Queue `record`; the future resolves when the broker has it, or fails with the reason it has not:
-        `NotHandedOver`, a `KafkaError` from the producer, or `Expired` (see `expire`)."""
+    def add(self, record: Record, partition_number: int) -> asyncio.Future[None]:
+        """Queue `record` for its topic's partition `partition_number`; the future resolves when the broker
+        has it, or fails with the reason it has not: `NotHandedOver`, a `KafkaError` from the producer, or
+        `Expired` (see `expire`)."""
         if self._closed is not None:
             raise NotHandedOver(self._closed)
-        partition = (record.topic, record.partition)
+        partition = (record.topic, partition_number)
         queue = self._queues.get(partition)
         if queue is None:
             queue = self._queues[partition] = deque()

@@ -28,7 +28,7 @@ import orjson
 from bridge.tencent.samples import SEED_CALLBACK, SEED_QUERY
 
 # The fixtures of a source checkout; an installed package falls back to the `bridge dev` seed callback.
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 # (bytes of padding in CloudCustomData, share in %): most bodies as the fixtures are (0.5-1.5 KB), some
 # long messages, a few large custom-data payloads.
 BODY_PADDING = ((0, 90), (4 * 1024, 8), (32 * 1024, 2))
