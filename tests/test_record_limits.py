@@ -21,8 +21,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.errors import RecordTooLarge
 from bridge.ingest.server import create_app
-from bridge.kafka.batching import batch_bytes, record_bytes
-from bridge.kafka.publisher import KafkaPublisher, check_record_size
+from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.sizes import batch_bytes, check_record_size, record_bytes
 from bridge.kafka.topics import max_record_bytes
 from bridge.settings import Settings
 from bridge.tencent.commands import MAX_ID_BYTES

@@ -23,8 +23,9 @@ from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaError
 
 from bridge.errors import describe
-from bridge.kafka.batching import BATCH_BYTES, PartitionBatches
+from bridge.kafka.batching import PartitionBatches
 from bridge.kafka.security import start_client
+from bridge.kafka.sizes import BATCH_BYTES
 from bridge.kafka.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
 from bridge.settings import Settings
 
@@ -44,6 +45,11 @@ _LEADER_WAIT_S = 30.0
 
 class ProducerUser(Protocol):
     """Who writes with the supervised producer (the publisher), told as the producer comes and goes."""
+
+    @property
+    def partitions_at_start(self) -> Mapping[str, int]:
+        """Each topic's partition count when the bridge first became ready; empty until it did."""
+        ...
 
     def connected(self, producer: AIOKafkaProducer) -> PartitionBatches:
         """Serve with `producer` from now on, through the batches returned; raising refuses the producer."""
@@ -88,8 +94,6 @@ class ProducerSupervisor:
         self.status = "connecting to Kafka"
         self.answering = True
         """Whether the last metadata probes were answered: a hung or dead broker makes /readyz 503."""
-        self.start_partitions: dict[str, int] = {}
-        """Each topic's partition count when the bridge first became ready: the one `partition_for` uses."""
         self.record_limits: dict[str, int] = {}
         """Each topic's `max.message.bytes`, where the broker told it and it is below the bridge's own."""
         self.min_insync: dict[str, int] = {}
@@ -122,11 +126,6 @@ class ProducerSupervisor:
         """Connect a producer, serve with it until it dies, and retire it."""
         producer = await self._connect()
         try:
-            if not self.start_partitions:
-                cluster = producer.client.cluster
-                self.start_partitions = {
-                    t: len(cluster.partitions_for_topic(t)) for t in self._settings.topics
-                }
             batches = self._user.connected(producer)
         except BaseException:
             await stop_producer(producer, self._settings.shutdown_timeout)
@@ -228,7 +227,7 @@ class ProducerSupervisor:
             async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                 cluster = await producer.client.fetch_all_metadata()
             missing = [topic for topic in settings.topics if topic not in cluster.topics()]
-            if missing and settings.create_topics and not self.start_partitions:
+            if missing and settings.create_topics and not self._user.partitions_at_start:
                 try:
                     async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                         await create_topics(settings, missing, len(cluster.brokers()))

@@ -42,19 +42,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError
 
-from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, RecordTooLarge, describe
-from bridge.kafka.batching import (
-    BATCH_BYTES,
-    Expired,
-    NotHandedOver,
-    Partition,
-    PartitionBatches,
-    batch_bytes,
-    record_bytes,
-)
+from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, describe
+from bridge.kafka.batching import Expired, NotHandedOver, Partition, PartitionBatches
 from bridge.kafka.producer import ProducerSupervisor, ProducerWatch, stop_producer
 from bridge.kafka.readiness import InSyncReplicas, TopicsAtStart, isr_problems
 from bridge.kafka.security import kafka_connection_options
+from bridge.kafka.sizes import BATCH_BYTES, check_record_size
 from bridge.kafka.topics import max_record_bytes
 from bridge.settings import Settings
 from bridge.tencent.envelope import Record
@@ -176,6 +169,7 @@ class KafkaPublisher:
 
     @property
     def partitions_at_start(self) -> Mapping[str, int]:
+        """Each topic's partition count when the bridge first became ready; empty until it did."""
         return self._start_partitions
 
     async def start(self) -> None:
@@ -335,31 +329,6 @@ class KafkaPublisher:
             return
         self._abandoned -= 1
         self._listener.ambiguous_ended(landed)
-
-
-def check_record_size(record: Record, limits: Mapping[str, int], own_limit: int, compression: str) -> None:
-    """Refuse a record its topic would refuse (`limits`, each topic's `max.message.bytes` where it is below
-    `own_limit`), or over the bridge's own limit (`own_limit`), compressed with `compression`."""
-    limit = limits.get(record.topic, own_limit)
-    bound = record_bytes(record)
-    if compression != "none":
-        # aiokafka's C batch builder keeps a compressed batch even when it came out larger (by 28-240
-        # bytes for a megabyte that does not compress): bound what a codec can add.
-        bound += bound // 6 + 64
-    if bound <= limit:
-        return
-    size = batch_bytes(record, compression)
-    if size <= limit:
-        return
-    whose = (
-        f"topic {record.topic}'s max.message.bytes"
-        if record.topic in limits
-        else "the bridge's limit (--max-body-bytes plus 64 KiB)"
-    )
-    raise RecordTooLarge(
-        f"the callback's record takes {size} bytes, more than {whose} of {limit}; the callback was not "
-        "written"
-    )
 
 
 def _not_written(exc: NotHandedOver) -> BrokerNotReady:
