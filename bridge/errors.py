@@ -1,10 +1,41 @@
 """The bridge's exception tree: each error knows its HTTP status, its Tencent ErrorCode and retriability.
 
-Handlers raise these; the error middleware in `bridge.ingest.server` turns them into Tencent-style answers in
-one place. ErrorCodes are five-digit numbers built from the HTTP status so they never collide with the codes
-Tencent gives meaning to for "before" callbacks (1 rejects the user's action, 2 drops the message,
-120001-130000 are custom errors).
-`CommandError`, at the end, is the command line's: a command that cannot go on, and its exit status."""
+The path raises these; the error middleware in `bridge.ingest.server` turns them into Tencent-style answers
+in one place. ErrorCodes are five-digit numbers built from the HTTP status so they never collide with the
+codes Tencent gives meaning to for "before" callbacks (1 rejects the user's action, 2 drops the message,
+120001-130000 are custom errors). Every 503 is an `Unavailable`: retriable, with `Retry-After`.
+
+    BridgeError                 500  never answered as such: every failure below has its own status
+      BadCallback               400  not a callback the bridge can publish
+        InvalidQuery            400    40001
+        InvalidJson             400    40002
+        InvalidField            400    40003
+        CommandMismatch         400    40004
+        UnreadableBody          400    40005
+      MalformedRequest          400  refused by aiohttp's HTTP parser (its status, 400 so far)
+      Unauthorized              401  the signature failed a check
+        MissingSignature        401    40101
+        MalformedSignature      401    40102
+        StaleSignature          401    40103
+        SignatureMismatch       401    40104
+      ForbiddenApp              403  an SdkAppid not of this bridge
+      NotFound                  404
+      MethodNotAllowed          405
+      BodyTimeout               408
+      BodyTooLarge              413
+      RecordTooLarge            413  larger than its topic takes; nothing sent
+      Unavailable               503  not acknowledged; may be sent again (ambiguous: it may still land)
+        PublishError            503  Kafka did not confirm the write
+          BrokerNotReady        503    50301
+          DeliveryTimeout       503    50302
+          BrokerRejected        503    50303
+        Overloaded              503    50304
+        ShuttingDown            503    50305
+        InternalError           503    50399  a bug: never a 500
+
+Apart from the tree, for the command line: `CommandError` (a command that cannot go on) carries its
+`ExitStatus`, turned into `bridge COMMAND: message` and that status in `bridge.cli.main` alone.
+"""
 
 from __future__ import annotations
 

@@ -39,12 +39,13 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.ingest.runner import run_server
 from bridge.ingest.server import OUTCOMES, PUBLISHER
-from bridge.kafka.publisher import Publisher
+from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.kafka.topics import intended_topic
 from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
@@ -767,12 +768,19 @@ async def _partitions_grow(chaos: Chaos, planned: Planned) -> str:
     return f"{topic} grown to {count} partitions; the bridge restarted to take them (stopped in {took:.1f} s)"
 
 
+def kill_producer(producer: AIOKafkaProducer) -> None:
+    """End the producer's sender task, as a fatal error does (aiokafka's internals: it has no public way)."""
+    producer._sender.sender_task.cancel()
+
+
 async def _producer_death(chaos: Chaos, planned: Planned) -> str:
     publisher = chaos.bridge.publisher
-    producer = publisher._producer  # type: ignore[attr-defined]
-    producer._sender.sender_task.cancel()
+    assert isinstance(publisher, KafkaPublisher)
+    producer = publisher.producer
+    assert producer is not None
+    kill_producer(producer)
     async with asyncio.timeout(30):
-        while publisher._producer is producer:  # type: ignore[attr-defined]
+        while publisher.producer is producer:
             await asyncio.sleep(0.01)
     await chaos.bridge.until_ready(chaos.session)
     return "the producer's sender task cancelled; the bridge built a new producer"

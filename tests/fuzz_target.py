@@ -6,11 +6,12 @@ dropped, repeated or given fuzzed values; a command put in the query, the body o
 given fuzzed JSON; a signature good, wrong, stale or fuzzed; bytes of the JSON text edited; now and then raw
 bytes as the query or the body. The query string becomes (name, value) pairs as aiohttp makes them (`yarl`,
 from the request target decoded as UTF-8 with surrogateescape, as aiohttp's pure-Python parser does), then the
-bridge's own `checked_query` and `callback_record` (`bridge.ingest.server`) run: the pure functions the
-handler calls. Every input must end in a record or in a `BridgeError` with a 4xx status whose FAIL body
-encodes; anything else escapes and is a crash. An accepted request is checked too: signed with a configured
-token within the allowed skew (when signing is on), of an allowed app, and its record's value is the envelope
-of the body and the query (without `Sign`).
+bridge's own `checked_query` and `parse_callback` (`bridge.tencent.callback`) run, and the record is put on
+its topic and partition as the handler and the publisher do: the pure functions of the path. Every input
+must end in a record or in a `BridgeError` with a 4xx status whose FAIL body encodes; anything else escapes
+and is a crash. An accepted request is checked too: signed with a configured token within the allowed skew
+(when signing is on), of an allowed app, and its record's value is the envelope of the body and the query
+(without `Sign`).
 
 `tests/fuzz_request.py` runs it under libFuzzer; the test suite replays the committed corpus with it.
 """
@@ -31,12 +32,13 @@ import orjson
 from yarl import URL
 
 from bridge.errors import BadCallback, BridgeError, ForbiddenApp, Unauthorized
-from bridge.ingest.server import callback_record, checked_query
 from bridge.secret import Secret
 from bridge.settings import ServeSettings
 from bridge.tencent import commands
+from bridge.tencent.callback import checked_query, parse_callback
 from bridge.tencent.commands import COMMANDS, RoutedCallback
 from bridge.tencent.envelope import SCHEMA, Record
+from bridge.tencent.partitioner import partition_for
 from bridge.tencent.protocol import EXCLUDED_FROM_ENVELOPE, CallbackQuery, fail_body
 from bridge.tencent.signature import SignatureCheck, expected_sign
 
@@ -384,14 +386,9 @@ def check(case: Case, pairs: list[tuple[str, str]]) -> Record | BridgeError:
     """Run the request path on one request; it must end in a record or a 4xx `BridgeError`."""
     try:
         query = checked_query(pairs, case.signature, case.sdk_app_ids)
-        routed, record = callback_record(
-            query,
-            case.body,
-            received_at_ms=NOW_MS,
-            topic_for=TOPIC_FOR,
-            partition_count=lambda _: PARTITIONS,
-            max_event_age_ms=MAX_EVENT_AGE_MS,
-        )
+        callback = parse_callback(query, case.body, received_at_ms=NOW_MS, max_event_age_ms=MAX_EVENT_AGE_MS)
+        routed = callback.routed
+        record = callback.record(TOPIC_FOR(routed.topic_group))
     except BridgeError as error:
         check_refused(case, error)
         return error
@@ -443,7 +440,8 @@ def check_accepted(case: Case, query: CallbackQuery, routed: RoutedCallback, rec
     if case.sdk_app_ids:
         expect(query.sdk_app_id in case.sdk_app_ids, "a request of another app was accepted")
     expect(record.topic == expected_topic(routed.command), "the record is not on its family's topic")
-    expect(0 <= record.partition < PARTITIONS, f"partition {record.partition} of {PARTITIONS}")
+    partition = partition_for(record.entity, PARTITIONS)  # as the publisher picks it
+    expect(0 <= partition < PARTITIONS, f"partition {partition} of {PARTITIONS}")
     expect(bool(record.key), "the record has an empty key")
     expect(0 <= record.timestamp_ms < 2**63, f"timestamp {record.timestamp_ms}")
     envelope = orjson.loads(record.value)

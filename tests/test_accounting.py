@@ -9,8 +9,9 @@ flight, a handler cancelled at shutdown, a bug).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import aiohttp
@@ -18,12 +19,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-import bridge.kafka.publisher
 from bridge.errors import BrokerNotReady, DeliveryTimeout, PublishError
 from bridge.ingest.dedup import EdgeDedup
 from bridge.ingest.metrics import METRICS
 from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.ingest.server import ADMISSION, OUTCOMES, PUBLISHER, create_app
+from bridge.kafka.producer import ProducerWatch, wait_for_death
+from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.conftest import BridgeClient
@@ -100,17 +102,27 @@ class _Writer:
     def __init__(self) -> None:
         self.end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def publish(self, _timeout: float) -> None:
+    async def publish(self, _deadline: float) -> None:
         await self.end
+
+
+async def _publish_once(
+    dedup: EdgeDedup, callback_id: str, publish: Callable[[float], Awaitable[None]], deadline: float
+) -> Outcome:
+    """What the handler does with the dedup: claim the callback, and write it unless it is a duplicate."""
+    async with dedup.claim(callback_id, deadline) as claim:
+        if claim.duplicate is None:
+            await publish(deadline)
+    return claim.outcome
 
 
 async def _copy_stops_waiting(dedup: EdgeDedup, writer: _Writer, *, cancel: bool) -> asyncio.Task[Outcome]:
     """The first write under way, once a copy stopped waiting for it: by its deadline, or cancelled."""
     loop = asyncio.get_running_loop()
-    first = asyncio.create_task(dedup.publish_once(CALLBACK, writer.publish, loop.time() + 60))
+    first = asyncio.create_task(_publish_once(dedup, CALLBACK, writer.publish, loop.time() + 60))
     await asyncio.sleep(0)
     copy_deadline = loop.time() + (60 if cancel else 0.05)
-    copy = asyncio.create_task(dedup.publish_once(CALLBACK, writer.publish, copy_deadline))
+    copy = asyncio.create_task(_publish_once(dedup, CALLBACK, writer.publish, copy_deadline))
     await asyncio.sleep(0.01)
     if cancel:
         copy.cancel()
@@ -202,12 +214,23 @@ async def test_a_handler_cancelled_at_shutdown_is_counted_ambiguous_and_its_reco
     assert record.key == OA.body["MsgKey"].encode()
 
 
+@contextlib.asynccontextmanager
+async def _bridge_watched_by(settings: ServeSettings, watch: ProducerWatch) -> AsyncIterator[BridgeClient]:
+    """The bridge, its producers watched for death by `watch` rather than `wait_for_death`."""
+    publisher = KafkaPublisher(settings, watch=watch)
+    await publisher.start()
+    try:
+        async with TestClient(TestServer(create_app(settings, publisher))) as client:
+            yield client
+    finally:
+        await publisher.close()
+
+
 async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
-    settings: ServeSettings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    settings: ServeSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """If watching the producer fails (aiokafka renamed what the watch reads, say), the supervisor says so
     and builds a new producer, rather than end and leave `/readyz` saying ready with no one watching."""
-    watch = bridge.kafka.publisher._wait_for_death
     failures = 0
 
     async def fails_once(producer: object) -> str:
@@ -215,11 +238,10 @@ async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
         if failures == 0:
             failures += 1
             raise AttributeError("'AIOKafkaProducer' object has no attribute '_sender'")
-        return await watch(producer)
+        return await wait_for_death(producer)
 
-    monkeypatch.setattr(bridge.kafka.publisher, "_wait_for_death", fails_once)
     caplog.set_level(logging.INFO, logger="bridge")
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with _bridge_watched_by(settings, fails_once) as client:
         async with asyncio.timeout(20):
             while "cannot watch the Kafka producer" not in caplog.text:
                 await asyncio.sleep(0.05)
@@ -231,13 +253,12 @@ async def test_a_producer_that_cannot_be_watched_is_logged_and_rebuilt(
 
 
 async def test_a_producer_that_can_never_be_watched_never_makes_the_bridge_ready(
-    settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
+    settings: ServeSettings,
 ) -> None:
     async def always_fails(_producer: object) -> str:
         raise AttributeError("'AIOKafkaProducer' object has no attribute '_sender'")
 
-    monkeypatch.setattr(bridge.kafka.publisher, "_wait_for_death", always_fails)
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with _bridge_watched_by(settings, always_fails) as client:
         app = client.app
         assert app is not None
         publisher = app[PUBLISHER]

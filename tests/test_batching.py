@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,19 +14,33 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from bridge.errors import BrokerNotReady, DeliveryTimeout, PublishError, RecordTooLarge
+from bridge.ingest.metrics import Metrics
 from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.kafka.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.topics import max_record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
+from bridge.tencent.partitioner import partition_for
 from tests.support.records import read_records
 
+FAKE_PARTITIONS = {"t": 3}
+"""The topic of the fake producer, and its partitions: the count at start the publisher is given."""
 
-def _record(topic: str, partition: int, number: int, size: int = 300) -> Record:
+
+@functools.cache
+def _entity_on(partition: int, partitions: int) -> str:
+    """An entity whose records the publisher puts on `partition` of a topic of `partitions` partitions."""
+    return next(
+        f"entity-{n}" for n in itertools.count() if partition_for(f"entity-{n}", partitions) == partition
+    )
+
+
+def _record(topic: str, partition: int, number: int, size: int = 300, partitions: int = 3) -> Record:
+    """Record `number`, of an entity on `partition` (of `partitions`), of `size` bytes."""
     return Record(
         topic=topic,
-        partition=partition,
+        entity=_entity_on(partition, partitions),
         key=f"key-{number}".encode(),
         value=f"{number:08d}".encode().ljust(size, b"."),
         timestamp_ms=1_700_000_000_000 + number,
@@ -32,10 +48,32 @@ def _record(topic: str, partition: int, number: int, size: int = 300) -> Record:
     )
 
 
+def _placed(topic: str, partition: int, number: int, size: int = 300) -> tuple[Record, int]:
+    """A record, and its partition, as the publisher hands them to the batches."""
+    return _record(topic, partition, number, size), partition
+
+
+def _in(seconds: float) -> float:
+    """The deadline `seconds` from now, on the event loop's clock."""
+    return asyncio.get_running_loop().time() + seconds
+
+
 async def _ready(publisher: KafkaPublisher, topic: str) -> None:
     async with asyncio.timeout(20):
-        while not publisher.ready or publisher.partition_count(topic) is None:
+        while not publisher.ready or topic not in publisher.partitions_at_start:
             await asyncio.sleep(0.05)
+
+
+def _serve(publisher: KafkaPublisher, producer: _Producer) -> PartitionBatches:
+    """Make `publisher` write through batches of the fake `producer`, as it does with a real one."""
+    batches = publisher.batches_for(cast(AIOKafkaProducer, producer))
+    publisher.serve(batches, FAKE_PARTITIONS)
+    return batches
+
+
+def _kill(producer: AIOKafkaProducer) -> None:
+    """End the producer's sender task, as a fatal error does (aiokafka's internals: it has no public way)."""
+    producer._sender.sender_task.cancel()
 
 
 def _batches(producer: _Producer, on_abandoned: Callable[[bool | None], None]) -> PartitionBatches:
@@ -47,21 +85,26 @@ async def test_concurrent_records_land_once_each_in_publishing_order(
 ) -> None:
     """400 records published at once to two partitions, some larger than a batch, each land exactly once,
     with their key, timestamp and headers, in the order they were published within each partition."""
-    publisher = KafkaPublisher(settings, Outcomes())
+    publisher = KafkaPublisher(settings)
     await publisher.start()
     try:
         await _ready(publisher, settings.topic)
-        records = [
-            _record(settings.topic, number % 2, number, 40_000 if number % 37 == 0 else 300)
+        count = publisher.partitions_at_start[settings.topic]
+        placed = [
+            (
+                number % 2,
+                _record(settings.topic, number % 2, number, 40_000 if number % 37 == 0 else 300, count),
+            )
             for number in range(400)
         ]
-        await asyncio.gather(*(publisher.publish(record, 10.0) for record in records))
+        records = [record for _, record in placed]
+        await asyncio.gather(*(publisher.publish(record, _in(10.0)) for record in records))
     finally:
         await publisher.close()
     landed = await read_records(kafka, [settings.topic], expect=400)
     assert len(landed) == 400
     for partition in (0, 1):
-        expected = [record for record in records if record.partition == partition]
+        expected = [record for on, record in placed if on == partition]
         got = [record for record in landed if record.partition == partition]
         assert [record.key for record in got] == [record.key for record in expected]
         assert [record.value for record in got] == [record.value for record in expected]
@@ -129,7 +172,7 @@ async def _sent(producer: _Producer, count: int) -> None:
 async def test_a_full_batch_starts_the_next_and_one_acknowledgement_answers_all_its_records() -> None:
     producer, settled = _Producer(), list[bool | None]()
     batches = _batches(producer, settled.append)
-    waiters = [batches.add(_record("t", 0, number)) for number in range(5)]
+    waiters = [batches.add(*_placed("t", 0, number)) for number in range(5)]
     producer.taking.set()
     await _sent(producer, 1)  # one batch of a partition per request, as aiokafka sends them
     producer.sent[0][1].set_result(None)
@@ -156,14 +199,14 @@ async def test_batches_wait_for_their_broker_to_answer_and_a_retried_one_holds_b
     producer.client.cluster.leaders = {("t", 0): 1, ("t", 1): 1, ("t", 2): 2}
     batches = _batches(producer, lambda _: None)
     producer.taking.set()
-    first = batches.add(_record("t", 0, 0))
+    first = batches.add(*_placed("t", 0, 0))
     await _sent(producer, 1)
     same_broker = [
-        batches.add(_record("t", 0, 1)),
-        batches.add(_record("t", 0, 2)),
-        batches.add(_record("t", 1, 3)),
+        batches.add(*_placed("t", 0, 1)),
+        batches.add(*_placed("t", 0, 2)),
+        batches.add(*_placed("t", 1, 3)),
     ]
-    other_broker = batches.add(_record("t", 2, 4))
+    other_broker = batches.add(*_placed("t", 2, 4))
     await _sent(producer, 2)
     assert producer.sent[1][0].records == [b"key-4"]
     producer.sent[0][1].set_result(None)
@@ -171,8 +214,8 @@ async def test_batches_wait_for_their_broker_to_answer_and_a_retried_one_holds_b
     assert first.done()
     by_records = {tuple(batch.records): delivery for batch, delivery in producer.sent[2:]}
     assert set(by_records) == {(b"key-1", b"key-2"), (b"key-3",)}
-    behind_retry = batches.add(_record("t", 0, 5))
-    next_for_one = batches.add(_record("t", 1, 6))
+    behind_retry = batches.add(*_placed("t", 0, 5))
+    next_for_one = batches.add(*_placed("t", 1, 6))
     await _sent(producer, 4)
     by_records[(b"key-3",)].set_result(None)  # partition 0's batch is being retried
     await _sent(producer, 5)
@@ -194,8 +237,8 @@ async def test_a_record_of_a_topic_missing_from_the_metadata_is_not_written_and_
     producer.client.cluster.topics -= {"gone"}
     batches = _batches(producer, lambda _: None)
     producer.taking.set()
-    unknown = batches.add(_record("gone", 0, 0))
-    fine = batches.add(_record("t", 0, 1))
+    unknown = batches.add(*_placed("gone", 0, 0))
+    fine = batches.add(*_placed("t", 0, 1))
     with pytest.raises(NotHandedOver, match="not in the metadata"):
         await unknown
     await _sent(producer, 1)
@@ -207,7 +250,7 @@ async def test_a_record_of_a_topic_missing_from_the_metadata_is_not_written_and_
 async def test_an_expired_record_is_reported_once_when_its_batch_settles() -> None:
     producer, reports = _Producer(), list[bool | None]()
     batches = _batches(producer, reports.append)
-    waiter = batches.add(_record("t", 0, 1))
+    waiter = batches.add(*_placed("t", 0, 1))
     batches.expire(waiter)  # the callback's deadline passed
     with pytest.raises(Expired):
         await waiter
@@ -227,9 +270,8 @@ async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as
     """The acknowledgement and the deadline in the same turn of the loop, before the callback's task runs:
     the callback is answered as ambiguous, the record counted as landed, and nothing stays abandoned."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(offline_settings, outcomes)
-    batches = _batches(producer, publisher._abandoned_changed)
-    publisher._batches = batches  # the producer the test controls
+    publisher = KafkaPublisher(offline_settings, Metrics(outcomes, lambda: True))
+    batches = _serve(publisher, producer)  # the producer the test controls
     producer.taking.set()
     expire = batches.expire
 
@@ -239,7 +281,7 @@ async def test_a_batch_settling_as_the_deadline_passes_leaves_nothing_counted_as
 
     batches.expire = expire_as_the_broker_answers  # type: ignore[method-assign]
     with pytest.raises(DeliveryTimeout) as raised:
-        await publisher.publish(_record("t", 0, 1), 0.05)
+        await publisher.publish(_record("t", 0, 1), _in(0.05))
     assert raised.value.ambiguous
     await asyncio.sleep(0)
     assert publisher.abandoned == 0
@@ -252,20 +294,19 @@ async def test_records_never_handed_to_the_producer_are_answered_as_not_written(
     """Closing with batches still waiting for the producer fails their callbacks with a 503 that says the
     callback was not written, not an ambiguous one."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(offline_settings, outcomes)
-    batches = _batches(producer, publisher._abandoned_changed)
-    publisher._batches = batches  # the producer the test controls
+    publisher = KafkaPublisher(offline_settings, Metrics(outcomes, lambda: True))
+    batches = _serve(publisher, producer)  # the producer the test controls
     # The first batch waits in the producer's send_batch, the second behind it.
-    first = asyncio.ensure_future(publisher.publish(_record("t", 0, 1), 5.0))
+    first = asyncio.ensure_future(publisher.publish(_record("t", 0, 1), _in(5.0)))
     await asyncio.sleep(0.01)
-    second = asyncio.ensure_future(publisher.publish(_record("t", 0, 2), 5.0))
+    second = asyncio.ensure_future(publisher.publish(_record("t", 0, 2), _in(5.0)))
     await asyncio.sleep(0.01)
     batches.close(ConnectionError("the producer was closed"))
     for publishing in (first, second):
         with pytest.raises(BrokerNotReady, match="was not written"):
             await publishing
     with pytest.raises(NotHandedOver):
-        batches.add(_record("t", 0, 2))
+        batches.add(*_placed("t", 0, 2))
     assert publisher.abandoned == 0
     assert outcomes.snapshot()[Outcome.AMBIGUOUS_LOST.value] == 0
 
@@ -277,28 +318,35 @@ async def test_a_record_left_in_a_producer_that_died_is_settled_when_the_produce
     answers the callbacks whose records it held with an ambiguous 503, without waiting for their deadline."""
     handed_over = asyncio.Event()
 
-    def queued(records: int) -> None:
-        if records > 0:
-            handed_over.set()
+    class Watching(Metrics):
+        def records_queued(self, records: int) -> None:
+            super().records_queued(records)
+            if records > 0:
+                handed_over.set()
 
-    publisher = KafkaPublisher(replace(settings, linger_ms=3000, shutdown_timeout=2.0), Outcomes(), queued)
+    publisher = KafkaPublisher(
+        replace(settings, linger_ms=3000, shutdown_timeout=2.0), Watching(Outcomes(), lambda: True)
+    )
     await publisher.start()
     try:
         await _ready(publisher, settings.topic)
-        producer = publisher._producer
+        producer = publisher.producer
         assert producer is not None
         started = time.monotonic()
-        publishing = asyncio.ensure_future(publisher.publish(_record(settings.topic, 0, 1), 20.0))
+        count = publisher.partitions_at_start[settings.topic]
+        publishing = asyncio.ensure_future(
+            publisher.publish(_record(settings.topic, 0, 1, 300, count), _in(20.0))
+        )
         async with asyncio.timeout(5):
             await handed_over.wait()  # lingering in the producer
-        producer._sender.sender_task.cancel()
+        _kill(producer)
         with pytest.raises(PublishError) as raised:
             await publishing
         assert raised.value.ambiguous
         assert time.monotonic() - started < 10
         assert publisher.abandoned == 0
         await _ready(publisher, settings.topic)
-        await publisher.publish(_record(settings.topic, 0, 2), 5.0)
+        await publisher.publish(_record(settings.topic, 0, 2, 300, count), _in(5.0))
     finally:
         await publisher.close()
 
@@ -308,13 +356,13 @@ async def test_a_record_over_the_bridges_limit_or_without_time_left_is_not_queue
 ) -> None:
     """Answered 413 and 503, each saying that the callback was not written, and nothing reaches Kafka."""
     producer = _Producer()
-    publisher = KafkaPublisher(offline_settings, Outcomes())
-    publisher._batches = _batches(producer, publisher._abandoned_changed)
+    publisher = KafkaPublisher(offline_settings)
+    _serve(publisher, producer)
     producer.taking.set()
     with pytest.raises(RecordTooLarge, match=r"the bridge's limit .* was not written"):
-        await publisher.publish(_record("t", 0, 1, size=max_record_bytes(offline_settings) + 1), 5.0)
+        await publisher.publish(_record("t", 0, 1, size=max_record_bytes(offline_settings) + 1), _in(5.0))
     with pytest.raises(DeliveryTimeout, match="was not written") as late:
-        await publisher.publish(_record("t", 0, 2), 0.0)
+        await publisher.publish(_record("t", 0, 2), _in(0.0))
     assert not late.value.ambiguous
     await asyncio.sleep(0.01)
     assert producer.sent == []
@@ -327,9 +375,8 @@ async def test_a_bug_while_handing_a_batch_over_settles_that_batch_and_frees_its
     as not written at once (not at their deadline, which would leave them counted against the in-flight
     limit for good), and the partition takes the next record."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(offline_settings, outcomes)
-    batches = _batches(producer, publisher._abandoned_changed)
-    publisher._batches = batches
+    publisher = KafkaPublisher(offline_settings, Metrics(outcomes, lambda: True))
+    _serve(publisher, producer)
     producer.taking.set()
     cluster = producer.client.cluster
     looked_up = cluster.partitions_for_topic
@@ -341,10 +388,10 @@ async def test_a_bug_while_handing_a_batch_over_settles_that_batch_and_frees_its
     cluster.partitions_for_topic = broken_once  # type: ignore[method-assign]
     started = time.monotonic()
     with pytest.raises(BrokerNotReady, match="was not written"):
-        await publisher.publish(_record("t", 0, 1), 5.0)
+        await publisher.publish(_record("t", 0, 1), _in(5.0))
     assert time.monotonic() - started < 1
     assert publisher.abandoned == 0
-    following = asyncio.ensure_future(publisher.publish(_record("t", 0, 2), 5.0))
+    following = asyncio.ensure_future(publisher.publish(_record("t", 0, 2), _in(5.0)))
     await _sent(producer, 1)
     producer.sent[0][1].set_result(None)
     await following
@@ -358,8 +405,8 @@ async def test_a_batch_acknowledged_as_the_producer_stops_is_answered_by_that_ac
     producer, reports = _Producer(), list[bool | None]()
     batches = _batches(producer, reports.append)
     producer.taking.set()
-    confirmed = batches.add(_record("t", 0, 1))
-    expired = batches.add(_record("t", 1, 2))
+    confirmed = batches.add(*_placed("t", 0, 1))
+    expired = batches.add(*_placed("t", 1, 2))
     await _sent(producer, 2)
     batches.expire(expired)
     for _, delivery in producer.sent:
@@ -378,10 +425,10 @@ async def test_a_handler_cancelled_while_its_record_is_in_the_producer_still_has
     """At shutdown aiohttp cancels the handlers still running: their records count against the in-flight
     limit until settled, and how they ended is counted as for an expired one."""
     producer, outcomes = _Producer(), Outcomes()
-    publisher = KafkaPublisher(offline_settings, outcomes)
-    publisher._batches = _batches(producer, publisher._abandoned_changed)
+    publisher = KafkaPublisher(offline_settings, Metrics(outcomes, lambda: True))
+    _serve(publisher, producer)
     producer.taking.set()
-    publishing = asyncio.ensure_future(publisher.publish(_record("t", 0, 1), 5.0))
+    publishing = asyncio.ensure_future(publisher.publish(_record("t", 0, 1), _in(5.0)))
     await _sent(producer, 1)
     publishing.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -414,7 +461,7 @@ async def test_batches_of_a_topic_with_a_small_message_limit_are_cut_at_that_lim
     producer = _Producer()
     producer.create_batch = _SizedBuilder  # type: ignore[method-assign]
     batches = PartitionBatches(cast(AIOKafkaProducer, producer), lambda _: None, batch_limits={"t": 1000})
-    waiters = [batches.add(_record("t", 0, number, size=500)) for number in range(3)]
+    waiters = [batches.add(*_placed("t", 0, number, size=500)) for number in range(3)]
     producer.taking.set()
     await _sent(producer, 1)
     assert [len(batch.records) for batch, _ in producer.sent] == [1]

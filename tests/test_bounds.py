@@ -107,7 +107,7 @@ def window_memory(dedup: EdgeDedup, ids: list[str]) -> int:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for callback_id in ids:
-            dedup._remember(callback_id[:-1] + callback_id[-1])  # a new string, as a callback brings
+            dedup.remember(callback_id[:-1] + callback_id[-1])  # a new string, as a callback brings
         return tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

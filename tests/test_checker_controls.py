@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bridge.errors import PublishError
-from bridge.kafka.publisher import Publisher
+from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.tencent.envelope import Record
 from bridge.tools.embedded import free_port
-from tests.chaos import PARTITIONS, Planned, run_chaos
+from tests.chaos import Planned, run_chaos
 from tests.history import Report
 from tests.support.broker import FaultBroker, fault_broker
 
@@ -83,8 +82,8 @@ def answer_without_waiting(publisher: Publisher) -> None:
             done.exception()  # retrieved: its failure was the point
 
     def make(original: Publish) -> Publish:
-        async def publish(record: Record, timeout: float) -> None:
-            task = asyncio.ensure_future(original(record, timeout))
+        async def publish(record: Record, deadline: float) -> None:
+            task = asyncio.ensure_future(original(record, deadline))
             pending.add(task)
             task.add_done_callback(forget)
 
@@ -98,9 +97,9 @@ def drop_every_tenth(publisher: Publisher) -> None:
     count = itertools.count(1)
 
     def make(original: Publish) -> Publish:
-        async def publish(record: Record, timeout: float) -> None:
+        async def publish(record: Record, deadline: float) -> None:
             if next(count) % 10:
-                await original(record, timeout)
+                await original(record, deadline)
 
         return publish
 
@@ -111,9 +110,9 @@ def success_on_broker_error(publisher: Publisher) -> None:
     """Turns every failure to write into a 200."""
 
     def make(original: Publish) -> Publish:
-        async def publish(record: Record, timeout: float) -> None:
+        async def publish(record: Record, deadline: float) -> None:
             try:
-                await original(record, timeout)
+                await original(record, deadline)
             except PublishError:
                 return
 
@@ -124,14 +123,13 @@ def success_on_broker_error(publisher: Publisher) -> None:
 
 def wrong_partition(publisher: Publisher) -> None:
     """Writes every record, and confirms it, one partition over from its owning entity's."""
+    assert isinstance(publisher, KafkaPublisher)
+    right = publisher.partition_of
 
-    def make(original: Publish) -> Publish:
-        async def publish(record: Record, timeout: float) -> None:
-            await original(replace(record, partition=(record.partition + 1) % PARTITIONS), timeout)
+    def one_over(record: Record, partitions: int) -> int:
+        return (right(record, partitions) + 1) % partitions
 
-        return publish
-
-    _wrap(publisher, make)
+    object.__setattr__(publisher, "partition_of", one_over)
 
 
 async def test_the_real_bridge_passes_the_schedule_the_controls_fail(

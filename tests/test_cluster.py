@@ -28,9 +28,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.cluster import ClusterMetadata
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.ingest.outcomes import Outcomes
 from bridge.ingest.server import create_app
-from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.readiness import InSyncReplicas
 from bridge.settings import ServeSettings
 from bridge.tencent.partitioner import partition_for
 from bridge.tools.embedded import free_port
@@ -658,12 +657,12 @@ def test_metadata_without_in_sync_replicas_is_said_once_and_leaves_readiness_as_
 ) -> None:
     """The in-sync replicas come from a private map of aiokafka's metadata: if a new aiokafka drops it,
     the log says once that readiness no longer knows of them, rather than failing or staying silent."""
-    publisher = KafkaPublisher(unique_settings("127.0.0.1:9"), Outcomes())
-    publisher._min_insync = dict.fromkeys(publisher._settings.topics, 2)
+    topics = unique_settings("127.0.0.1:9").topics
+    in_sync = InSyncReplicas(topics, lambda _counts: None)
     metadata_without_isr = ClusterMetadata()
     del metadata_without_isr._partitions
     for _ in range(3):
-        publisher._check_isr(metadata_without_isr)
+        in_sync.check(metadata_without_isr, dict.fromkeys(topics, 2))
     warnings = [r for r in caplog.records if "cannot read the partitions' in-sync replicas" in r.message]
     assert len(warnings) == 1
-    assert publisher._below_min_isr == {}
+    assert in_sync.below == {}

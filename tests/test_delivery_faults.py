@@ -17,8 +17,10 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaProducer
 
 from bridge.ingest.server import ADMISSION, PUBLISHER, create_app
+from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import ServeSettings
 from bridge.tools.embedded import free_port
 from tests.support.broker import FaultBroker, fault_broker
@@ -213,14 +215,21 @@ async def test_the_in_flight_limit_answers_the_excess_at_once_and_recovers(rig: 
     assert app[ADMISSION].limit == 4 != limit
 
 
+def kill_producer(producer: AIOKafkaProducer) -> None:
+    """End the producer's sender task, as a fatal error does (aiokafka's internals: it has no public way)."""
+    producer._sender.sender_task.cancel()
+
+
 async def test_a_producer_that_dies_is_replaced_and_the_bridge_recovers(rig: Rig) -> None:
     app = rig.client.app
     assert app is not None
     publisher = app[PUBLISHER]
-    producer = publisher._producer  # type: ignore[attr-defined]
-    producer._sender.sender_task.cancel()
+    assert isinstance(publisher, KafkaPublisher)
+    producer = publisher.producer
+    assert producer is not None
+    kill_producer(producer)
     async with asyncio.timeout(10):
-        while publisher._producer is producer:  # type: ignore[attr-defined]
+        while publisher.producer is producer:
             await asyncio.sleep(0.01)
     await wait_until_ready(rig.client)
     assert (await rig.send("after-rebuild"))[0] == 200

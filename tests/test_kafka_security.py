@@ -17,10 +17,8 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
 from bridge.cli import main
-from bridge.ingest.outcomes import Outcomes
 from bridge.kafka import security as kafka_security
-from bridge.kafka.publisher import KafkaPublisher
-from bridge.kafka.security import kafka_connection_options
+from bridge.kafka.producer import new_producer
 from bridge.kafka.topics import admin_client
 from bridge.readback.sinks import TopicSink
 from bridge.secret import Secret
@@ -30,7 +28,7 @@ SERVERS = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9093"}
 
 
 def test_by_default_the_connection_is_plaintext_without_tls_or_sasl() -> None:
-    assert kafka_connection_options(ServeSettings()) == {"security_protocol": "PLAINTEXT"}
+    assert ServeSettings().client_options() == {"security_protocol": "PLAINTEXT"}
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
@@ -42,7 +40,7 @@ def test_sasl_settings_become_aiokafkas_sasl_arguments(mechanism: str) -> None:
         "BRIDGE_SASL_USERNAME": "bridge",
         "BRIDGE_SASL_PASSWORD": "s3cret pass",
     }
-    assert kafka_connection_options(build("serve", {}, env)) == {
+    assert build("serve", {}, env).client_options() == {
         "security_protocol": "SASL_PLAINTEXT",
         "sasl_mechanism": mechanism,
         "sasl_plain_username": "bridge",
@@ -60,7 +58,7 @@ def test_the_sasl_password_can_come_from_a_file_without_its_final_line_break(tmp
         "BRIDGE_SASL_USERNAME": "bridge",
         "BRIDGE_SASL_PASSWORD_FILE": str(secret_file),
     }
-    password = kafka_connection_options(build("serve", {}, env))["sasl_plain_password"]
+    password = build("serve", {}, env).client_options()["sasl_plain_password"]
     assert password == " pass word "  # noqa: S105 - the test's own password
 
 
@@ -87,7 +85,7 @@ def test_tls_settings_become_a_verifying_ssl_context_built_from_the_files(
         "BRIDGE_SASL_USERNAME": "bridge",
         "BRIDGE_SASL_PASSWORD": "pw",
     }
-    options = kafka_connection_options(build("topics", {}, env))
+    options = build("topics", {}, env).client_options()
     assert given == {"cafile": str(files["ca"]), "certfile": str(files["cert"]), "keyfile": str(files["key"])}
     assert options["security_protocol"] == "SASL_SSL"
     assert isinstance(options["ssl_context"], ssl.SSLContext)
@@ -95,7 +93,7 @@ def test_tls_settings_become_a_verifying_ssl_context_built_from_the_files(
 
 
 def test_tls_without_a_ca_file_verifies_brokers_against_the_systems_cas() -> None:
-    context = kafka_connection_options(ServeSettings(security_protocol="SSL"))["ssl_context"]
+    context = ServeSettings(security_protocol="SSL").client_options()["ssl_context"]
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
 
@@ -113,7 +111,7 @@ def test_a_ca_file_that_is_not_pem_is_refused_naming_the_file(tmp_path: Path) ->
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
     with pytest.raises(SettingsError, match=r"cannot load TLS files \(.*ca\.pem\)"):
-        kafka_connection_options(ServeSettings(security_protocol="SSL", ssl_cafile=str(bad)))
+        ServeSettings(security_protocol="SSL", ssl_cafile=str(bad)).client_options()
 
 
 def test_serve_with_a_missing_ca_file_exits_2_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,7 +146,7 @@ def test_settings_that_do_not_fit_together_are_refused_saying_what_to_change(
     settings: ServeSettings, phrase: str
 ) -> None:
     with pytest.raises(SettingsError, match=phrase):
-        kafka_connection_options(settings)
+        settings.client_options()
 
 
 SASL = ServeSettings(
@@ -187,7 +185,7 @@ async def test_the_producer_and_the_admin_client_get_the_same_security_arguments
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     given = recording_clients(monkeypatch)
-    producer, admin = KafkaPublisher(SASL, Outcomes())._new_producer(), admin_client(SASL)
+    producer, admin = new_producer(SASL, SASL.client_options()), admin_client(SASL)
     try:
         assert len(given) == 2
         for arguments in given:

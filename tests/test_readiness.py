@@ -20,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import IncompatibleBrokerVersion, UnsupportedVersionError
 
 from bridge.ingest.server import PUBLISHER, create_app
+from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import ServeSettings
 from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
@@ -95,7 +96,10 @@ async def test_a_topic_deleted_while_serving_makes_the_bridge_not_ready_and_is_n
     assert settings.topic not in await admin.list_topics(), "the topic was created again"
     app = bridge.app
     assert app is not None
-    producer = app[PUBLISHER]._producer  # type: ignore[attr-defined]
+    publisher = app[PUBLISHER]
+    assert isinstance(publisher, KafkaPublisher)
+    producer = publisher.producer
+    assert producer is not None
     assert producer.client._topics == set(), "the producer asks for topics by name"
 
     await create(admin, settings.topic, settings.partitions)  # an operator restores it as it was

@@ -20,10 +20,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge.errors import RecordTooLarge
-from bridge.ingest.outcomes import Outcomes
 from bridge.ingest.server import create_app
-from bridge.kafka.batching import batch_bytes, record_bytes
 from bridge.kafka.publisher import KafkaPublisher
+from bridge.kafka.sizes import batch_bytes, check_record_size, record_bytes
 from bridge.kafka.topics import max_record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.commands import MAX_ID_BYTES
@@ -92,10 +91,15 @@ async def test_a_callback_larger_than_its_topic_takes_gets_413_and_is_not_writte
     assert stats["outcomes"]["ambiguous"] == 0
 
 
+def _in(seconds: float) -> float:
+    """The deadline `seconds` from now, on the event loop's clock."""
+    return asyncio.get_running_loop().time() + seconds
+
+
 def record_of(topic: str, value_bytes: int, value: bytes | None = None) -> Record:
     return Record(
         topic=topic,
-        partition=0,
+        entity="account",
         key=b"key",
         value=value if value is not None else b"v" * value_bytes,
         timestamp_ms=1_700_000_000_000,
@@ -105,7 +109,7 @@ def record_of(topic: str, value_bytes: int, value: bytes | None = None) -> Recor
 
 @pytest.fixture
 async def small_publisher(small_topic: ServeSettings) -> AsyncIterator[KafkaPublisher]:
-    publisher = KafkaPublisher(small_topic, Outcomes())
+    publisher = KafkaPublisher(small_topic)
     await publisher.start()
     try:
         async with asyncio.timeout(20):
@@ -123,9 +127,9 @@ async def test_a_record_of_exactly_the_limit_is_written_and_one_byte_more_is_ref
     topic = small_topic.topic
     largest = next(n for n in range(LIMIT) if batch_bytes(record_of(topic, n + 1), "none") > LIMIT)
     assert batch_bytes(record_of(topic, largest), "none") == LIMIT
-    await small_publisher.publish(record_of(topic, largest), 5.0)
+    await small_publisher.publish(record_of(topic, largest), _in(5.0))
     with pytest.raises(RecordTooLarge, match=f"takes {LIMIT + 1} bytes"):
-        await small_publisher.publish(record_of(topic, largest + 1), 5.0)
+        await small_publisher.publish(record_of(topic, largest + 1), _in(5.0))
 
 
 async def test_records_that_fit_alone_are_batched_within_the_limit(
@@ -134,21 +138,21 @@ async def test_records_that_fit_alone_are_batched_within_the_limit(
     """The broker refuses a batch, not a record: 40 records of 1 KB sent at once to one partition (which
     would share 16 KiB batches) all land."""
     records = [record_of(small_topic.topic, 1000, f"{n:04d}".encode() * 250) for n in range(40)]
-    await asyncio.gather(*(small_publisher.publish(record, 10.0) for record in records))
+    await asyncio.gather(*(small_publisher.publish(record, _in(10.0)) for record in records))
 
 
 async def test_with_compression_a_record_that_fits_only_compressed_is_written(
     small_topic: ServeSettings,
 ) -> None:
-    publisher = KafkaPublisher(replace(small_topic, compression="gzip"), Outcomes())
+    publisher = KafkaPublisher(replace(small_topic, compression="gzip"))
     await publisher.start()
     try:
         async with asyncio.timeout(20):
             while not publisher.ready:
                 await asyncio.sleep(0.05)
-        await publisher.publish(record_of(small_topic.topic, 4 * LIMIT), 5.0)
+        await publisher.publish(record_of(small_topic.topic, 4 * LIMIT), _in(5.0))
         with pytest.raises(RecordTooLarge):
-            await publisher.publish(record_of(small_topic.topic, 0, os.urandom(2 * LIMIT)), 5.0)
+            await publisher.publish(record_of(small_topic.topic, 0, os.urandom(2 * LIMIT)), _in(5.0))
     finally:
         await publisher.close()
 
@@ -173,7 +177,7 @@ def test_the_largest_record_the_bridge_can_build_fits_the_topics_limit(max_url_b
     }
     record = Record(
         topic="t",
-        partition=0,
+        entity="account",
         key=f"{command}:{'k' * MAX_ID_BYTES}".encode(),
         value=envelope(b" " * settings.max_body_bytes, query, 1_764_143_520_123),
         timestamp_ms=1_764_143_520_123,
@@ -193,14 +197,13 @@ def test_a_compressed_record_that_grows_past_its_topics_limit_is_refused_up_fron
     does not compress, right at the limit uncompressed, must be measured compressed and refused."""
     record = Record(
         topic="t",
-        partition=0,
+        entity="account",
         key=b"k",
         value=os.urandom(1_000_000),
         timestamp_ms=1_764_143_520_123,
         headers=(("CallbackCommand", b"C.c"),),
     )
     assert batch_bytes(record, compression) > record_bytes(record), "the codec did not grow the batch"
-    publisher = KafkaPublisher(replace(ServeSettings(), compression=compression), Outcomes())
-    publisher._record_limits = {"t": record_bytes(record)}
+    limits, own_limit = {"t": record_bytes(record)}, max_record_bytes(ServeSettings())
     with pytest.raises(RecordTooLarge):
-        publisher._check_size(record)
+        check_record_size(record, limits, own_limit, compression)

@@ -2,7 +2,9 @@
 
 Tencent sends a callback again when it timed out waiting (with "retry on timeout" on), and a second copy
 often arrives while the first is still waiting for the broker. The copy waits for the first write's outcome
-instead of writing again; a copy of one confirmed within the window is answered at once. This is an
+instead of writing again; a copy of one confirmed within the window is answered at once. The handler holds
+a `Claim` (`async with dedup.claim(identity, deadline) as claim:`) and writes only when the claim says the
+callback is no duplicate; the block's end tells the claim how the write went. This is an
 optimisation, not a guarantee: restarts, several replicas and ambiguous outcomes still let duplicates into
 Kafka, so consumers deduplicate by key too.
 
@@ -17,8 +19,9 @@ import asyncio
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from bridge.errors import DeliveryTimeout, Unavailable
 from bridge.ingest.outcomes import Outcome, Outcomes
@@ -67,47 +70,16 @@ class EdgeDedup:
     def remembered(self) -> int:
         return len(self._confirmed)
 
-    async def publish_once(
-        self, callback_id: CallbackId, publish: Callable[[float], Awaitable[None]], deadline: float
-    ) -> Outcome:
-        """Write once per callback id; `publish(timeout)` writes; `deadline` is on the event loop's clock.
+    def claim(self, callback_id: CallbackId, deadline: float) -> Claim:
+        """The claim on writing `callback_id`, held with `async with`; `deadline` is on the event loop's
+        clock.
 
-        Returns CONFIRMED for a write of its own, or the kind of duplicate; raises `PublishError`.
+        Entering it waits for an earlier copy's write still under way (until `deadline`: then it raises an
+        ambiguous `DeliveryTimeout`). The claim then says `duplicate` when the callback was confirmed, within
+        the window or by that earlier write: nothing is to be written. Otherwise the holder writes, and the
+        block ending without an exception is the write confirmed; with one, the write failed with it.
         """
-        if self._confirmed_recently(callback_id):
-            return Outcome.DUPLICATE_CONFIRMED
-        loop = asyncio.get_running_loop()
-        while (earlier := self._writing.get(callback_id)) is not None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await earlier.settled.wait()
-            except TimeoutError:
-                self._follow(earlier)
-                raise DeliveryTimeout(
-                    "an identical callback is still waiting for Kafka's confirmation; this copy is not "
-                    "acknowledged",
-                    ambiguous=True,
-                ) from None
-            except asyncio.CancelledError:
-                self._follow(earlier)
-                raise
-            if earlier.confirmed:
-                return Outcome.DUPLICATE_IN_FLIGHT
-            # The earlier write failed: this copy tries for itself, unless another copy already does.
-        write = self._writing[callback_id] = _Write()
-        try:
-            await publish(max(deadline - loop.time(), 0.0))
-            write.confirmed = True
-            self._remember(callback_id)
-        except BaseException as exc:
-            write.failure = exc
-            raise
-        finally:
-            write.settled.set()
-            del self._writing[callback_id]
-            if write.followers:
-                self._settle_followers(write, write.followers)
-        return Outcome.CONFIRMED
+        return Claim(self, callback_id, deadline)
 
     def _follow(self, write: _Write) -> None:
         """A copy of `write` stopped waiting: its record is that write's; count how it ends."""
@@ -123,7 +95,7 @@ class EdgeDedup:
 
         def ended(landed: bool) -> None:
             for _ in range(count):
-                outcomes.record(Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST)
+                outcomes.ambiguous_ended(landed)
 
         failure = write.failure
         if write.confirmed:
@@ -139,7 +111,8 @@ class EdgeDedup:
         confirmed_at = self._confirmed.get(callback_id)
         return confirmed_at is not None and self._clock() - confirmed_at <= self._window_s
 
-    def _remember(self, callback_id: CallbackId) -> None:
+    def remember(self, callback_id: CallbackId) -> None:
+        """Remember `callback_id` as confirmed now, for the window, within the bounds."""
         if self._window_s <= 0 or self._max_keys <= 0:
             return
         now = self._clock()
@@ -158,3 +131,69 @@ class EdgeDedup:
                 break
             del self._confirmed[oldest_id]
             self.remembered_bytes -= sys.getsizeof(oldest_id) + self.ENTRY_OVERHEAD
+
+
+class Claim:
+    """One copy's claim on writing its callback (see `EdgeDedup.claim`)."""
+
+    __slots__ = ("_callback_id", "_deadline", "_dedup", "_write", "duplicate")
+
+    def __init__(self, dedup: EdgeDedup, callback_id: CallbackId, deadline: float) -> None:
+        self._dedup = dedup
+        self._callback_id = callback_id
+        self._deadline = deadline
+        self._write: _Write | None = None
+        self.duplicate: Outcome | None = None
+        """DUPLICATE_CONFIRMED or DUPLICATE_IN_FLIGHT when the callback is confirmed already; None when
+        this copy writes it."""
+
+    @property
+    def outcome(self) -> Outcome:
+        """What the copy's 200 says: its own write confirmed, or which kind of duplicate it is."""
+        return Outcome.CONFIRMED if self.duplicate is None else self.duplicate
+
+    async def __aenter__(self) -> Claim:
+        dedup, callback_id = self._dedup, self._callback_id
+        if dedup._confirmed_recently(callback_id):
+            self.duplicate = Outcome.DUPLICATE_CONFIRMED
+            return self
+        while (earlier := dedup._writing.get(callback_id)) is not None:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    await earlier.settled.wait()
+            except TimeoutError:
+                dedup._follow(earlier)
+                raise DeliveryTimeout(
+                    "an identical callback is still waiting for Kafka's confirmation; this copy is not "
+                    "acknowledged",
+                    ambiguous=True,
+                ) from None
+            except asyncio.CancelledError:
+                dedup._follow(earlier)
+                raise
+            if earlier.confirmed:
+                self.duplicate = Outcome.DUPLICATE_IN_FLIGHT
+                return self
+            # The earlier write failed: this copy tries for itself, unless another copy already does.
+        self._write = dedup._writing[callback_id] = _Write()
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        failure: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        write = self._write
+        if write is None:
+            return
+        dedup = self._dedup
+        if failure is None:
+            write.confirmed = True
+            dedup.remember(self._callback_id)
+        else:
+            write.failure = failure
+        write.settled.set()
+        del dedup._writing[self._callback_id]
+        if write.followers:
+            dedup._settle_followers(write, write.followers)

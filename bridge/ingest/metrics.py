@@ -97,17 +97,23 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def count_queued(self, records: int) -> None:
+    # The publisher's `DeliveryListener`.
+
+    def records_queued(self, records: int) -> None:
         """Records handed to the producer (`records` > 0) or settled by it, whatever the answer (< 0)."""
         self.queued += records
 
-    def count_broker_error(self, error: str, records: int) -> None:
+    def broker_refused(self, error: str, records: int) -> None:
         """`records` in a batch the broker refused with the Kafka error `error` (a class name)."""
         _count(self.broker_errors, error, records)
 
-    def set_below_min_isr(self, counts: Mapping[str, int]) -> None:
+    def partitions_below_min_isr(self, counts: Mapping[str, int]) -> None:
         """Each topic's count of partitions with fewer replicas in sync than its `min.insync.replicas`."""
         self.below_min_isr = dict(counts)
+
+    def ambiguous_ended(self, landed: bool) -> None:
+        """A record answered ambiguous has ended: it landed, or it was given up."""
+        self._outcomes.ambiguous_ended(landed)
 
     def families(self) -> Iterator[Metric]:
         """The metric families, from the numbers as they are now."""
@@ -286,13 +292,6 @@ def observe_publish(request: web.Request, record: Record, seconds: float) -> Non
     _count(metrics.bytes, family, len(record.key) + len(record.value))
 
 
-def _outcome_of(status: int) -> Outcome:
-    """The outcome of a request that left none: one cancelled before the error middleware answered."""
-    if status < 400:
-        return Outcome.CONFIRMED
-    return Outcome.REJECTED if status < 500 else Outcome.AMBIGUOUS
-
-
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if _REQUEST_ID.fullmatch(given) else new_request_id()
@@ -322,9 +321,9 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
 
 def _count_callback(metrics: Metrics, request: web.Request, status: int, elapsed: float) -> None:
     family = request.get(_FAMILY, NO_FAMILY)
-    outcome = request.get(OUTCOME)
-    if outcome is None:
-        outcome = _outcome_of(status)
+    # Every callback's request leaves its outcome (`bridge.ingest.server.tencent_errors`); the default is
+    # for safety only.
+    outcome = request.get(OUTCOME, Outcome.AMBIGUOUS)
     if outcome is Outcome.OVERLOADED:
         metrics.overloaded += 1
     _count(metrics.requests, (family, str(status)))

@@ -13,6 +13,8 @@ from enum import StrEnum
 
 from aiohttp import web
 
+from bridge.errors import BridgeError, Overloaded, Unavailable
+
 
 class Outcome(StrEnum):
     CONFIRMED = "confirmed"
@@ -30,6 +32,15 @@ OUTCOME = web.RequestKey("outcome", Outcome)
 """Where a request's outcome is left: by the handler for a 200, by the error middleware otherwise."""
 
 
+def outcome_of(error: BridgeError) -> Outcome:
+    """The outcome of a callback answered with `error`."""
+    if isinstance(error, Overloaded):
+        return Outcome.OVERLOADED
+    if isinstance(error, Unavailable):
+        return Outcome.AMBIGUOUS if error.ambiguous else Outcome.FAILED
+    return Outcome.REJECTED if error.status < 500 else Outcome.FAILED
+
+
 class Outcomes:
     """Counters of outcomes, one per `Outcome`; every counter starts at zero so none goes unreported."""
 
@@ -38,6 +49,10 @@ class Outcomes:
 
     def record(self, outcome: Outcome) -> None:
         self._counts[outcome] += 1
+
+    def ambiguous_ended(self, landed: bool) -> None:
+        """A record answered ambiguous has ended: it landed, or it was given up."""
+        self._counts[Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST] += 1
 
     def snapshot(self) -> dict[str, int]:
         return {outcome.value: self._counts[outcome] for outcome in Outcome}

@@ -1,12 +1,14 @@
 """The HTTP side: the aiohttp application, the callback handler and the probes.
 
-The path of a callback: query (`protocol`) -> signature and app (`signature`, before the body is read, so
-an unauthenticated request costs next to nothing) -> body (`protocol`; one still arriving holds one of
-`--max-pending-bodies` places) -> an in-flight slot (`admission`) -> command (`commands`) -> record
-(`envelope`, `partitioner`) -> Kafka (`publisher`) -> the answer. Every failure is a `BridgeError`, turned
-into a Tencent-style FAIL answer by `tencent_errors`, the one place that does so. The steps before Kafka,
-but for reading the body, are two pure functions, `checked_query` and `callback_record`, which the fuzz
-target (`tests/fuzz_target.py`) drives as the handler does.
+The path of a callback, as `handle_callback` reads from top to bottom: `checked_query` (the query, the
+signature and the app, before the body is read, so an unauthenticated request costs next to nothing) ->
+`_read_body` (a body still arriving holds one of `--max-pending-bodies` places) -> an in-flight slot
+(`admission`) -> `parse_callback` (body, command, fields, route, envelope: pure, in `bridge.tencent.callback`)
+-> `ParsedCallback.record` on the topic of its topic group -> a claim on the callback's identity (`dedup`: a
+duplicate is answered without writing) -> `publisher.publish(record, deadline)`, which picks the partition
+and answers once the broker confirmed with acks=all -> the answer. The deadline is one instant on the event
+loop's clock, set once the body is in. Every failure is a `BridgeError`, turned into a Tencent-style FAIL
+answer by `tencent_errors`, which also counts each callback's outcome: both in one place.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -23,13 +25,9 @@ from bridge.errors import (
     BodyTimeout,
     BodyTooLarge,
     BridgeError,
-    BrokerNotReady,
-    ForbiddenApp,
     InternalError,
     MethodNotAllowed,
     NotFound,
-    Overloaded,
-    Unavailable,
     UnreadableBody,
 )
 from bridge.ingest.admission import Admission
@@ -42,21 +40,12 @@ from bridge.ingest.metrics import (
     observe_publish,
     observe_requests,
 )
-from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes
+from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes, outcome_of
 from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import LineBudget
 from bridge.settings import ServeSettings
-from bridge.tencent.commands import RoutedCallback, TopicGroup, route
-from bridge.tencent.envelope import Record, build_record, callback_id
-from bridge.tencent.partitioner import partition_for
-from bridge.tencent.protocol import (
-    OK_BODY,
-    CallbackQuery,
-    decode_body,
-    fail_body,
-    parse_query,
-    resolve_command,
-)
+from bridge.tencent.callback import checked_query, parse_callback
+from bridge.tencent.protocol import OK_BODY, fail_body
 from bridge.tencent.signature import SignatureCheck
 
 log = logging.getLogger(__name__)
@@ -123,13 +112,7 @@ async def _summarize_rejections(app: web.Application) -> None:
 async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
     metrics = app[METRICS]
-    publisher = KafkaPublisher(
-        app[SETTINGS],
-        app[OUTCOMES],
-        on_queued=metrics.count_queued,
-        on_broker_error=metrics.count_broker_error,
-        on_below_min_isr=metrics.set_below_min_isr,
-    )
+    publisher = KafkaPublisher(app[SETTINGS], metrics)  # told how records end: metrics and outcomes
     await publisher.start()
     app[PUBLISHER] = publisher
     yield
@@ -142,88 +125,32 @@ async def handle_callback(request: web.Request) -> web.Response:
     app = request.app
     settings, publisher, admission = app[SETTINGS], app[PUBLISHER], app[ADMISSION]
     request[OUTCOME] = Outcome.FAILED  # if the handler is cancelled before it writes (see `tencent_errors`)
-    with admission.enter() as callback:
+    with admission.enter() as in_flight:
         query = checked_query(request.query.items(), app.get(SIGNATURE), settings.sdk_app_id)
         raw_body = await _read_body(request, settings.max_body_bytes, settings.body_timeout, admission)
         # The in-flight slot only now: a client slow to send its body holds a pending-body place, not this.
-        callback.take_slot(publisher.abandoned)
+        in_flight.take_slot(publisher.abandoned)
         received_at_ms = time.time_ns() // 1_000_000
         # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.
         deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
-        routed, record = callback_record(
+        callback = parse_callback(
             query,
             raw_body,
             received_at_ms=received_at_ms,
-            topic_for=settings.topic_for,
-            partition_count=publisher.partition_count,
             max_event_age_ms=settings.max_event_age_ms,
             on_command=lambda command: note_command(request, command),
-            not_ready=lambda: publisher.status,
         )
-
-        async def publish(timeout: float) -> None:
-            started = time.perf_counter()
-            await publisher.publish(record, timeout)
-            observe_publish(request, record, time.perf_counter() - started)
-
-        identity = callback_id(query.sdk_app_id, routed.command, routed.key)
+        record = callback.record(settings.topic_for(callback.routed.topic_group))
         # Until the write answers: a handler cancelled from here on (at shutdown) leaves a record that may
-        # still land, which the publisher follows.
+        # still land, its own or an identical callback's, and either is followed.
         request[OUTCOME] = Outcome.AMBIGUOUS
-        request[OUTCOME] = await app[DEDUP].publish_once(identity, publish, deadline)
+        async with app[DEDUP].claim(callback.identity, deadline) as claim:
+            if claim.duplicate is None:
+                started = time.perf_counter()
+                await publisher.publish(record, deadline)
+                observe_publish(request, record, time.perf_counter() - started)
+        request[OUTCOME] = claim.outcome
     return web.Response(body=OK_BODY, content_type=_JSON)
-
-
-def checked_query(
-    pairs: Iterable[tuple[str, str]], signature: SignatureCheck | None, sdk_app_ids: tuple[str, ...]
-) -> CallbackQuery:
-    """The query of a callback, checked, signed (when `signature` is set) and of one of `sdk_app_ids`
-    (any app when empty): everything the bridge decides before it reads the body. Raises `BridgeError`."""
-    query = parse_query(pairs)
-    if signature is not None:
-        signature.verify(query.sign, query.params.get("RequestTime"), query.sdk_app_id)
-    if sdk_app_ids and query.sdk_app_id not in sdk_app_ids:
-        raise ForbiddenApp(f"SdkAppid {query.sdk_app_id} is not an app of this bridge (--sdk-app-id)")
-    return query
-
-
-def callback_record(
-    query: CallbackQuery,
-    raw_body: bytes,
-    *,
-    received_at_ms: int,
-    topic_for: Callable[[TopicGroup], str],
-    partition_count: Callable[[str], int | None],
-    max_event_age_ms: int,
-    on_command: Callable[[str], None] = lambda _command: None,
-    not_ready: Callable[[], str] = lambda: "no partition count",
-) -> tuple[RoutedCallback, Record]:
-    """The record of a callback whose query is checked: body, command, fields, topic, partition, envelope.
-
-    Pure, no I/O: the whole path from the posted bytes to the record the publisher is given (the fuzz
-    target `tests/fuzz_target.py` drives it with `checked_query`). `on_command` is told the command as
-    soon as it is known; `not_ready` says why when `partition_count` knows no count for the topic. Every
-    refusal is a `BridgeError`.
-    """
-    body = decode_body(raw_body)
-    command = resolve_command(query, body)
-    on_command(command)
-    routed = route(command, query.sdk_app_id, body)
-    topic = topic_for(routed.topic_group)
-    partitions = partition_count(topic)
-    if partitions is None:
-        raise BrokerNotReady(f"Kafka is not ready ({not_ready()}); the callback was not written")
-    record = build_record(
-        routed,
-        sdk_app_id=query.sdk_app_id,
-        raw_body=raw_body,
-        query=query.params,
-        received_at_ms=received_at_ms,
-        topic=topic,
-        partition=partition_for(routed.entity, partitions),
-        max_event_age_ms=max_event_age_ms,
-    )
-    return routed, record
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -277,38 +204,42 @@ async def _read_body(request: web.Request, limit: int, timeout: float, admission
 
 @web.middleware
 async def tencent_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every failure with its status and a Tencent-style FAIL body, and log it on one line."""
-    allow = "POST"
+    """Answer every failure with its status and a Tencent-style FAIL body, and log it on one line; count
+    each callback's outcome, the one place that does."""
     try:
-        response = await handler(request)
-    except BridgeError as exc:
-        error = exc
-    except web.HTTPNotFound:
-        error = NotFound(f"no such path {request.path!r}; callbacks go to {request.app[SETTINGS].path}")
-    except web.HTTPMethodNotAllowed as exc:
-        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        allow = ",".join(sorted(exc.allowed_methods))
-    except Exception:
-        # A bug, not an input problem: keep the traceback in the log and out of the answer.
-        log.exception("%s %s failed unexpectedly", request.method, request.path)
-        error = InternalError()
-        # Ambiguous, and its record (if any) cannot be followed: counted as given up at once.
-        request.app[OUTCOMES].record(Outcome.AMBIGUOUS_LOST)
-    except asyncio.CancelledError:
-        # A callback's handler cancelled at shutdown, past the drain: no answer leaves. It left its outcome
-        # as far as it got: failed, or ambiguous once a write was under way.
+        allow = "POST"
+        try:
+            response = await handler(request)
+        except BridgeError as exc:
+            error = exc
+        except web.HTTPNotFound:
+            error = NotFound(f"no such path {request.path!r}; callbacks go to {request.app[SETTINGS].path}")
+        except web.HTTPMethodNotAllowed as exc:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+            allow = ",".join(sorted(exc.allowed_methods))
+        except Exception:
+            # A bug, not an input problem: keep the traceback in the log and out of the answer.
+            log.exception("%s %s failed unexpectedly", request.method, request.path)
+            error = InternalError()
+            # Ambiguous, and its record (if any) cannot be followed: it ends as given up at once.
+            request.app[OUTCOMES].ambiguous_ended(False)
+        else:
+            outcome = request.get(OUTCOME)
+            if outcome is not None:
+                response.headers[OUTCOME_HEADER] = outcome.value
+            return response
+        request[OUTCOME] = outcome_of(error)
+        return _fail(request, error, allow)
+    finally:
+        # Also for a callback's handler cancelled at shutdown, past the drain, which sends no answer: it
+        # left its outcome as far as it got (failed, or ambiguous once a write was under way).
         outcome = request.get(OUTCOME)
         if outcome is not None:
             request.app[OUTCOMES].record(outcome)
-        raise
-    else:
-        outcome = request.get(OUTCOME)
-        if outcome is not None:
-            request.app[OUTCOMES].record(outcome)
-            response.headers[OUTCOME_HEADER] = outcome.value
-        return response
-    request[OUTCOME] = _outcome_of(error)
-    request.app[OUTCOMES].record(request[OUTCOME])
+
+
+def _fail(request: web.Request, error: BridgeError, allow: str) -> web.Response:
+    """The FAIL answer to a request that failed with `error`, counted in the metrics and logged."""
     note_failure(request, error)
     level = logging.INFO if error.status < 500 else logging.WARNING
     # Any client can cause a 4xx: a flood of them is told in a few lines a second and a count.
@@ -336,11 +267,3 @@ def fail_response(error: BridgeError) -> web.Response:
     if error.retriable:
         response.headers["Retry-After"] = "1"
     return response
-
-
-def _outcome_of(error: BridgeError) -> Outcome:
-    if isinstance(error, Overloaded):
-        return Outcome.OVERLOADED
-    if isinstance(error, Unavailable):
-        return Outcome.AMBIGUOUS if error.ambiguous else Outcome.FAILED
-    return Outcome.REJECTED if error.status < 500 else Outcome.FAILED

@@ -25,8 +25,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
-from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
+from bridge.kafka.sizes import record_bytes
 from bridge.tencent.envelope import Record
 
 log = logging.getLogger(__name__)
@@ -35,45 +35,6 @@ log = logging.getLogger(__name__)
 Partition = tuple[str, int]
 # A broker's node id; -1 or None when the partition has no leader or is unknown.
 Leader = int | None
-
-BATCH_BYTES = 16384
-"""The producer's batch size (aiokafka's default, set explicitly): a batch of several records stays within
-it; a record larger than it travels in a batch of its own."""
-_CODECS = {
-    "none": DefaultRecordBatch.CODEC_NONE,
-    "gzip": DefaultRecordBatch.CODEC_GZIP,
-    "snappy": DefaultRecordBatch.CODEC_SNAPPY,
-    "lz4": DefaultRecordBatch.CODEC_LZ4,
-    "zstd": DefaultRecordBatch.CODEC_ZSTD,
-}
-
-
-# A batch's header, and at most 5 bytes for each varint of a record: its length, attributes, offset and
-# timestamp deltas, key and value lengths, header count.
-_BATCH_HEADER_BYTES, _RECORD_OVERHEAD_BYTES = 61, 7 * 5
-
-
-def _headers(record: Record) -> list[tuple[str, bytes | None]]:
-    return list(record.headers)
-
-
-def record_bytes(record: Record) -> int:
-    """At most how many bytes `record` takes in a batch of its own, uncompressed (and so at most what it
-    adds to a batch). A bound, not aiokafka's exact count, which costs several times more per callback."""
-    size = _BATCH_HEADER_BYTES + _RECORD_OVERHEAD_BYTES + len(record.key) + len(record.value)
-    for name, value in record.headers:
-        size += 10 + 4 * len(name) + len(value)  # two varints, and a name's UTF-8 at most 4 bytes a character
-    return size
-
-
-def batch_bytes(record: Record, compression: str) -> int:
-    """The exact size on the wire of a batch holding only `record`: what the broker compares with a topic's
-    `max.message.bytes`. Compressed, it may be larger than `record_bytes` (aiokafka's C builder keeps the
-    compressed batch even when it did not shrink): callers build it for records near a limit."""
-    codec = _CODECS[compression]
-    builder = DefaultRecordBatchBuilder(2, codec, 0, -1, -1, -1, BATCH_BYTES)
-    builder.append(0, record.timestamp_ms, key=record.key, value=record.value, headers=_headers(record))
-    return len(builder.build())
 
 
 class NotHandedOver(Exception):
@@ -146,12 +107,13 @@ class PartitionBatches:
         self._closed: BaseException | None = None
         self._loop = asyncio.get_running_loop()
 
-    def add(self, record: Record) -> asyncio.Future[None]:
-        """Queue `record`; the future resolves when the broker has it, or fails with the reason it has not:
-        `NotHandedOver`, a `KafkaError` from the producer, or `Expired` (see `expire`)."""
+    def add(self, record: Record, partition_number: int) -> asyncio.Future[None]:
+        """Queue `record` for its topic's partition `partition_number`; the future resolves when the broker
+        has it, or fails with the reason it has not: `NotHandedOver`, a `KafkaError` from the producer, or
+        `Expired` (see `expire`)."""
         if self._closed is not None:
             raise NotHandedOver(self._closed)
-        partition = (record.topic, record.partition)
+        partition = (record.topic, partition_number)
         queue = self._queues.get(partition)
         if queue is None:
             queue = self._queues[partition] = deque()

@@ -1,6 +1,6 @@
 """How every Kafka client of the bridge connects: TLS and SASL settings turned into aiokafka's arguments.
 
-One method, `KafkaConnection.client_options()` (`kafka_connection_options`), for the producer (`publisher`),
+One method, `KafkaConnection.client_options()` (`bridge.settings`), for the producer (`publisher`),
 the admin client (`topics`), the readers (`consume`, `replay`, `EventReader`) and replay's topic sink, so
 they cannot drift apart. TLS verifies the brokers' certificates and host names (aiokafka's
 `create_ssl_context`), against `--ssl-cafile` or the system's CAs.
@@ -20,15 +20,6 @@ from typing import Any, ClassVar, Protocol
 
 from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
-
-from bridge.settings.parts import KafkaConnection
-
-
-def kafka_connection_options(settings: KafkaConnection) -> dict[str, Any]:
-    """Keyword arguments for AIOKafkaProducer, AIOKafkaConsumer and AIOKafkaAdminClient: the settings' own
-    `KafkaConnection.client_options()`, the one place they are made. Raises `SettingsError`."""
-    return settings.client_options()
-
 
 _DIAGNOSIS_TIMEOUT_S = 5.0
 
@@ -52,7 +43,7 @@ class _Startable(Protocol):
 
 
 async def start_client(client: _Startable, servers: Sequence[str], options: Mapping[str, Any]) -> None:
-    """`client.start()`, for any aiokafka client built with `options` (`kafka_connection_options`).
+    """`client.start()`, for any aiokafka client built with `options` (`KafkaConnection.client_options()`).
 
     Raises `SecureConnectionFailed`, with the cause in words, when the start failed for a reason of
     security; any other failure is raised as it came.

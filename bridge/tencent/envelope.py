@@ -1,5 +1,5 @@
-"""The Kafka record of one callback: the envelope as its value, and its key, partition, timestamp, headers;
-and the identity of a callback (`callback_id`), by which the bridge and its readers drop duplicates.
+"""The Kafka record of one callback: the envelope as its value, and its key, owning entity, timestamp,
+headers; and the identity of a callback (`callback_id`), by which the bridge and its readers drop duplicates.
 
 The envelope (`schemas/envelope.schema.json`) is
 `{"schema": "tencent-chat-callback/1", "received_at": <ms>, "query": {...}, "callback": <body>}`; the body is
@@ -13,8 +13,6 @@ from importlib import resources
 from typing import Any
 
 import orjson
-
-from bridge.tencent.commands import RoutedCallback
 
 SCHEMA = "tencent-chat-callback/1"
 # An EventTime further ahead of the receive time is a broken clock, and Kafka 4 refuses records more than an
@@ -38,10 +36,11 @@ def callback_id(sdk_app_id: str, command: str, key: str) -> CallbackId:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One record, ready for the producer."""
+    """One record, ready for the publisher, which picks its partition from `entity`."""
 
     topic: str
-    partition: int
+    entity: str
+    """The account, group or app the callback belongs to: its records share a partition, in order."""
     key: bytes
     value: bytes
     timestamp_ms: int
@@ -60,30 +59,12 @@ def envelope(raw_body: bytes, query: dict[str, str], received_at_ms: int) -> byt
     )
 
 
-def build_record(
-    routed: RoutedCallback,
-    *,
-    sdk_app_id: str,
-    raw_body: bytes,
-    query: dict[str, str],
-    received_at_ms: int,
-    topic: str,
-    partition: int,
-    max_event_age_ms: int,
-) -> Record:
-    """`max_event_age_ms`: how far behind the receive time an `EventTime` may be and still be the record's
-    timestamp (see `record_timestamp`)."""
-    return Record(
-        topic=topic,
-        partition=partition,
-        key=routed.key.encode("utf-8"),
-        value=envelope(raw_body, query, received_at_ms),
-        timestamp_ms=record_timestamp(routed.event_time_ms, received_at_ms, max_event_age_ms),
-        headers=(
-            ("CallbackCommand", routed.command.encode("utf-8")),
-            ("SdkAppid", sdk_app_id.encode("ascii")),
-            ("content-type", CONTENT_TYPE),
-        ),
+def record_headers(command: str, sdk_app_id: str) -> tuple[tuple[str, bytes], ...]:
+    """The headers of a callback's record: its command, its app and the value's content type."""
+    return (
+        ("CallbackCommand", command.encode("utf-8")),
+        ("SdkAppid", sdk_app_id.encode("ascii")),
+        ("content-type", CONTENT_TYPE),
     )
 
 

@@ -278,13 +278,11 @@ def baseline_app(publisher_settings: ServeSettings | None = None) -> Any:
     """The bare server; with `publisher_settings`, the floor: each callback also written to Kafka."""
     from aiohttp import web  # noqa: PLC0415
 
-    from bridge.ingest.outcomes import Outcomes  # noqa: PLC0415
     from bridge.kafka.publisher import KafkaPublisher  # noqa: PLC0415
     from bridge.tencent.envelope import Record  # noqa: PLC0415
-    from bridge.tencent.partitioner import partition_for  # noqa: PLC0415
     from bridge.tencent.protocol import OK_BODY, decode_body, parse_query, resolve_command  # noqa: PLC0415
 
-    publisher = None if publisher_settings is None else KafkaPublisher(publisher_settings, Outcomes())
+    publisher = None if publisher_settings is None else KafkaPublisher(publisher_settings)
 
     async def handle(request: web.Request) -> web.Response:
         query = parse_query(request.query.items())
@@ -292,17 +290,16 @@ def baseline_app(publisher_settings: ServeSettings | None = None) -> Any:
         body = decode_body(raw_body)
         resolve_command(query, body)
         if publisher is not None and publisher_settings is not None:
-            topic = publisher_settings.topic
-            partitions = publisher.partition_count(topic) or 1
             record = Record(
-                topic=topic,
-                partition=partition_for(str(body.get("Official_Account", "")), partitions),
+                topic=publisher_settings.topic,
+                entity=str(body.get("Official_Account", "")),
                 key=str(body.get("MsgKey", "")).encode(),
                 value=raw_body,
                 timestamp_ms=0,
                 headers=(),
             )
-            await publisher.publish(record, publisher_settings.delivery_timeout)
+            deadline = asyncio.get_running_loop().time() + publisher_settings.delivery_timeout
+            await publisher.publish(record, deadline)
         return web.Response(body=OK_BODY, content_type="application/json")
 
     async def healthz(_request: web.Request) -> web.Response:

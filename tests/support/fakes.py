@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from bridge.errors import BrokerNotReady
 from bridge.tencent.envelope import Record
 
 
@@ -20,10 +21,9 @@ class FakePublisher:
     records: list[Record] = field(default_factory=list)
     abandoned: int = 0
 
-    def partition_count(self, topic: str) -> int | None:
-        return self.partitions
-
-    async def publish(self, record: Record, timeout: float) -> None:
+    async def publish(self, record: Record, deadline: float) -> None:
+        if self.partitions is None:
+            raise BrokerNotReady(f"Kafka is not ready ({self.status}); the callback was not written")
         await self.confirm.wait()
         if self.failure is not None:
             raise self.failure

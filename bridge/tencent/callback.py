@@ -1,0 +1,92 @@
+"""One callback, from what was posted to what Kafka is given: the pure part of the path, no I/O.
+
+`checked_query` decides what can be decided before the body is read (the query, the signature, the app);
+`parse_callback` turns the body into a `ParsedCallback`: its command, where it goes (topic group, owning
+entity, key), its identity for the edge dedup, and the record's value, timestamp and headers. The topic is
+the settings' choice for the topic group, and the partition the publisher's, from the entity and the topic's
+partition count at start. Every refusal is a `BridgeError`. The fuzz target (`tests/fuzz_target.py`) drives
+these two functions as the handler does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from bridge.errors import ForbiddenApp
+from bridge.tencent.commands import RoutedCallback, route
+from bridge.tencent.envelope import (
+    CallbackId,
+    Record,
+    callback_id,
+    envelope,
+    record_headers,
+    record_timestamp,
+)
+from bridge.tencent.protocol import CallbackQuery, decode_body, parse_query, resolve_command
+from bridge.tencent.signature import SignatureCheck
+
+
+def checked_query(
+    pairs: Iterable[tuple[str, str]], signature: SignatureCheck | None, sdk_app_ids: tuple[str, ...]
+) -> CallbackQuery:
+    """The query of a callback, checked, signed (when `signature` is set) and of one of `sdk_app_ids`
+    (any app when empty): everything the bridge decides before it reads the body. Raises `BridgeError`."""
+    query = parse_query(pairs)
+    if signature is not None:
+        signature.verify(query.sign, query.params.get("RequestTime"), query.sdk_app_id)
+    if sdk_app_ids and query.sdk_app_id not in sdk_app_ids:
+        raise ForbiddenApp(f"SdkAppid {query.sdk_app_id} is not an app of this bridge (--sdk-app-id)")
+    return query
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCallback:
+    """A callback checked and routed, with its record but for the topic and partition."""
+
+    routed: RoutedCallback
+    """The command, its family and topic group, the owning entity, the key and the event time."""
+    identity: CallbackId
+    value: bytes
+    """The envelope, with the posted body embedded byte for byte."""
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...]
+
+    def record(self, topic: str) -> Record:
+        """The record of this callback on `topic`."""
+        routed = self.routed
+        return Record(
+            topic=topic,
+            entity=routed.entity,
+            key=routed.key.encode("utf-8"),
+            value=self.value,
+            timestamp_ms=self.timestamp_ms,
+            headers=self.headers,
+        )
+
+
+def parse_callback(
+    query: CallbackQuery,
+    raw_body: bytes,
+    *,
+    received_at_ms: int,
+    max_event_age_ms: int,
+    on_command: Callable[[str], None] = lambda _command: None,
+) -> ParsedCallback:
+    """The callback posted as `raw_body` with the checked `query`: body, command, fields, route, envelope.
+
+    `on_command` is told the command as soon as it is known (the metrics label a refusal of its fields by
+    it); `max_event_age_ms` bounds how old an `EventTime` may be and still be the record's timestamp (see
+    `record_timestamp`). Every refusal is a `BridgeError`.
+    """
+    body = decode_body(raw_body)
+    command = resolve_command(query, body)
+    on_command(command)
+    routed = route(command, query.sdk_app_id, body)
+    return ParsedCallback(
+        routed=routed,
+        identity=callback_id(query.sdk_app_id, command, routed.key),
+        value=envelope(raw_body, query.params, received_at_ms),
+        timestamp_ms=record_timestamp(routed.event_time_ms, received_at_ms, max_event_age_ms),
+        headers=record_headers(command, query.sdk_app_id),
+    )
