@@ -1,8 +1,9 @@
 """Settings per command, each with a flag and an environment variable, built once at start and passed down.
 
 `parts` holds the settings classes (a command's class composed from shared parts), `options` the one
-declarative table of their flags, variables, help and `--help` groups, and `values` the parsers of their
-values. `build` makes a command's settings from its flags, the environment and the defaults.
+declarative table of their flags, variables, help and `--help` groups (`option`, `service_options`,
+`tool_options`), and `values` the parsers of their values. `build` makes a command's settings from its flags,
+the environment and the defaults.
 """
 
 from __future__ import annotations

@@ -1,0 +1,202 @@
+"""The options of the tools: what `consume` and `replay` read, each one's own, and `bench`'s, each table one
+group of `--help`."""
+
+from __future__ import annotations
+
+from bridge.settings import values
+from bridge.settings.option import COMPRESSION_TYPES, Option
+
+_INSTANT = "ISO 8601 (UTC unless an offset is given) or epoch ms"
+
+READING: tuple[Option, ...] = (
+    Option(
+        "topic",
+        "Topic to read (default: the official-account topic serve writes to).",
+        values.topic,
+        "NAME",
+    ),
+    Option(
+        "since",
+        f"Only events at or after this event time, {_INSTANT}.",
+        values.instant,
+        "TIME",
+        unset="(none)",
+    ),
+    Option(
+        "until", f"Only events before this event time, {_INSTANT}.", values.instant, "TIME", unset="(none)"
+    ),
+    Option(
+        "command",
+        "Only these commands or command families, comma-separated "
+        "(OfficialAccount.CallbackAfterSendMsg,C2C).",
+        values.names,
+        "NAME[,...]",
+    ),
+    Option(
+        "account",
+        "Only this owning entity (official account, conversation, group...); reads only its partition.",
+        values.text,
+        "ENTITY",
+        unset="(none)",
+    ),
+    Option(
+        "lateness",
+        "Seconds of event time a callback may land after later ones: the --since lookup by time starts "
+        "this much earlier (a partition is always read to its end offset, whatever the event times).",
+        values.lateness,
+        "SECONDS",
+    ),
+)
+CONSUME: tuple[Option, ...] = (
+    Option(
+        "from_beginning",
+        "Read from the beginning of the topic; without it (or --since, or a group's commits), only new "
+        "events.",
+        values.boolean,
+    ),
+    Option("follow", "Keep reading new events until Ctrl-C.", values.boolean),
+    Option("max", "Stop after this many events.", values.int_between(1, 2**62), "N", unset="(no limit)"),
+    Option(
+        "group",
+        "Consumer group: start from its committed offsets and commit the events written out.",
+        values.text,
+        "GROUP",
+        unset="(none)",
+    ),
+    Option("output", "File to write JSON Lines to; - is standard output.", values.text, "FILE"),
+)
+REPLAY: tuple[Option, ...] = (
+    Option(
+        "from_offset",
+        "Start every partition read at this offset.",
+        values.int_between(0, 2**62),
+        "OFFSET",
+        unset="(none)",
+    ),
+    Option(
+        "to_offset",
+        "Stop every partition before this offset.",
+        values.int_between(0, 2**62),
+        "OFFSET",
+        unset="(none)",
+    ),
+    Option(
+        "to_topic",
+        "Copy to this topic (same cluster), with key, timestamp, headers and the partition rule kept.",
+        values.topic,
+        "NAME",
+        unset="(none)",
+    ),
+    Option("to_file", "Copy to this JSON Lines file, appending.", values.text, "FILE", unset="(none)"),
+    Option(
+        "to_url",
+        "Re-post each callback body to this URL with its stored query (without Sign: run the receiver "
+        "without a token).",
+        values.url,
+        "URL",
+        unset="(none)",
+    ),
+    Option("concurrency", "Deliveries in flight at once.", values.int_between(1, 1000), "N"),
+    Option(
+        "retries", "Retries of a delivery that failed for a passing reason.", values.int_between(0, 100), "N"
+    ),
+    Option(
+        "rate",
+        "Most records copied per second.",
+        values.rate,
+        "PER_SECOND",
+        unset="(no limit)",
+    ),
+    Option(
+        "checkpoint",
+        "File recording progress per partition; a replay run again with it continues where it stopped.",
+        values.text,
+        "FILE",
+        unset="(none)",
+    ),
+    Option(
+        "skipped",
+        "File the records the destination refuses for good (HTTP 400, 413, 422, a record too large) are "
+        "appended to, as JSON Lines envelopes, to be re-sent once fixed.",
+        values.text,
+        "FILE",
+    ),
+    Option(
+        "dedup",
+        "Drop records of a callback already copied in this run (same SdkAppid, command and key).",
+        values.boolean,
+    ),
+)
+BENCH: tuple[Option, ...] = (
+    Option(
+        "url",
+        "Callback URL of a running bridge to measure; without it the bench starts one (and a broker).",
+        values.url,
+        "URL",
+        unset="(start one)",
+    ),
+    Option(
+        "connections",
+        "Keep-alive connections: all busy in the closed loop, at most this many in the open loop.",
+        values.int_between(1, 10000),
+        "N",
+    ),
+    Option(
+        "rate",
+        "Callbacks sent per second, an open loop at a constant arrival rate (without it, a closed loop).",
+        values.rate,
+        "PER_SECOND",
+        unset="(no limit)",
+    ),
+    Option(
+        "duration",
+        "Seconds each measured round lasts.",
+        values.number(0, 3600, zero=False, what="a number of seconds above 0 and at most 3600"),
+        "SECONDS",
+    ),
+    Option("warmup", "Seconds of unmeasured load before each round.", values.seconds_or_zero, "SECONDS"),
+    Option(
+        "rounds", "Measured rounds per server, alternating between them.", values.int_between(1, 100), "N"
+    ),
+    Option(
+        "accounts",
+        "Distinct owning accounts (official accounts, senders, groups) in the callbacks.",
+        values.int_between(1, 10000000),
+        "N",
+    ),
+    Option(
+        "baseline",
+        "Also measure a bare aiohttp server parsing the same requests without Kafka, and give the ratio.",
+        values.boolean,
+    ),
+    Option(
+        "floor",
+        "Also measure the baseline plus one write per callback through the bridge's publisher and nothing "
+        "else: the least any bridge on aiokafka can cost.",
+        values.boolean,
+    ),
+    Option("format", "Report format: text or json.", values.one_of(("text", "json")), "FORMAT"),
+)
+
+
+BENCH_BOOTSTRAP = Option(
+    "bootstrap_servers",
+    "Kafka brokers for the bridge the bench starts, instead of an embedded broker.",
+    values.servers,
+    "HOST:PORT[,...]",
+)
+REPLAY_TOPIC_SINK: tuple[Option, ...] = (
+    Option(
+        "compression",
+        "Compression of the records copied to --to-topic: " + ", ".join(COMPRESSION_TYPES) + ".",
+        values.one_of(COMPRESSION_TYPES),
+        "CODEC",
+    ),
+    Option(
+        "max_record_bytes",
+        "Largest record copied to --to-topic; a larger one is set aside in --skipped. The default is the "
+        "max.message.bytes the bridge gives the topics it creates, with the default body limit.",
+        values.int_between(1024, 64 << 20),
+        "BYTES",
+    ),
+)
