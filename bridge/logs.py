@@ -22,6 +22,21 @@ import orjson
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
+LOGGERS = {
+    "bridge": "the start: the port it listens on",
+    "bridge.server": "callbacks refused or failed, one line each; an open (unsigned) bridge at start",
+    "bridge.runner": "the stop, phase by phase",
+    "bridge.parser_errors": "connections answered 503 and closed over --max-connections",
+    "bridge.metrics": "every callback, at debug level",
+    "bridge.publisher": "Kafka: connecting, readiness and why not, the producer rebuilt",
+    "bridge.batching": "a failure while handing batches to the producer",
+    "bridge.topics": "topics created",
+    "bridge.consumer": "the reader of consume and replay: bad records, commits, lookups by time",
+}
+"""The bridge's loggers: the `logger` of every log line, which log filters and alerts select by. They keep
+the names of the flat layout of 0.1 (`bridge.publisher`, not `bridge.kafka.publisher`), whatever package
+the module that logs now lives in."""
+
 # Attributes every LogRecord has; anything else on a record came through `extra=` and is worth a field.
 _STANDARD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "request_id"}

@@ -112,7 +112,7 @@ def assert_no_secret(text: str, node: SecuredKafkaNode) -> None:
 def publisher_lines(log: io.StringIO, words: str) -> list[dict[str, str]]:
     """The publisher's log lines about a failure to connect, saying `words`."""
     lines = [json.loads(line) for line in log.getvalue().splitlines()]
-    return [line for line in lines if line["logger"] == "bridge.kafka.publisher" and words in line["message"]]
+    return [line for line in lines if line["logger"] == "bridge.publisher" and words in line["message"]]
 
 
 def callbacks(count: int) -> list[Posted]:

@@ -32,7 +32,7 @@ from bridge.settings.values import RESERVED_PATHS
 from bridge.tencent.commands import FAMILIES
 from bridge.tencent.envelope import Record
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.metrics")  # see `bridge.logs.LOGGERS`
 
 METRICS_PATH = "/metrics"
 # Requests that are not callbacks: probes and scrapes would drown the callback counts.

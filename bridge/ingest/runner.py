@@ -41,7 +41,8 @@ from bridge.process import STOP_SIGNALS, stop_signals
 from bridge.settings import ServeSettings
 from bridge.tencent.protocol import fail_body
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.runner")  # see `bridge.logs.LOGGERS`
+_refusals_log = logging.getLogger("bridge.parser_errors")
 
 _TOO_MANY_HEADERS = "Too many headers"
 # aiohttp's parser messages put an excerpt of the offending bytes after a blank line: the reason is before it.
@@ -87,7 +88,7 @@ class TencentRequestHandler(web.RequestHandler):
         self.force_close()
         budget = getattr(self._manager, "rejection_log", None)
         if budget is None or budget.allow():
-            log.warning("a connection was answered 503 and closed: %s", error.info)
+            _refusals_log.warning("a connection was answered 503 and closed: %s", error.info)
 
     def handle_error(
         self,

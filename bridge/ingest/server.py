@@ -48,7 +48,7 @@ from bridge.tencent.callback import checked_query, parse_callback
 from bridge.tencent.protocol import OK_BODY, fail_body
 from bridge.tencent.signature import SignatureCheck
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.server")  # see `bridge.logs.LOGGERS`
 
 SETTINGS = web.AppKey("settings", ServeSettings)
 PUBLISHER = web.AppKey("publisher", Publisher)

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
 from bridge.kafka.sizes import record_bytes
 from bridge.tencent.envelope import Record
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.batching")  # see `bridge.logs.LOGGERS`
 
 # (topic, partition)
 Partition = tuple[str, int]

@@ -29,9 +29,7 @@ from bridge.kafka.sizes import BATCH_BYTES
 from bridge.kafka.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
 from bridge.settings import ServeSettings
 
-# The lines keep the logger they had before this module left `bridge.kafka.publisher`: log filters and
-# alerts select the publisher's lines by it.
-log = logging.getLogger("bridge.kafka.publisher")
+log = logging.getLogger("bridge.publisher")  # see `bridge.logs.LOGGERS`
 
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.25, 2.0
 # Bound on connecting, reading metadata and creating topics; the delivery deadline bounds each write.

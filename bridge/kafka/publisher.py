@@ -52,7 +52,7 @@ from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tencent.partitioner import partition_for
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.publisher")  # see `bridge.logs.LOGGERS`
 
 
 class Publisher(Protocol):

@@ -17,9 +17,7 @@ from aiokafka.cluster import ClusterMetadata
 from bridge.kafka.batching import Partition
 from bridge.settings import ServeSettings
 
-# The lines keep the logger they had before this module left `bridge.kafka.publisher`: log filters and
-# alerts select the publisher's lines by it.
-log = logging.getLogger("bridge.kafka.publisher")
+log = logging.getLogger("bridge.publisher")  # see `bridge.logs.LOGGERS`
 
 # Partitions named in `/readyz` when too few replicas are in sync; the rest are counted.
 _NAMED_PARTITIONS = 3

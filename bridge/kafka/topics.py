@@ -22,7 +22,7 @@ from bridge.errors import CommandError, ExitStatus, describe
 from bridge.kafka.security import start_client
 from bridge.settings import KafkaConnection, TopicLayout, TopicsSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.topics")  # see `bridge.logs.LOGGERS`
 
 # Room for the envelope's query and fields, and the record's headers.
 ENVELOPE_HEADROOM_BYTES = 64 * 1024

@@ -31,7 +31,7 @@ from bridge.kafka.security import start_client
 from bridge.readback.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of, decode
 from bridge.tencent.partitioner import partition_for
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridge.consumer")  # see `bridge.logs.LOGGERS`
 
 _POLL_MS = 250
 
