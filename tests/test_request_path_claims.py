@@ -1,6 +1,7 @@
 """The request path's contracts no end-to-end test pins down alone: a dedup claim released by a holder
 cancelled or failed, a copy writing for itself after the first write failed, a copy that gave up followed
-once, and the publisher's "not ready", deadline and partition."""
+once, the publisher's "not ready", deadline and partition, and readiness asked only when there is something
+to write."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.errors import BrokerNotReady, DeliveryTimeout, RecordTooLarge
 from bridge.ingest.dedup import EdgeDedup
 from bridge.ingest.outcomes import Outcome, Outcomes
+from bridge.ingest.server import OUTCOME_HEADER, create_app
 from bridge.kafka.batching import PartitionBatches
 from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import ServeSettings
 from bridge.tencent.envelope import CallbackId, Record
+from tests.support.fakes import FakePublisher
+from tests.support.requests import fixture
 from tests.support.settings import NO_BROKER
 
 CALLBACK: CallbackId = "1400000000/OfficialAccount.CallbackAfterSendMsg/k1"
@@ -171,3 +176,25 @@ async def test_the_partition_is_the_entitys_in_the_count_at_start() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert [number for _, number in batches.added] == [partition_for("@TOA#_x", 7)]
+
+
+# --- readiness after the claim: a copy of a confirmed callback needs no broker ------------------------------
+
+
+async def test_a_copy_of_a_confirmed_callback_is_a_200_duplicate_even_while_kafka_is_not_ready() -> None:
+    """Readiness is the publisher's, asked only when there is something to write: a copy of a callback
+    confirmed within the dedup window is answered 200 `duplicate_confirmed` (its record is in Kafka), while
+    a new callback gets the 503 "not ready"."""
+    seed, other = fixture("oa-after-send-text"), fixture("c2c-after-send")
+    publisher = FakePublisher()
+    publisher.confirm.set()
+    async with TestClient(TestServer(create_app(ServeSettings(), publisher=publisher))) as client:
+        first = await client.post("/callback", params=seed.query, data=seed.raw_body)
+        assert (first.status, first.headers[OUTCOME_HEADER]) == (200, "confirmed")
+        publisher.partitions = None  # Kafka not ready from now on
+        copy = await client.post("/callback", params=seed.query, data=seed.raw_body)
+        assert (copy.status, copy.headers[OUTCOME_HEADER]) == (200, "duplicate_confirmed")
+        new = await client.post("/callback", params=other.query, data=other.raw_body)
+        assert new.status == 503
+        assert "Kafka is not ready" in (await new.json())["ErrorInfo"]
+    assert len(publisher.records) == 1
