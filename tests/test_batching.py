@@ -18,7 +18,6 @@ from bridge.ingest.metrics import Metrics
 from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.kafka.batching import Expired, NotHandedOver, PartitionBatches
 from bridge.kafka.publisher import KafkaPublisher
-from bridge.kafka.topics import max_record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tencent.partitioner import partition_for
@@ -360,7 +359,7 @@ async def test_a_record_over_the_bridges_limit_or_without_time_left_is_not_queue
     _serve(publisher, producer)
     producer.taking.set()
     with pytest.raises(RecordTooLarge, match=r"the bridge's limit .* was not written"):
-        await publisher.publish(_record("t", 0, 1, size=max_record_bytes(offline_settings) + 1), _in(5.0))
+        await publisher.publish(_record("t", 0, 1, size=offline_settings.max_record_bytes + 1), _in(5.0))
     with pytest.raises(DeliveryTimeout, match="was not written") as late:
         await publisher.publish(_record("t", 0, 2), _in(0.0))
     assert not late.value.ambiguous

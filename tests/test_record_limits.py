@@ -23,7 +23,6 @@ from bridge.errors import RecordTooLarge
 from bridge.ingest.server import create_app
 from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.sizes import batch_bytes, check_record_size, record_bytes
-from bridge.kafka.topics import max_record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.commands import MAX_ID_BYTES
 from bridge.tencent.envelope import Record, envelope
@@ -161,7 +160,7 @@ def test_the_readme_gives_the_topics_limit_as_the_code_computes_it() -> None:
     row = re.search(r"^\| `max.message.bytes` \| (.*?) \|", README, flags=re.MULTILINE)
     assert row is not None
     assert row.group(1) == "`--max-body-bytes` + 64 KiB"
-    assert max_record_bytes(ServeSettings(max_body_bytes=1000)) == 1000 + 64 * 1024
+    assert ServeSettings(max_body_bytes=1000).max_record_bytes == 1000 + 64 * 1024
 
 
 @pytest.mark.parametrize("max_url_bytes", [4096, 16384])
@@ -188,7 +187,7 @@ def test_the_largest_record_the_bridge_can_build_fits_the_topics_limit(max_url_b
         ),
     )
     assert len(record.value) > settings.max_body_bytes + 2 * max_url_bytes - 50
-    assert record_bytes(record) <= max_record_bytes(settings)
+    assert record_bytes(record) <= settings.max_record_bytes
 
 
 @pytest.mark.parametrize("compression", ["snappy", "lz4", "gzip"])
@@ -204,6 +203,6 @@ def test_a_compressed_record_that_grows_past_its_topics_limit_is_refused_up_fron
         headers=(("CallbackCommand", b"C.c"),),
     )
     assert batch_bytes(record, compression) > record_bytes(record), "the codec did not grow the batch"
-    limits, own_limit = {"t": record_bytes(record)}, max_record_bytes(ServeSettings())
+    limits, own_limit = {"t": record_bytes(record)}, ServeSettings().max_record_bytes
     with pytest.raises(RecordTooLarge):
         check_record_size(record, limits, own_limit, compression)

@@ -26,7 +26,7 @@ from bridge.errors import describe
 from bridge.kafka.batching import PartitionBatches
 from bridge.kafka.security import start_client
 from bridge.kafka.sizes import BATCH_BYTES
-from bridge.kafka.topics import await_leaders, create_topics, how_to_create, max_record_bytes, topic_limits
+from bridge.kafka.topics import await_leaders, create_topics, how_to_create, topic_limits
 from bridge.settings import ServeSettings
 
 log = logging.getLogger("bridge.publisher")  # see `bridge.logs.LOGGERS`
@@ -87,7 +87,6 @@ class ProducerSupervisor:
         self._connection_options = connection_options
         self._user = user
         self._watch = wait_for_death if watch is None else watch
-        self._max_record_bytes = max_record_bytes(settings)
         self._task: asyncio.Task[None] | None = None
         self.status = "connecting to Kafka"
         self.answering = True
@@ -292,17 +291,17 @@ class ProducerSupervisor:
                 "cannot read the topics' max.message.bytes (%s); records are checked against the "
                 "bridge's own limit of %d bytes",
                 unread,
-                self._max_record_bytes,
+                self._settings.max_record_bytes,
             )
         for topic, limit in limits.items():
-            if limit < self._max_record_bytes:
+            if limit < self._settings.max_record_bytes:
                 log.info(
                     "topic %s takes records of at most %d bytes (max.message.bytes); larger callbacks "
                     "get 413",
                     topic,
                     limit,
                 )
-        self.record_limits = {t: n for t, n in limits.items() if n < self._max_record_bytes}
+        self.record_limits = {t: n for t, n in limits.items() if n < self._settings.max_record_bytes}
 
 
 def new_producer(settings: ServeSettings, connection_options: Mapping[str, Any]) -> AIOKafkaProducer:
@@ -318,7 +317,7 @@ def new_producer(settings: ServeSettings, connection_options: Mapping[str, Any])
         compression_type=None if settings.compression == "none" else settings.compression,
         linger_ms=settings.linger_ms,
         max_batch_size=BATCH_BYTES,
-        max_request_size=max_record_bytes(settings),
+        max_request_size=settings.max_record_bytes,
         # A produce request outliving the delivery deadline only delays noticing a dead connection.
         request_timeout_ms=max(1000, math.ceil(settings.delivery_timeout * 1000)),
         **connection_options,

@@ -47,7 +47,6 @@ from bridge.kafka.batching import Expired, NotHandedOver, Partition, PartitionBa
 from bridge.kafka.producer import ProducerSupervisor, ProducerWatch, stop_producer
 from bridge.kafka.readiness import InSyncReplicas, TopicsAtStart, isr_problems
 from bridge.kafka.sizes import BATCH_BYTES, check_record_size
-from bridge.kafka.topics import max_record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tencent.partitioner import partition_for
@@ -128,7 +127,7 @@ class KafkaPublisher:
         self._start_partitions: Mapping[str, int] = {}
         """Each topic's partition count when the bridge first became ready: the one `partition_for` uses."""
         self._topics = TopicsAtStart(settings)
-        self._max_record_bytes = max_record_bytes(settings)
+        self._max_record_bytes = settings.max_record_bytes  # read once: `publish` is on every callback's path
         self._isr = InSyncReplicas(settings.topics, self._listener.partitions_below_min_isr)
         self._refusals: dict[Partition, str] = {}
         """The broker's error for the last batch of a partition it refused, until one of its batches is

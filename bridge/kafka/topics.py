@@ -24,24 +24,8 @@ from bridge.settings import KafkaConnection, TopicLayout, TopicsSettings
 
 log = logging.getLogger("bridge.topics")  # see `bridge.logs.LOGGERS`
 
-# Room for the envelope's query and fields, and the record's headers.
-ENVELOPE_HEADROOM_BYTES = 64 * 1024
 _ADMIN_CALL_TIMEOUT_S = 30.0
 _MS_PER_HOUR = 3_600_000
-
-
-def max_record_bytes(settings: TopicLayout) -> int:
-    """The largest record the bridge writes, and so the `max.message.bytes` its topics get: the body, which
-    the value embeds byte for byte, and 64 KiB for the rest.
-
-    The rest is small and bounded: the key is built from fields of at most `MAX_ID_BYTES` (256) and a
-    command of at most 128 characters; the envelope's query is at most twice `--max-url-bytes` once
-    escaped (4096 by default); the headers and the batch's framing take a few hundred bytes more. (Before
-    key fields were bounded a key could be as long as the body, which the limit once paid for twice.) A
-    record over the limit anyway, with a `--max-url-bytes` above 31 KiB say, is refused before it is sent
-    (see `KafkaPublisher`).
-    """
-    return settings.max_body_bytes + ENVELOPE_HEADROOM_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +53,7 @@ def intended_topic(settings: TopicLayout, broker_count: int) -> IntendedTopic:
             "min.insync.replicas": str(min_insync),
             # Keep the batches as the producer compressed them (--compression); no recompression.
             "compression.type": "producer",
-            "max.message.bytes": str(max_record_bytes(settings)),
+            "max.message.bytes": str(settings.max_record_bytes),
         },
     )
 

@@ -23,6 +23,8 @@ class SettingsError(ValueError):
 _TLS = frozenset({"SSL", "SASL_SSL"})
 _SASL = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
 CLIENT_ID = "tencent-chat-kafka-bridge"
+# Room for the envelope's query and fields, and the record's headers.
+ENVELOPE_HEADROOM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +146,20 @@ class TopicLayout:
         return tuple(dict.fromkeys(self.topic_for(group) for group in TopicGroup))
 
     @property
+    def max_record_bytes(self) -> int:
+        """The largest record the bridge writes, and so the `max.message.bytes` its topics get: the body,
+        which the value embeds byte for byte, and `ENVELOPE_HEADROOM_BYTES` (64 KiB) for the rest.
+
+        The rest is small and bounded: the key is built from fields of at most `MAX_ID_BYTES` (256) and a
+        command of at most 128 characters; the envelope's query is at most twice `--max-url-bytes` once
+        escaped (4096 by default); the headers and the batch's framing take a few hundred bytes more.
+        (Before key fields were bounded a key could be as long as the body, which the limit once paid for
+        twice.) A record over the limit anyway, with a `--max-url-bytes` above 31 KiB say, is refused before
+        it is sent (see `KafkaPublisher`).
+        """
+        return self.max_body_bytes + ENVELOPE_HEADROOM_BYTES
+
+    @property
     def max_event_age_ms(self) -> int:
         """An `EventTime` older than this (half the retention) does not become the record's timestamp: every
         callback answered 200 then stays at least half the retention, however old its event."""
@@ -243,9 +259,8 @@ class ConsumeSettings(ReaderSettings):
     output: str = "-"
 
 
-# One callback body at its largest (serve's default --max-body-bytes) plus the envelope's headroom: the
-# `max.message.bytes` of topics `bridge topics ensure` creates with its defaults.
-DEFAULT_MAX_RECORD_BYTES = 1024 * 1024 + 64 * 1024
+# The `max.message.bytes` of topics `bridge topics ensure` creates with its defaults.
+DEFAULT_MAX_RECORD_BYTES = TopicLayout().max_record_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
