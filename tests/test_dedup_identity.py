@@ -19,6 +19,7 @@ from bridge.readback.sinks import FileSink
 from bridge.settings import ReplaySettings, ServeSettings
 from tests.support.readback import ACCOUNTS, OA_QUERY, message
 from tests.support.serve import wait_until_ready
+from tests.support.settings import reading
 
 APP_A, APP_B = "1400000000", "1400000001"
 
@@ -43,7 +44,7 @@ async def test_a_deduplicated_replay_keeps_both_apps_callbacks_that_share_a_msgk
     await post_same_key_from_two_apps(settings)
     out = tmp_path / "copy.jsonl"
     replay = Replay(
-        ReplaySettings.reading(settings, to_file=str(out), dedup=True),
+        reading(ReplaySettings, settings, to_file=str(out), dedup=True),
         FileSink(str(out)),
         report=io.StringIO(),
     )

@@ -22,6 +22,7 @@ from bridge.readback.sinks import FileSink, UrlSink
 from bridge.settings import ConsumeSettings, ReplaySettings, ServeSettings
 from tests.support.readback import Posted, Receiver
 from tests.support.serve import run_bridge
+from tests.support.settings import reading
 
 Call = tuple[str, ...]
 
@@ -82,7 +83,7 @@ async def test_a_replay_to_a_file_creates_it_and_its_checkpoint_0600_and_fsyncs_
     posted: list[Posted], settings: ServeSettings, tmp_path: Path, usual_umask: None, calls: list[Call]
 ) -> None:
     out, checkpoint = tmp_path / "copy.jsonl", tmp_path / "replay.ckpt"
-    window = ReplaySettings.reading(settings, to_file=str(out), checkpoint=str(checkpoint))
+    window = reading(ReplaySettings, settings, to_file=str(out), checkpoint=str(checkpoint))
     replay = Replay(window, FileSink(str(out)), report=io.StringIO())
     async with asyncio.timeout(60):
         await replay.run()
@@ -102,8 +103,8 @@ async def test_records_set_aside_are_fsynced_before_the_checkpoint_that_passes_t
 ) -> None:
     receiver.status = 422
     skipped, checkpoint = tmp_path / "skipped.jsonl", tmp_path / "replay.ckpt"
-    window = ReplaySettings.reading(
-        settings, to_url=receiver.url(), checkpoint=str(checkpoint), skipped=str(skipped)
+    window = reading(
+        ReplaySettings, settings, to_url=receiver.url(), checkpoint=str(checkpoint), skipped=str(skipped)
     )
     replay = Replay(window, UrlSink(receiver.url()), report=io.StringIO())
     async with asyncio.timeout(60):
@@ -146,7 +147,7 @@ async def test_consume_with_a_group_fsyncs_its_output_before_each_commit(
     with output.open("ab") as file:
         async with asyncio.timeout(60):
             status = await _consume(
-                ConsumeSettings.reading(settings, group="durable", from_beginning=True), file
+                reading(ConsumeSettings, settings, group="durable", from_beginning=True), file
             )
     assert status == 0
     assert len(output.read_bytes().splitlines()) == len(posted)

@@ -23,6 +23,7 @@ from bridge.kafka.topics import admin_client
 from bridge.readback.sinks import TopicSink
 from bridge.secret import Secret
 from bridge.settings import ConsumeSettings, ReplaySettings, ServeSettings, SettingsError, build
+from tests.support.settings import reading
 
 SERVERS = {"BRIDGE_BOOTSTRAP_SERVERS": "kafka:9093"}
 
@@ -199,7 +200,7 @@ async def test_the_readers_get_the_same_security_arguments(monkeypatch: pytest.M
     from bridge.readback.reader import EventReader  # noqa: PLC0415
 
     given = recording_clients(monkeypatch)
-    consume, replay = ConsumeSettings.reading(SASL), ReplaySettings.reading(SASL)
+    consume, replay = reading(ConsumeSettings, SASL), reading(ReplaySettings, SASL)
     reader = EventReader("kafka:9093", "t", kafka_options=consume.client_options())
     sink = TopicSink(replay, "copy")
     try:

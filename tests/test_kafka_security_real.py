@@ -32,7 +32,7 @@ from tests.support.kafka.secured import PASSWORD, SecuredKafkaNode, connection_s
 from tests.support.readback import ACCOUNTS, Posted, Receiver, message, post_all, post_through_a_bridge
 from tests.support.records import create_topic, read_records
 from tests.support.serve import one_line_error, run_bridge, wait_until_ready
-from tests.support.settings import unique_settings
+from tests.support.settings import reading, unique_settings
 
 pytestmark = [
     pytest.mark.kafka,
@@ -280,11 +280,11 @@ def test_consume_and_replay_log_no_password_at_debug(
     try:
         if command == "consume":
             status = run_consume(
-                ConsumeSettings.reading(source, from_beginning=True, output=str(tmp_path / "out.jsonl"))
+                reading(ConsumeSettings, source, from_beginning=True, output=str(tmp_path / "out.jsonl"))
             )
         else:
             copy, skipped = str(tmp_path / "copy.jsonl"), str(tmp_path / "skipped.jsonl")
-            status = run_replay(ReplaySettings.reading(source, to_file=copy, skipped=skipped))
+            status = run_replay(reading(ReplaySettings, source, to_file=copy, skipped=skipped))
     except CommandError as exc:
         status = exc.exit_status
     assert status == (0 if change is None else 3)

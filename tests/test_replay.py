@@ -26,7 +26,7 @@ from tests.conftest import BridgeClient
 from tests.support.readback import ACCOUNTS, DAY_MS, FIRST_DAY_MS, Posted, Receiver, message, post_all
 from tests.support.records import create_topic, read_records
 from tests.support.serve import one_line_error, run_bridge
-from tests.support.settings import NO_BROKER
+from tests.support.settings import NO_BROKER, reading
 
 DAY_1 = (FIRST_DAY_MS + DAY_MS, FIRST_DAY_MS + 2 * DAY_MS)
 
@@ -55,7 +55,7 @@ async def test_a_day_replayed_to_a_file_holds_that_days_callbacks_late_and_repea
     posted: list[Posted], settings: ServeSettings, tmp_path: Path
 ) -> None:
     out = tmp_path / "day1.jsonl"
-    window = ReplaySettings.reading(settings, since=DAY_1[0], until=DAY_1[1], to_file=str(out))
+    window = reading(ReplaySettings, settings, since=DAY_1[0], until=DAY_1[1], to_file=str(out))
     replay = await replay_to(window, FileSink(str(out)))
 
     lines = out.read_bytes().splitlines()
@@ -76,8 +76,13 @@ async def test_the_late_callback_of_a_day_is_copied_even_with_no_lateness_allowe
     day_0 = in_day(posted, 0)
     assert "d0-news-99" in {p.key for p in day_0}
     out = tmp_path / "day0.jsonl"
-    window = ReplaySettings.reading(
-        settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, lateness=0.0, to_file=str(out)
+    window = reading(
+        ReplaySettings,
+        settings,
+        since=FIRST_DAY_MS,
+        until=FIRST_DAY_MS + DAY_MS,
+        lateness=0.0,
+        to_file=str(out),
     )
     await replay_to(window, FileSink(str(out)))
     copied = [orjson.loads(line)["callback"] for line in out.read_bytes().splitlines()]
@@ -89,8 +94,8 @@ async def test_a_day_replayed_to_a_topic_with_dedup_keeps_key_timestamp_headers_
 ) -> None:
     destination = f"{settings.topic}.backfill"
     await create_topic(kafka, destination, 3)
-    window = ReplaySettings.reading(
-        settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True
+    window = reading(
+        ReplaySettings, settings, since=DAY_1[0], until=DAY_1[1], to_topic=destination, dedup=True
     )
     replay = await replay_to(window, TopicSink(window, destination))
 
@@ -118,8 +123,8 @@ async def test_a_day_reposted_to_a_url_arrives_with_its_original_query_and_bytes
     target, url = receiver, receiver.url()
     first = in_day(posted, 1)[0]
     target.fail_first.add(orjson.dumps(first.body))  # the bridge posted orjson.dumps(body): same bytes
-    window = ReplaySettings.reading(
-        settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=4, rate=500.0
+    window = reading(
+        ReplaySettings, settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=4, rate=500.0
     )
     replay = await replay_to(window, UrlSink(url))
 
@@ -136,7 +141,7 @@ async def test_an_interrupted_replay_resumed_from_its_checkpoint_copies_each_rec
 ) -> None:
     target, url = receiver, receiver.url()
     checkpoint = tmp_path / "checkpoint.json"
-    everything = ReplaySettings.reading(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
+    everything = reading(ReplaySettings, settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
     first = Replay(everything, UrlSink(url), report=io.StringIO())
 
     def interrupt_after_ten() -> None:
@@ -169,7 +174,7 @@ async def test_a_foreign_record_is_reported_with_its_coordinates_and_the_replay_
         await producer.stop()
     report = io.StringIO()
     out = tmp_path / "all.jsonl"
-    replay = Replay(ReplaySettings.reading(settings, to_file=str(out)), FileSink(str(out)), report=report)
+    replay = Replay(reading(ReplaySettings, settings, to_file=str(out)), FileSink(str(out)), report=report)
     async with asyncio.timeout(60):
         await replay.run()
     assert replay.tally.errors == 1
@@ -210,8 +215,8 @@ async def test_a_replay_copies_a_backfilled_callback_written_after_later_days_an
     backfilled = message(0, 720, ACCOUNTS[0], 77)
     await post_all(bridge, [backfilled])
     out = tmp_path / "day0.jsonl"
-    window = ReplaySettings.reading(
-        settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, to_file=str(out)
+    window = reading(
+        ReplaySettings, settings, since=FIRST_DAY_MS, until=FIRST_DAY_MS + DAY_MS, to_file=str(out)
     )
     replay = await replay_to(window, FileSink(str(out)))
 
@@ -288,8 +293,8 @@ async def test_a_delivery_that_stops_the_replay_after_its_retries_counts_as_an_e
     target, url = receiver, receiver.url()
     first = in_day(posted, 1)[0]
     target.fail_first.add(orjson.dumps(first.body))
-    window = ReplaySettings.reading(
-        settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=1, retries=0
+    window = reading(
+        ReplaySettings, settings, since=DAY_1[0], until=DAY_1[1], to_url=url, concurrency=1, retries=0
     )
     replay = await replay_to(window, UrlSink(url))
     assert replay.failure is not None

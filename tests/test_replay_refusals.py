@@ -24,6 +24,7 @@ from bridge.settings import ReplaySettings, ServeSettings
 from tests.support.readback import Posted, Receiver
 from tests.support.records import create_topic, read_records
 from tests.support.serve import run_bridge
+from tests.support.settings import reading
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -59,7 +60,7 @@ async def test_a_destination_refusing_every_record_stops_the_replay_and_the_next
     receiver.status = status
     url = receiver.url()
     checkpoint = tmp_path / "replay.ckpt"
-    window = ReplaySettings.reading(settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
+    window = reading(ReplaySettings, settings, to_url=url, concurrency=4, checkpoint=str(checkpoint))
 
     first, _ = await run(window, UrlSink(url))
     assert first.failure is not None
@@ -197,8 +198,12 @@ async def test_a_topic_refusing_authorization_stops_the_replay_instead_of_skippi
 ) -> None:
     destination = await destination_topic(kafka, settings)
     checkpoint = tmp_path / "replay.ckpt"
-    window = ReplaySettings.reading(
-        settings, to_topic=destination, checkpoint=str(checkpoint), skipped=str(tmp_path / "s")
+    window = reading(
+        ReplaySettings,
+        settings,
+        to_topic=destination,
+        checkpoint=str(checkpoint),
+        skipped=str(tmp_path / "s"),
     )
     denied = TopicAuthorizationFailedError(destination)
 
@@ -219,7 +224,7 @@ async def test_a_record_too_large_for_the_topic_is_set_aside_and_the_others_are_
 ) -> None:
     destination = await destination_topic(kafka, settings)
     skipped = tmp_path / "skipped.jsonl"
-    window = ReplaySettings.reading(settings, to_topic=destination, skipped=str(skipped))
+    window = reading(ReplaySettings, settings, to_topic=destination, skipped=str(skipped))
     large = body_bytes(posted[5])
     sink = TopicSink(window, destination, producer_class=refusing(MessageSizeTooLargeError(), only=large))
 
@@ -238,7 +243,7 @@ async def test_a_stopped_replay_names_its_url_without_the_password_in_it(
 ) -> None:
     receiver.status = 401
     url = str(URL(receiver.url()).with_user("replayer").with_password("s3cret-pass"))
-    replay, report = await run(ReplaySettings.reading(settings, to_url=url), UrlSink(url))
+    replay, report = await run(reading(ReplaySettings, settings, to_url=url), UrlSink(url))
     assert replay.failure is not None
     assert "replayer:********@" in replay.failure
     assert "s3cret-pass" not in replay.failure + report

@@ -9,8 +9,8 @@ Which flag and variable sets each field is declared once, in `bridge.settings.op
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, fields
-from typing import Any, Self
+from dataclasses import dataclass
+from typing import Any
 
 from bridge.secret import Secret
 from bridge.tencent.commands import TopicGroup
@@ -239,14 +239,6 @@ class ReaderSettings(KafkaConnection, Logging):
     command: tuple[str, ...] = ()
     account: str | None = None
     lateness: float = 3600.0
-
-    @classmethod
-    def reading(cls, bridge: TopicsSettings, **changes: Any) -> Self:
-        """Settings that read the official-account topic of `bridge` over its Kafka connection (brokers,
-        TLS, SASL; not its client id), with `changes`."""
-        connection = {part.name: getattr(bridge, part.name) for part in fields(KafkaConnection)}
-        del connection["client_id"]
-        return cls(**{**connection, "topic": bridge.topic, **changes})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,12 +1,15 @@
-"""Settings for a bridge under test: topics of its own on the broker, or no broker at all."""
+"""Settings for a bridge under test: topics of its own on the broker, or no broker at all; and settings of
+the readers of its topics."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
-from typing import Any
+from dataclasses import fields, replace
+from typing import Any, TypeVar
 
-from bridge.settings import ServeSettings
+from bridge.settings import KafkaConnection, ReaderSettings, ServeSettings, TopicsSettings
+
+Reader = TypeVar("Reader", bound=ReaderSettings)
 
 NO_BROKER = "127.0.0.1:9"
 """A bootstrap address for unit tests, which never connect: the discard port, where no broker listens."""
@@ -29,3 +32,11 @@ def unique_settings(bootstrap_servers: str, **overrides: Any) -> ServeSettings:
         partitions=12,
     )
     return replace(base, **overrides)
+
+
+def reading(kind: type[Reader], bridge: TopicsSettings, **changes: Any) -> Reader:
+    """Settings of `kind` (consume's or replay's) that read the official-account topic of `bridge` over its
+    Kafka connection (brokers, TLS, SASL; not its client id), with `changes`."""
+    connection = {part.name: getattr(bridge, part.name) for part in fields(KafkaConnection)}
+    del connection["client_id"]
+    return kind(**{**connection, "topic": bridge.topic, **changes})
