@@ -33,12 +33,8 @@ class BridgeTestServer(TestServer):
 
 
 async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> None:
-    async with asyncio.timeout(READY_TIMEOUT_S):
-        while True:
-            response = await client.get("/readyz")
-            if response.status == 200:
-                return
-            await asyncio.sleep(0.05)
+    """Wait until the bridge under the test client answers `/readyz` with 200."""
+    await until_ready(client.session, str(client.make_url("")).rstrip("/"), READY_TIMEOUT_S)
 
 
 async def until_ready(session: aiohttp.ClientSession, url: str, timeout: float = 60.0) -> None:
