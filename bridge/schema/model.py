@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
+from bridge.settings.parts import TopicLayout
 from bridge.tencent import commands
 from bridge.tencent.commands import COMMANDS, FAMILIES, UNKNOWN_FAMILY, CommandSpec, Family, TopicGroup
 
@@ -135,10 +136,7 @@ TopicFor = Callable[[TopicGroup], str]
 
 
 def default_topic_for(group: TopicGroup) -> str:
-    # The settings package reads the registry's topic groups; it is imported here, not at the top, so
-    # that the registry stays importable without the settings.
-    from bridge.settings.parts import TopicLayout  # noqa: PLC0415
-
+    """The topic of a group in serve's default layout (`tim.official-account`...)."""
     return TopicLayout().topic_for(group)
 
 
