@@ -97,7 +97,7 @@ def _event_time_ms(json_column: str) -> str:
 
 def _callback_columns(selection: Selection, json_column: str) -> list[Column]:
     out: list[Column] = []
-    for field in selection.fields:
+    for field in selection.column_fields:
         name = field.name if field.name not in (*ENVELOPE_COLUMNS, "callback") else f"callback_{field.name}"
         at = _path(json_column, "callback", field.name)
         match field.kind:

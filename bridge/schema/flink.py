@@ -41,7 +41,7 @@ _TYPES = {
 
 def callback_row(selection: Selection) -> str:
     fields = [f"{quote('CallbackCommand')} STRING"]
-    fields += [f"{quote(field.name)} {_TYPES[field.kind]}" for field in selection.fields]
+    fields += [f"{quote(field.name)} {_TYPES[field.kind]}" for field in selection.column_fields]
     return f"ROW<{', '.join(fields)}>"
 
 

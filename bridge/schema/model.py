@@ -118,6 +118,15 @@ class Selection:
         return merge(self.commands, single=self.kind == "command")
 
     @property
+    def column_fields(self) -> tuple[TypedField, ...]:
+        """The fields the column formats give a column: `fields`, and `EventTime` where no command of the
+        selection documents it (the bridge reads it from every callback, known or not, for the timestamp)."""
+        fields = self.fields
+        if any(field.name == "EventTime" for field in fields):
+            return fields
+        return (*fields, TypedField("EventTime", Kind.EVENT_TIME, required=False))
+
+    @property
     def slug(self) -> str:
         """A table name: `official_account_callback_after_send_msg`, `tim_official_account`."""
         out: list[str] = []
