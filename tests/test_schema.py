@@ -140,7 +140,8 @@ def validator(selection: Selection) -> jsonschema.Draft202012Validator:
 
 @functools.cache
 def _validator(kind: str, name: str) -> jsonschema.Draft202012Validator:
-    schema = json_schema(select(**{kind: name}))
+    by_kind = {"command": by_command, "family": by_family, "topic": by_topic}
+    schema = json_schema(by_kind[kind](name))
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
