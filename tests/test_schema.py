@@ -42,6 +42,7 @@ from bridge.tencent.commands import COMMANDS, FAMILIES, CommandSpec, TopicGroup
 from bridge.tencent.partitioner import partition_for
 from bridge.tencent.protocol import parse_query
 from tests.conftest import BridgeClient
+from tests.support import flink_parser
 from tests.support.records import read_records
 from tests.support.requests import FIXTURES
 
@@ -566,6 +567,31 @@ def test_the_flink_ddl_is_a_kafka_json_table_with_metadata_a_watermark_and_types
     if selection.kind == "command":
         view = f"CREATE VIEW `{selection.slug}` AS SELECT * FROM `{body.group(1)}` WHERE "  # noqa: S608 - expected text
         assert view in ddl
+
+
+@pytest.mark.skipif(
+    not flink_parser.available(), reason="Apache Flink's SQL parser needs java, javac and mvn"
+)
+def test_apache_flinks_own_sql_parser_parses_every_generated_ddl_and_refuses_a_broken_one(
+    tmp_path: Path,
+) -> None:
+    """Flink's parser (flink-sql-parser from Maven Central, tests/support/flink/): the table and view
+    statements of every command, family and topic parse; the same DDL with a type broken does not."""
+    selections = [
+        *(by_topic(topic) for topic in topics()),
+        *(by_family(family) for family in FAMILIES),
+        *(by_command(command) for command in COMMANDS),
+    ]
+    files = {}
+    for selection in selections:
+        path = tmp_path / f"{selection_id(selection)}.sql"
+        path.write_text(flink.ddl(selection), encoding="utf-8")
+        files[path] = ["CREATE_TABLE"] if selection.kind == "topic" else ["CREATE_TABLE", "CREATE_VIEW"]
+    broken = tmp_path / "broken.sql"
+    broken.write_text(flink.ddl(by_topic("tim.c2c")).replace("BIGINT", "BIGINT<", 1), encoding="utf-8")
+    parsed = flink_parser.parse([*files, broken])
+    assert {path: parsed[path] for path in files} == files
+    assert parsed[broken][0] == "ERROR"
 
 
 # --- Spark: the StructType's JSON ---------------------------------------------------------------------

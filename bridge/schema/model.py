@@ -131,11 +131,7 @@ class Selection:
         """A table name: `official_account_callback_after_send_msg`, `tim_official_account`."""
         out: list[str] = []
         for index, char in enumerate(self.name):
-            if (
-                char.isupper()
-                and index
-                and (self.name[index - 1].islower() or self.name[index - 1].isdigit())
-            ):
+            if char.isupper() and index and self.name[index - 1].islower():  # C2C stays c2c
                 out.append("_")
             out.append(char.lower() if char.isalnum() else "_")
         return "".join(out).strip("_")
