@@ -112,6 +112,13 @@ def record_value(query: dict[str, str], raw_body: bytes) -> tuple[bytes, str]:
     return parsed.record("any-topic").value, parsed.routed.entity
 
 
+def record_key(query: dict[str, str], raw_body: bytes) -> str:
+    parsed = parse_callback(
+        parse_query(query.items()), raw_body, received_at_ms=RECEIVED_AT_MS, max_event_age_ms=3_600_000
+    )
+    return parsed.routed.key
+
+
 def command_query(command: str) -> dict[str, str]:
     return {**QUERY, "CallbackCommand": command}
 
@@ -357,14 +364,16 @@ def test_the_clickhouse_extraction_gives_the_bridges_entity_and_the_fields_typed
         c for c in _all_callbacks() if TopicLayout().topic_for(_group(c[1]["CallbackCommand"])) == topic
     ]
     built = [record_value(query, raw) for _, query, raw in callbacks]
+    keys = [record_key(query, raw) for _, query, raw in callbacks]
     source = _jsonl([value for value, _ in built], tmp_path / "events.jsonl")
     rows = _rows(clickhouse.extraction_query(selection, source))
     assert len(rows) == len(callbacks)
     names = [column.name for column in clickhouse.columns(selection)]
-    for row, (name, query, raw), (_, entity) in zip(rows, callbacks, built, strict=True):
+    for row, (name, query, raw), (_, entity), key in zip(rows, callbacks, built, keys, strict=True):
         assert list(row) == names
         body = orjson.loads(raw)
         assert row["entity"] == entity, name
+        assert row["key"] == (None if ":sha256:" in key else key), name
         assert row["CallbackCommand"] == query["CallbackCommand"]
         assert row["SdkAppid"] == query["SdkAppid"]
         assert orjson.loads(row["callback"]) == body

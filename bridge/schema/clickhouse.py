@@ -19,10 +19,25 @@ from dataclasses import dataclass
 
 from bridge.schema.entity import EntityShape, entity_shape
 from bridge.schema.model import Kind, Selection
-from bridge.tencent.commands import UNKNOWN_FAMILY
+from bridge.tencent.commands import (
+    UNKNOWN_FAMILY,
+    KeyRule,
+    event_key,
+    group_message_key,
+    message_key,
+)
 
 DEFAULT_BOOTSTRAP = "localhost:9092"
-ENVELOPE_COLUMNS = ("schema", "received_at", "SdkAppid", "CallbackCommand", "entity", "event_time", "query")
+ENVELOPE_COLUMNS = (
+    "schema",
+    "received_at",
+    "SdkAppid",
+    "CallbackCommand",
+    "entity",
+    "key",
+    "event_time",
+    "query",
+)
 """The columns of every selection, before the callback's fields; `callback` (the raw body) comes last."""
 
 
@@ -84,6 +99,37 @@ def _entity(selection: Selection, json_column: str) -> str:
     return f"ifNull(nullIf(multiIf({', '.join(cases)}, ''), ''), {sdk_app_id})"
 
 
+def _key_of(rule: KeyRule, json_column: str) -> str:
+    """The record key as the registry's key rule makes it, NULL where it would hash the body (SQL cannot
+    redo the bridge's canonical JSON): `<command>:sha256:...` keys come only from Kafka, `_key`."""
+    msg_key = f"JSONExtractString({_path(json_column, 'callback', 'MsgKey')})"
+    command_key = f"if({msg_key} != '', concat({_command(json_column)}, ':', {msg_key}), NULL)"
+    if rule is message_key:
+        return f"if({msg_key} != '', {msg_key}, {command_key})"
+    if rule is group_message_key:
+        group_id = f"JSONExtractString({_path(json_column, 'callback', 'GroupId')})"
+        msg_seq = _path(json_column, "callback", "MsgSeq")
+        return (
+            f"if({group_id} != '' AND JSONType({msg_seq}) IN ('Int64', 'UInt64'), "
+            f"concat({group_id}, ':', JSONExtractRaw({msg_seq})), {command_key})"
+        )
+    if rule is not event_key:
+        raise ValueError(f"the key rule {rule!r} has no SQL form: add it to bridge/schema/clickhouse.py")
+    return command_key
+
+
+def _key(selection: Selection, json_column: str) -> str:
+    """The record key, each known command by its rule, the others as the bridge keys unknown commands."""
+    branches: dict[str, list[str]] = {}
+    for spec in selection.commands:
+        branches.setdefault(_key_of(spec.key, json_column), []).append(literal(spec.name))
+    if not branches:
+        return f"CAST({_key_of(event_key, json_column)}, 'Nullable(String)')"
+    command = _command(json_column)
+    cases = [f"{command} IN ({', '.join(names)}), {expression}" for expression, names in branches.items()]
+    return f"multiIf({', '.join(cases)}, {_key_of(event_key, json_column)})"
+
+
 def _event_time_ms(json_column: str) -> str:
     """`EventTime` in milliseconds when it is a non-negative integer or decimal string, else NULL."""
     at = _path(json_column, "callback", "EventTime")
@@ -139,6 +185,7 @@ def columns(selection: Selection, json_column: str = "json") -> tuple[Column, ..
         ),
         Column("CallbackCommand", "LowCardinality(String)", _command(json_column)),
         Column("entity", "String", _entity(selection, json_column)),
+        Column("key", "Nullable(String)", _key(selection, json_column)),
         Column(
             "event_time",
             "DateTime64(3, 'UTC')",
