@@ -228,6 +228,22 @@ def test_every_known_commands_schema_accepts_what_the_bridge_accepts_and_refuses
             assert not validator(by_command(command)).is_valid(missing), f"{field.name} missing"
 
 
+ALL_SELECTIONS = [
+    *(by_topic(topic) for topic in topics()),
+    *(by_family(family) for family in FAMILIES),
+    *(by_command(command) for command in COMMANDS),
+]
+
+
+@pytest.mark.parametrize(
+    "selection", ALL_SELECTIONS, ids=lambda selection: f"{selection.kind}-{selection.name}"
+)
+def test_every_commands_familys_and_topics_json_schema_is_a_valid_draft_2020_12_schema(
+    selection: Selection,
+) -> None:
+    jsonschema.Draft202012Validator.check_schema(json_schema(selection))
+
+
 def test_an_unknown_command_of_a_family_passes_the_familys_and_topics_schema_on_the_envelope_alone() -> None:
     query = command_query("OfficialAccount.CallbackAfterSomethingNew")
     value, _ = record_value(query, b'{"Official_Account": 12, "MsgTime": "not checked"}')
@@ -333,6 +349,16 @@ UNKNOWN_COMMANDS: dict[str, dict[str, Any]] = {
     "Bot.CallbackAfterReply": {"From_Account": "bot-user"},
     "Mystery.CallbackSomething": {"Anything": [1, 2]},
 }
+
+
+@pytest.mark.parametrize("command", UNKNOWN_COMMANDS)
+def test_a_callback_of_a_command_the_bridge_does_not_know_validates_against_its_familys_and_topics_schema(
+    command: str,
+) -> None:
+    raw = orjson.dumps({"CallbackCommand": command, **UNKNOWN_COMMANDS[command]})
+    envelope = orjson.loads(record_value(command_query(command), raw)[0])
+    for selection in selections_of(command):
+        assert list(validator(selection).iter_errors(envelope)) == [], selection.name
 
 
 def _all_callbacks() -> list[tuple[str, dict[str, str], bytes]]:
