@@ -118,6 +118,13 @@ class Selection:
         return merge(self.commands, single=self.kind == "command")
 
     @property
+    def describe(self) -> str:
+        """`command C2C.CallbackAfterSendMsg on topic tim.c2c`, `topic tim.c2c`."""
+        if self.kind == "topic":
+            return f"topic {self.name}"
+        return f"{self.kind} {self.name} on topic {self.topic}"
+
+    @property
     def column_fields(self) -> tuple[TypedField, ...]:
         """The fields the column formats give a column: `fields`, and `EventTime` where no command of the
         selection documents it (the bridge reads it from every callback, known or not, for the timestamp)."""
