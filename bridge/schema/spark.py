@@ -2,9 +2,10 @@
 `StructType.fromJson` (PySpark) or `DataType.fromJson` (Scala) reads, for `from_json(value, schema)`.
 
 `EventTime` is a string (Tencent sends an integer or its decimal string, and Spark's JSON reader keeps a
-number's text in a string field but nulls a string in a long one, or fails the record in FAILFAST mode): cast it, `CAST(callback.EventTime AS
-BIGINT)`. Arrays and objects the registry does not type are strings holding their JSON text (Spark's JSON
-reader does that for a string field), read with `get_json_object` or `from_json`.
+number's text in a string field but nulls a string in a long one, or fails the record in FAILFAST mode):
+cast it, `CAST(callback.EventTime AS BIGINT)`. Arrays and objects the registry does not type are strings
+holding their JSON text (Spark's JSON reader does that for a string field), read with `get_json_object` or
+`from_json`.
 """
 
 from __future__ import annotations
