@@ -680,7 +680,7 @@ def test_the_spark_struct_type_has_the_shape_spark_reads_and_reads_every_record(
     try:
         from pyspark.sql.types import StructType  # noqa: PLC0415
     except ImportError:
-        return  # pyspark is not a test dependency (300 MB); the examples' Spark job loads it for real
+        return  # without pyspark (the `spark` extra) the shape and reading checks above are all
     assert StructType.fromJson(struct).jsonValue() == struct
 
 
