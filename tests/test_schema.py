@@ -473,14 +473,16 @@ def test_the_clickhouse_pipeline_is_created_and_its_view_fills_the_mergetree_tar
     stand_in = f"{database}.stand_in"
     session.query(_STAND_IN.format(name=stand_in))
     callbacks = [c for c in _all_callbacks() if in_selection(selection, c[1]["CallbackCommand"])]
+    rows_in = []
     for offset, (_, query, raw) in enumerate(callbacks):
         value, _ = record_value(query, raw)
         command = clickhouse.literal(query["CallbackCommand"])
-        session.query(
-            f"INSERT INTO {stand_in} VALUES ({clickhouse.literal(value.decode())}, 'key-{offset}', "  # noqa: S608 - test SQL, values quoted
+        rows_in.append(
+            f"({clickhouse.literal(value.decode())}, 'key-{offset}', "
             f"fromUnixTimestamp64Milli(toInt64({RECEIVED_AT_MS})), 3, {offset}, "
             f"['CallbackCommand', 'SdkAppid'], [{command}, '1400000000'])"
         )
+    session.query(f"INSERT INTO {stand_in} VALUES {', '.join(rows_in)}")  # noqa: S608 - test SQL, values quoted
     target = pipeline.view.split(" TO ", 1)[1].split(" AS\n", 1)[0]
     session.query(f"INSERT INTO {target} {pipeline.view_query.replace(pipeline.kafka_source, stand_in)}")
     rows = _session_rows(session, f"SELECT entity, CallbackCommand, record_key, kafka_offset FROM {target}")  # noqa: S608 - test SQL
