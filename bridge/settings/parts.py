@@ -287,4 +287,5 @@ class BenchSettings(Logging):
     accounts: int = 50
     baseline: bool = False
     floor: bool = False
+    driver: str = "python"
     format: str = "text"
