@@ -390,6 +390,11 @@ def _describe(settings: BenchSettings, report: dict[str, Any]) -> str:
         lines.append(
             f"the bridge's /stats over the measured rounds: {writes['confirmed']} new records confirmed, "
             f"{writes['duplicates']} answered as duplicates, for {bridge['requests']} answers"
+            + (
+                " (wrk stops with up to one request per connection unanswered)"
+                if report["driver"] == "wrk"
+                else ""
+            )
         )
     if "floor_ratio" in report:
         lines.append(f"floor / baseline throughput: {report['floor_ratio']:.2f}")
