@@ -31,7 +31,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
+
+import orjson
 
 SPEC_VERSION = "1.0"
 TYPE_PREFIX = "com.tencentcloud.chat."
@@ -173,3 +177,11 @@ def read_headers(record_headers: Iterable[tuple[str, bytes | None]]) -> CloudEve
         received_at_ms=received_at_ms,
         query=query,
     )
+
+
+def headers_schema() -> dict[str, Any]:
+    """The JSON Schema of a `cloudevents` record's headers (an object of name to UTF-8 value), shipped in
+    the package beside the envelope's."""
+    text = resources.files("bridge.tencent").joinpath("schemas/cloudevents-headers.schema.json").read_bytes()
+    schema: dict[str, Any] = orjson.loads(text)
+    return schema
