@@ -264,10 +264,12 @@ def test_a_repeated_ce_header_is_refused() -> None:
         decode(replace(good, headers=(*good.headers, ("ce_id", b"x"))))
 
 
-def test_the_largest_cloudevents_record_fits_the_topics_limit() -> None:
-    """The value is the body alone; the headers (the query form-encoded, a key and entity of the longest
-    allowed) fit the 64 KiB headroom with room to spare, so the size rule holds in this format too."""
-    settings = ServeSettings()
+@pytest.mark.parametrize("max_url_bytes", [4096, 16384])
+def test_the_largest_cloudevents_record_fits_the_topics_limit(max_url_bytes: int) -> None:
+    """The value is the body alone; the headers (a query of `--max-url-bytes` that triples when
+    form-encoded, `/` becoming `%2F`, and a key and entity of the longest allowed) fit the 64 KiB headroom,
+    so the size rule holds in this format too."""
+    settings = ServeSettings(max_url_bytes=max_url_bytes)
     command = "Unknown.C" + "x" * 110
     long_id = "k" * MAX_ID_BYTES
     query = {"SdkAppid": "1" * 19, "CallbackCommand": command, "x": "/" * (settings.max_url_bytes - 200)}
