@@ -342,10 +342,22 @@ def _content_wrong(
         ("CallbackCommand", callback.command.encode()),
         ("SdkAppid", callback.query["SdkAppid"].encode()),
         ("content-type", b"application/json"),
+        ("entity", callback.entity.encode()),
+        ("received_at", str(_received_at(record.value or b"")).encode()),
+        ("schema", ENVELOPE_SCHEMA.encode()),
     ]
     if sorted(record.headers) != sorted(expected_headers):
         return f"headers {record.headers}"
     return _value_wrong(callback, record.value or b"")
+
+
+def _received_at(value: bytes) -> object:
+    """The envelope's `received_at`, which the `received_at` header repeats; None if there is none."""
+    try:
+        envelope = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return envelope.get("received_at") if isinstance(envelope, dict) else None
 
 
 def _value_wrong(callback: Callback, value: bytes) -> str | None:

@@ -109,6 +109,9 @@ async def test_every_fixture_lands_once_with_key_partition_timestamp_headers_and
             "CallbackCommand": callback.query["CallbackCommand"].encode(),
             "SdkAppid": b"1400000000",
             "content-type": b"application/json",
+            "entity": entity.encode(),
+            "received_at": str(received_at).encode(),
+            "schema": b"tencent-chat-callback/1",
         }
 
 

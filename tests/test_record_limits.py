@@ -25,7 +25,7 @@ from bridge.kafka.publisher import KafkaPublisher
 from bridge.kafka.sizes import batch_bytes, check_record_size, record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.commands import MAX_ID_BYTES
-from bridge.tencent.envelope import Record, envelope
+from bridge.tencent.envelope import Record, envelope, record_headers
 from tests.conftest import BridgeClient
 from tests.support.records import read_records
 from tests.support.requests import fixture
@@ -180,10 +180,9 @@ def test_the_largest_record_the_bridge_can_build_fits_the_topics_limit(max_url_b
         key=f"{command}:{'k' * MAX_ID_BYTES}".encode(),
         value=envelope(b" " * settings.max_body_bytes, query, 1_764_143_520_123),
         timestamp_ms=1_764_143_520_123,
-        headers=(
-            ("CallbackCommand", command.encode()),
-            ("SdkAppid", b"1" * 19),
-            ("content-type", b"application/json"),
+        # The envelope's headers with the longest entity (a conversation of two IDs of MAX_ID_BYTES).
+        headers=record_headers(
+            command, "1" * 19, f"{'k' * MAX_ID_BYTES}:{'k' * MAX_ID_BYTES}", 1_764_143_520_123
         ),
     )
     assert len(record.value) > settings.max_body_bytes + 2 * max_url_bytes - 50

@@ -140,7 +140,7 @@ async def handle_callback(request: web.Request) -> web.Response:
             max_event_age_ms=settings.max_event_age_ms,
             on_command=lambda command: note_command(request, command),
         )
-        record = callback.record(settings.topic_for(callback.routed.topic_group))
+        record = callback.record(settings.topic_for(callback.routed.topic_group), settings.record_format)
         # Until the write answers: a handler cancelled from here on (at shutdown) leaves a record that may
         # still land, its own or an identical callback's, and either is followed.
         request[OUTCOME] = Outcome.AMBIGUOUS

@@ -1,5 +1,9 @@
 """`bridge consume`: print a topic's callbacks as JSON Lines, one envelope per line, for jq, pandas, duckdb.
 
+Records of either record format print alike: a `cloudevents` record as the envelope the `envelope` format
+would have written for it (`Event.json_line`), so a job downstream never needs to know which format a
+bridge was told to write, and a topic holding both reads as one.
+
 With `--group`, an event is committed only after its line is written and flushed, and before each commit
 an `--output` file is fsynced, so after a power loss the commits are never ahead of the file. An `--output`
 file is created 0600: it holds user messages.

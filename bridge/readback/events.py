@@ -1,8 +1,10 @@
-"""Callbacks read back from Kafka as typed events: the envelope checked and decoded, filters, duplicates.
+"""Callbacks read back from Kafka as typed events: the record checked and decoded, filters, duplicates.
 
-`decode(record)` turns one Kafka record the bridge wrote into an `Event`, or raises `InvalidEnvelope` saying
-what is wrong (a foreign producer wrote to the topic). `EventFilter` selects events by command or family,
-owning entity and event-time window; `Deduplicator` and `unique()` drop a callback delivered twice.
+`decode(record)` turns one Kafka record the bridge wrote, in either record format (`envelope`, or
+`cloudevents`: a record with a `ce_specversion` header), into the same `Event`, or raises
+`InvalidEnvelope` saying what is wrong (a foreign producer wrote to the topic). `EventFilter` selects
+events by command or family, owning entity and event-time window; `Deduplicator` and `unique()` drop a
+callback delivered twice.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import orjson
 
 from bridge.errors import InvalidField
 from bridge.settings.values import parse_instant
+from bridge.tencent import cloudevents
 from bridge.tencent.commands import route
-from bridge.tencent.envelope import SCHEMA, CallbackId, callback_id
+from bridge.tencent.envelope import SCHEMA, CallbackId, callback_id, envelope
 
 _SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
 
@@ -67,7 +70,9 @@ class Event:
     coordinates: Coordinates
     headers: tuple[tuple[str, bytes], ...]
     value: bytes = field(repr=False)
-    """The record value exactly as stored: the envelope."""
+    """The record value exactly as stored: the envelope, or the body in the `cloudevents` format."""
+    record_format: str = "envelope"
+    """`envelope` or `cloudevents`: how the bridge wrote the record (`--record-format`)."""
 
     @property
     def identity(self) -> CallbackId:
@@ -84,13 +89,20 @@ class Event:
         }
 
     def json_line(self) -> bytes:
-        """The envelope on one line (a posted body may hold line breaks, so it is re-serialized then)."""
+        """The envelope on one line, whatever the record format: for a `cloudevents` record, the envelope
+        the `envelope` format would have written, byte for byte. (A posted body may hold line breaks, so it
+        is re-serialized then.)"""
         if b"\n" in self.value or b"\r" in self.value:
             return orjson.dumps(self.envelope) + b"\n"
+        if self.record_format == "cloudevents":
+            return envelope(self.value, self.query, self.received_at_ms) + b"\n"
         return self.value + b"\n"
 
     def raw_callback(self) -> bytes:
-        """The callback body as Tencent posted it, cut out of the envelope; re-serialized if that fails."""
+        """The callback body as Tencent posted it: the value of a `cloudevents` record, or cut out of the
+        envelope (re-serialized if that fails)."""
+        if self.record_format == "cloudevents":
+            return self.value
         head = orjson.dumps({"schema": SCHEMA, "received_at": self.received_at_ms, "query": self.query})
         prefix = head[:-1] + b',"callback":'
         if self.value.startswith(prefix) and self.value.endswith(b"}"):
@@ -118,14 +130,65 @@ def coordinates_of(record: KafkaRecord) -> Coordinates:
 
 
 def decode(record: KafkaRecord) -> Event:
-    """The event in `record`; raises `InvalidEnvelope` when the value is not a valid envelope."""
+    """The event in `record`, in either record format; raises `InvalidEnvelope` when the record is not one
+    the bridge writes."""
     if record.value is None:
         raise InvalidEnvelope("the record has no value")
     try:
-        envelope = orjson.loads(record.value)
+        value = orjson.loads(record.value)
     except orjson.JSONDecodeError as exc:
         raise InvalidEnvelope(f"the value is not UTF-8 JSON: {exc}") from None
-    received_at, query, callback = _check_envelope(envelope)
+    if cloudevents.is_cloudevent(record.headers):
+        return _decode_cloudevent(record, record.value, value)
+    received_at, query, callback = _check_envelope(value)
+    return _event(
+        record,
+        record.value,
+        received_at=received_at,
+        query=query,
+        callback=callback,
+        record_format="envelope",
+    )
+
+
+def _decode_cloudevent(record: KafkaRecord, raw: bytes, callback: Any) -> Event:
+    """A `cloudevents` record: the body as the value, the envelope's query and receive time in headers."""
+    try:
+        attributes = cloudevents.read_headers(record.headers)
+    except ValueError as exc:
+        raise InvalidEnvelope(f"a CloudEvent the bridge did not write: {exc}") from None
+    if not isinstance(callback, dict):
+        raise InvalidEnvelope("the CloudEvent's data is not a JSON object")
+    if "Sign" in attributes.query:
+        raise InvalidEnvelope("ce_query holds Sign")
+    if callback.get("CallbackCommand", attributes.command) != attributes.command:
+        raise InvalidEnvelope("ce_type's and the callback's CallbackCommand differ")
+    event = _event(
+        record,
+        raw,
+        received_at=attributes.received_at_ms,
+        query=attributes.query,
+        callback=callback,
+        record_format="cloudevents",
+    )
+    if event.entity != attributes.entity:
+        raise InvalidEnvelope(
+            f"ce_partitionkey {attributes.entity!r} is not the owning entity {event.entity!r}"
+        )
+    if event.key != attributes.key:
+        raise InvalidEnvelope(f"ce_id names the key {attributes.key!r}, the record's key is {event.key!r}")
+    return event
+
+
+def _event(
+    record: KafkaRecord,
+    raw: bytes,
+    *,
+    received_at: int,
+    query: dict[str, str],
+    callback: dict[str, Any],
+    record_format: str,
+) -> Event:
     command = query.get("CallbackCommand") or callback.get("CallbackCommand")
     if not isinstance(command, str) or not command:
         raise InvalidEnvelope("no CallbackCommand in the query or the callback")
@@ -148,7 +211,8 @@ def decode(record: KafkaRecord) -> Event:
         query=query,
         coordinates=coordinates_of(record),
         headers=tuple(record.headers),
-        value=record.value,
+        value=raw,
+        record_format=record_format,
     )
 
 

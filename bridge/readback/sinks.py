@@ -104,7 +104,8 @@ class Sink(Protocol):
 
 
 class FileSink:
-    """Appends each envelope as one JSON line, to a file created 0600."""
+    """Appends each envelope as one JSON line (`Event.json_line`: a `cloudevents` record as its
+    envelope), to a file created 0600."""
 
     def __init__(self, path: str) -> None:
         self.name = path
@@ -133,8 +134,9 @@ class FileSink:
 
 
 class TopicSink:
-    """Produces to a topic of the same cluster with acks=all: same key, timestamp and headers, and the
-    partition the bridge would pick (the owning entity's, for the destination's partition count).
+    """Produces to a topic of the same cluster with acks=all: same value, key, timestamp and headers (so
+    the record format of each record is kept), and the partition the bridge would pick (the owning
+    entity's, for the destination's partition count).
 
     Compression and the largest record are replay's own `--compression` and `--max-record-bytes`; the
     producer is a `producer_class` (aiokafka's, unless a test stands in for the broker's answers).
@@ -199,9 +201,10 @@ class TopicSink:
 
 
 class UrlSink:
-    """POSTs each callback body, as Tencent posted it, with the query stored in the envelope (without `Sign`,
-    which the bridge never stores: a receiver that verifies signatures refuses these posts). Redirects are
-    not followed; messages show the URL without its password."""
+    """POSTs each callback body, as Tencent posted it, with the query stored in the record (the envelope's
+    `query`, or a `cloudevents` record's `ce_query`), without `Sign`, which the bridge never stores: a
+    receiver that verifies signatures refuses these posts. Redirects are not followed; messages show the
+    URL without its password."""
 
     def __init__(self, url: str) -> None:
         self._url = url

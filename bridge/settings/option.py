@@ -17,6 +17,7 @@ ENV_PREFIX = "BRIDGE_"
 COMPRESSION_TYPES = ("none", "gzip", "lz4", "zstd", "snappy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "text")
+RECORD_FORMATS = ("envelope", "cloudevents")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 

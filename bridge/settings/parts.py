@@ -214,6 +214,8 @@ class Delivery:
     compression: str = "none"
     linger_ms: int = 0
     idempotence: bool = False
+    record_format: str = "envelope"
+    """`envelope` or `cloudevents`: what `ParsedCallback.record` writes."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +289,7 @@ class BenchSettings(Logging):
     accounts: int = 50
     baseline: bool = False
     floor: bool = False
+    driver: str = "python"
     format: str = "text"
 
 

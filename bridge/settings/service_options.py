@@ -8,6 +8,7 @@ from bridge.settings.option import (
     COMPRESSION_TYPES,
     LOG_FORMATS,
     LOG_LEVELS,
+    RECORD_FORMATS,
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
     Option,
@@ -254,6 +255,14 @@ DELIVERY: tuple[Option, ...] = (
         "aiokafka's idempotent producer: a retried write lands once, and a record answered 503 is retried "
         "until it lands, holding its in-flight slot while the brokers refuse it.",
         values.boolean,
+    ),
+    Option(
+        "record_format",
+        "How a callback is written: envelope (a JSON envelope around the body) or cloudevents (the "
+        "CloudEvents Kafka binding, binary mode: the body byte for byte as the value, the metadata in ce_* "
+        "headers). Same key, partition and timestamp either way; consume and replay read both.",
+        values.one_of(RECORD_FORMATS),
+        "FORMAT",
     ),
 )
 SHUTDOWN: tuple[Option, ...] = (

@@ -143,7 +143,8 @@ BENCH: tuple[Option, ...] = (
     ),
     Option(
         "rate",
-        "Callbacks sent per second, an open loop at a constant arrival rate (without it, a closed loop).",
+        "Callbacks sent per second, an open loop at a constant arrival rate (without it, a closed loop). "
+        "The Python generator only: wrk has no constant arrival rate.",
         values.rate,
         "PER_SECOND",
         unset="(no limit)",
@@ -171,9 +172,18 @@ BENCH: tuple[Option, ...] = (
     ),
     Option(
         "floor",
-        "Also measure the baseline plus one write per callback through the bridge's publisher and nothing "
-        "else: the least any bridge on aiokafka can cost.",
+        "Also measure the baseline's handler plus one plain aiokafka send_and_wait per callback (acks=all, "
+        "linger 0) and nothing else, writing to a topic of its own: the bridge minus it is the bridge's own "
+        "cost.",
         values.boolean,
+    ),
+    Option(
+        "driver",
+        "What posts the callbacks: python (the bench's own generator; closed or open loop), wrk (wrk -t1 "
+        "-c<connections>, closed loop only, whole seconds; it takes less CPU from the server measured) or "
+        "both, each round by each.",
+        values.one_of(("python", "wrk", "both")),
+        "DRIVER",
     ),
     Option("format", "Report format: text or json.", values.one_of(("text", "json")), "FORMAT"),
 )

@@ -11,9 +11,10 @@ these two functions as the handler does.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bridge.errors import ForbiddenApp
+from bridge.tencent import cloudevents
 from bridge.tencent.commands import RoutedCallback, route
 from bridge.tencent.envelope import (
     CallbackId,
@@ -51,17 +52,34 @@ class ParsedCallback:
     """The envelope, with the posted body embedded byte for byte."""
     timestamp_ms: int
     headers: tuple[tuple[str, bytes], ...]
+    body: bytes = field(repr=False)
+    """The body as posted, byte for byte: the value of the `cloudevents` format."""
+    query: dict[str, str] = field(repr=False)
+    received_at_ms: int
 
-    def record(self, topic: str) -> Record:
-        """The record of this callback on `topic`."""
+    def record(self, topic: str, record_format: str = "envelope") -> Record:
+        """The record of this callback on `topic`, in `record_format` (`--record-format`): `envelope`, or
+        `cloudevents` (the body as the value, the metadata in `ce_*` headers, see `cloudevents`)."""
         routed = self.routed
+        value, headers = self.value, self.headers
+        if record_format == "cloudevents":
+            value = self.body
+            headers = cloudevents.headers(
+                command=routed.command,
+                sdk_app_id=self.query["SdkAppid"],
+                entity=routed.entity,
+                key=routed.key,
+                query=self.query,
+                received_at_ms=self.received_at_ms,
+                timestamp_ms=self.timestamp_ms,
+            )
         return Record(
             topic=topic,
             entity=routed.entity,
             key=routed.key.encode("utf-8"),
-            value=self.value,
+            value=value,
             timestamp_ms=self.timestamp_ms,
-            headers=self.headers,
+            headers=headers,
         )
 
 
@@ -88,5 +106,8 @@ def parse_callback(
         identity=callback_id(query.sdk_app_id, command, routed.key),
         value=envelope(raw_body, query.params, received_at_ms),
         timestamp_ms=record_timestamp(routed.event_time_ms, received_at_ms, max_event_age_ms),
-        headers=record_headers(command, query.sdk_app_id),
+        headers=record_headers(command, query.sdk_app_id, routed.entity, received_at_ms),
+        body=raw_body,
+        query=query.params,
+        received_at_ms=received_at_ms,
     )

@@ -19,6 +19,7 @@ SCHEMA = "tencent-chat-callback/1"
 # hour ahead of the broker (message.timestamp.after.max.ms): the receive time stands in for it.
 MAX_EVENT_TIME_AHEAD_MS = 10 * 60 * 1000
 CONTENT_TYPE = b"application/json"
+SCHEMA_HEADER = SCHEMA.encode("ascii")
 
 
 CallbackId = str
@@ -59,12 +60,19 @@ def envelope(raw_body: bytes, query: dict[str, str], received_at_ms: int) -> byt
     )
 
 
-def record_headers(command: str, sdk_app_id: str) -> tuple[tuple[str, bytes], ...]:
-    """The headers of a callback's record: its command, its app and the value's content type."""
+def record_headers(
+    command: str, sdk_app_id: str, entity: str, received_at_ms: int
+) -> tuple[tuple[str, bytes], ...]:
+    """The headers of a callback's record: its command, its app, the value's content type, the owning entity,
+    the receive time (epoch ms, decimal) and the envelope's version. An engine that reads headers but not
+    the value (ClickHouse's `_headers`, Flink's `METADATA FROM 'headers'`) filters and groups on them."""
     return (
         ("CallbackCommand", command.encode("utf-8")),
         ("SdkAppid", sdk_app_id.encode("ascii")),
         ("content-type", CONTENT_TYPE),
+        ("entity", entity.encode("utf-8")),
+        ("received_at", str(received_at_ms).encode("ascii")),
+        ("schema", SCHEMA_HEADER),
     )
 
 

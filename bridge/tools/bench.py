@@ -1,10 +1,14 @@
-"""`bridge bench`: the bridge's throughput and latency under realistic load, beside a bare aiohttp baseline.
+"""`bridge bench`: the bridge's throughput, latency and CPU per callback under realistic load, beside a bare
+aiohttp baseline and a plain aiokafka floor.
 
 The bench starts an embedded broker (or uses `--bootstrap-servers`) and a bridge process against it (or
-measures the bridge at `--url`), warms it up, and drives it with `bridge.tools.loadgen`: a closed loop of
-`--connections` keep-alive connections, or with `--rate` an open loop at a constant arrival rate. With
-`--baseline`, rounds alternate with a bare aiohttp server that reads the same requests (query and orjson
-body) and answers OK without Kafka: the ratio of the two is the price of Kafka on the request path.
+measures the bridge at `--url`), warms it up, and drives it (`--driver`) with `bridge.tools.loadgen`, the
+Python generator: a closed loop of `--connections` keep-alive connections, or with `--rate` an open loop at
+a constant arrival rate; or with `wrk` (`bridge.tools.wrk`), the same mix from C, closed loop only. With
+`--baseline`, rounds alternate with a bare aiohttp server that parses the same requests and answers OK
+without Kafka; with `--floor`, with the same handler plus one plain aiokafka `send_and_wait` per callback
+(`bridge.tools.bench_servers`). Per server it reports the CPU per callback of the process and of its
+event-loop thread, so the bridge's own cost is the bridge's minus the floor's.
 
 The bridge it starts takes the bench's environment, so `BRIDGE_LINGER_MS=5 bridge bench` measures that.
 """
@@ -16,25 +20,31 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
 from bridge.errors import CommandError, ExitStatus
-from bridge.settings import BenchSettings, ServeSettings
+from bridge.settings import BenchSettings
+from bridge.tools.bench_servers import FLOOR_TOPIC
 from bridge.tools.embedded import EmbeddedBroker, EmbeddedBrokerError, free_port, stop_process
 from bridge.tools.loadgen import CallbackMix, LoadResult, closed_loop, open_loop, percentile
+from bridge.tools.wrk import WrkMissing, run_wrk, write_mix, wrk_binary
 
 _READY_TIMEOUT_S = 30.0
+_SETTLE_TIMEOUT_S = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
+_OK = frozenset({"200", "below 400"})
 
 
 @dataclass
@@ -46,29 +56,60 @@ class Target:
     port: int
     path: str
     pid: int | None = None
+
+
+@dataclass
+class Tally:
+    """What one driver measured of one server over its rounds."""
+
     rounds: list[LoadResult] = field(default_factory=list)
     cpu_s: float = 0.0
+    loop_cpu_s: float = 0.0
     broker_cpu_s: float = 0.0
     rss_bytes: list[int] = field(default_factory=list)
+    writes: Counter[str] | None = None
+    """The bridge's own `/stats` over the measured rounds: callbacks confirmed and answered as duplicates."""
 
 
 def run_bench(settings: BenchSettings) -> int:
     """0 when every callback was answered OK, else 1. Raises `CommandError` when the bench cannot run: status
-    2 for settings that do not fit, 1 when a server or the broker did not start."""
+    2 for settings that do not fit, 1 when wrk is missing or a server or the broker did not start."""
     if settings.floor and settings.url is not None and not settings.bootstrap_servers:
         raise CommandError(
             "--floor writes to Kafka: with --url, give the bridge's --bootstrap-servers too", ExitStatus.USAGE
         )
+    if settings.driver != "python":
+        if settings.rate:
+            raise CommandError(
+                "--rate is the Python generator's open loop (wrk has no constant arrival rate): "
+                "use it with --driver python",
+                ExitStatus.USAGE,
+            )
+        for name, seconds in (("--duration", settings.duration), ("--warmup", settings.warmup)):
+            if seconds != int(seconds):
+                raise CommandError(
+                    f"{name} must be whole seconds with --driver {settings.driver}: wrk takes whole seconds",
+                    ExitStatus.USAGE,
+                )
+        try:
+            wrk_binary()
+        except WrkMissing as exc:
+            raise CommandError(str(exc)) from None
     try:
         report = _bench(settings)
     except (EmbeddedBrokerError, RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
+    reports = report.get("drivers", [report])
     if settings.format == "json":
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(_describe(settings, report))
-    failed = any(target["errors"] for target in report["targets"])
+        print("\n\n".join(_describe(settings, one) for one in reports))
+    failed = any(target["errors"] for one in reports for target in one["targets"])
     return ExitStatus.FAILED if failed else ExitStatus.OK
+
+
+def _drivers(settings: BenchSettings) -> tuple[str, ...]:
+    return ("python", "wrk") if settings.driver == "both" else (settings.driver,)
 
 
 def _bench(settings: BenchSettings) -> dict[str, Any]:
@@ -81,13 +122,11 @@ def _bench(settings: BenchSettings) -> dict[str, Any]:
             servers, broker_pid = broker.bootstrap_servers, broker.process.pid if broker.process else None
         embedded = not settings.bootstrap_servers
         if settings.baseline:
-            targets.append(stack.enter_context(_started("baseline", _baseline_command)))
+            targets.append(stack.enter_context(_started("baseline", _server_command("baseline"))))
         if settings.floor:
-
-            def floor_command(port: int) -> list[str]:
-                return [*_baseline_command(port), servers, "embedded" if embedded else "external"]
-
-            targets.append(stack.enter_context(_started("floor", floor_command)))
+            where = "embedded" if embedded else "external"
+            floor = _server_command("floor", servers, FLOOR_TOPIC, where)
+            targets.append(stack.enter_context(_started("floor", floor)))
         if settings.url is not None:
             url = urlsplit(settings.url)
             targets.append(Target("bridge", url.hostname or "127.0.0.1", url.port or 80, url.path or "/"))
@@ -97,8 +136,12 @@ def _bench(settings: BenchSettings) -> dict[str, Any]:
                 return _bridge_command(port, servers, embedded=embedded)
 
             targets.append(stack.enter_context(_started("bridge", bridge_command)))
-        report: dict[str, Any] = _run(_measure(settings, targets, broker_pid))
-        return report
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bridge-bench-")))
+        measured: dict[str, Any] = _run(_measure(settings, targets, broker_pid, scratch))
+        reports = [
+            _report(settings, driver, targets, tallies, broker_pid) for driver, tallies in measured.items()
+        ]
+        return reports[0] if len(reports) == 1 else {"drivers": reports}
 
 
 def _bridge_command(port: int, servers: str, *, embedded: bool) -> list[str]:
@@ -110,8 +153,11 @@ def _bridge_command(port: int, servers: str, *, embedded: bool) -> list[str]:
     return command
 
 
-def _baseline_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "bridge.tools.bench", str(port)]
+def _server_command(kind: str, *arguments: str) -> Any:
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "bridge.tools.bench_servers", kind, str(port), *arguments]
+
+    return command
 
 
 @contextlib.contextmanager
@@ -139,39 +185,84 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{url} did not answer 200 within {_READY_TIMEOUT_S:g} s")
 
 
-async def _measure(settings: BenchSettings, targets: list[Target], broker_pid: int | None) -> dict[str, Any]:
+async def _measure(
+    settings: BenchSettings, targets: list[Target], broker_pid: int | None, scratch: Path
+) -> dict[str, dict[str, Tally]]:
     mixes = {
         target.name: CallbackMix(target.host, target.port, target.path, settings.accounts)
         for target in targets
     }
+    drivers = _drivers(settings)
+    mix_files = {}
+    if "wrk" in drivers:
+        for target in targets:
+            (scratch / target.name).mkdir()
+            mix_files[target.name] = write_mix(mixes[target.name], scratch / target.name)
+    tallies = {driver: {target.name: Tally() for target in targets} for driver in drivers}
     for _ in range(settings.rounds):
-        for target in targets:  # alternating, so a neighbour's burst on the shared machine hits both alike
-            mix = mixes[target.name]
-            await _load(settings, target, mix, settings.warmup)
-            cpu_before, broker_before = _cpu_seconds(target.pid), _cpu_seconds(broker_pid)
-            target.rounds.append(await _load(settings, target, mix, settings.duration))
-            target.cpu_s += _cpu_seconds(target.pid) - cpu_before
-            target.broker_cpu_s += _cpu_seconds(broker_pid) - broker_before
-            target.rss_bytes.append(_rss_bytes(target.pid))
-    report: dict[str, Any] = {
-        "mode": "open loop" if settings.rate else "closed loop",
-        "connections": settings.connections,
-        "rate": settings.rate,
-        "rounds": settings.rounds,
-        "seconds_per_round": settings.duration,
-        "accounts": settings.accounts,
-        "targets": [
-            _summary(target, broker_pid is not None and target.name != "baseline") for target in targets
-        ],
-    }
-    by_name = {target["name"]: target for target in report["targets"]}
-    if "baseline" in by_name:
-        baseline = max(by_name["baseline"]["throughput"], 1e-9)
-        if "bridge" in by_name:
-            report["ratio"] = by_name["bridge"]["throughput"] / baseline
-        if "floor" in by_name:
-            report["floor_ratio"] = by_name["floor"]["throughput"] / baseline
-    return report
+        for driver in drivers:
+            for target in targets:  # alternating, so a neighbour's burst on the shared machine hits all alike
+                tally = tallies[driver][target.name]
+
+                async def load(seconds: float, target: Target = target, driver: str = driver) -> LoadResult:
+                    if driver == "wrk":
+                        return await asyncio.to_thread(
+                            run_wrk,
+                            target.host,
+                            target.port,
+                            mix_files[target.name],
+                            settings.accounts,
+                            connections=settings.connections,
+                            seconds=int(seconds),
+                        )
+                    return await _load(settings, target, mixes[target.name], seconds)
+
+                if settings.warmup:
+                    await load(settings.warmup)
+                stats_before = await _settled_stats(target)
+                cpu_before, loop_before = _cpu_seconds(target.pid), _cpu_seconds(target.pid, thread=True)
+                broker_before = _cpu_seconds(broker_pid)
+                tally.rounds.append(await load(settings.duration))
+                tally.cpu_s += _cpu_seconds(target.pid) - cpu_before
+                tally.loop_cpu_s += _cpu_seconds(target.pid, thread=True) - loop_before
+                tally.broker_cpu_s += _cpu_seconds(broker_pid) - broker_before
+                tally.rss_bytes.append(_rss_bytes(target.pid))
+                stats_after = await _settled_stats(target)
+                if stats_before is not None and stats_after is not None:
+                    tally.writes = tally.writes or Counter(confirmed=0, duplicates=0)
+                    for name in tally.writes:
+                        tally.writes[name] += stats_after[name] - stats_before[name]
+    return tallies
+
+
+async def _settled_stats(target: Target) -> Counter[str] | None:
+    """The bridge's outcomes once nothing is in flight (wrk leaves requests unanswered when it stops), or
+    None for another server or one whose `/stats` do not answer."""
+    if target.name != "bridge":
+        return None
+    url = f"http://{target.host}:{target.port}/stats"
+    deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+    while True:
+        try:
+            stats = await asyncio.to_thread(_get_json, url)
+        except (OSError, ValueError):
+            return None
+        if not stats.get("in_flight") or time.monotonic() > deadline:
+            outcomes = stats.get("outcomes", {})
+            return Counter(
+                {
+                    "confirmed": outcomes.get("confirmed", 0),
+                    "duplicates": outcomes.get("duplicate_in_flight", 0)
+                    + outcomes.get("duplicate_confirmed", 0),
+                }
+            )
+        await asyncio.sleep(0.05)
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310 - the bridge measured
+        found: dict[str, Any] = orjson.loads(answer.read())
+        return found
 
 
 async def _load(settings: BenchSettings, target: Target, mix: CallbackMix, seconds: float) -> LoadResult:
@@ -187,26 +278,68 @@ async def _load(settings: BenchSettings, target: Target, mix: CallbackMix, secon
     return await closed_loop(target.host, target.port, mix, connections=settings.connections, seconds=seconds)
 
 
-def _summary(target: Target, with_broker: bool) -> dict[str, Any]:
-    seconds = sum(result.seconds for result in target.rounds)
-    latencies = sorted(latency for result in target.rounds for latency in result.latencies)
+def _report(
+    settings: BenchSettings,
+    driver: str,
+    targets: list[Target],
+    tallies: dict[str, Tally],
+    broker_pid: int | None,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "driver": driver,
+        "mode": "open loop" if settings.rate else "closed loop",
+        "connections": settings.connections,
+        "rate": settings.rate,
+        "rounds": settings.rounds,
+        "seconds_per_round": settings.duration,
+        "accounts": settings.accounts,
+        "targets": [
+            _summary(target, tallies[target.name], broker_pid is not None and target.name != "baseline")
+            for target in targets
+        ],
+    }
+    by_name = {target["name"]: target for target in report["targets"]}
+    if "baseline" in by_name:
+        baseline = max(by_name["baseline"]["throughput"], 1e-9)
+        if "bridge" in by_name:
+            report["ratio"] = by_name["bridge"]["throughput"] / baseline
+        if "floor" in by_name:
+            report["floor_ratio"] = by_name["floor"]["throughput"] / baseline
+    if "floor" in by_name and "bridge" in by_name:
+        bridge, floor = by_name["bridge"]["loop_cpu_us"], by_name["floor"]["loop_cpu_us"]
+        report["bridge_own_us"] = None if bridge is None or floor is None else bridge - floor
+    return report
+
+
+def _summary(target: Target, tally: Tally, with_broker: bool) -> dict[str, Any]:
+    seconds = sum(result.seconds for result in tally.rounds)
+    latencies = sorted(latency for result in tally.rounds for latency in result.latencies)
+    requests = sum(result.requests for result in tally.rounds)
     statuses: Counter[str] = Counter()
-    for result in target.rounds:
+    for result in tally.rounds:
         statuses.update(result.statuses)
+    answered = max(requests, 1)
+    known = target.pid is not None
     summary: dict[str, Any] = {
         "name": target.name,
-        "requests": len(latencies),
-        "throughput": len(latencies) / seconds,
+        "requests": requests,
+        "throughput": requests / seconds,
         "latency_ms": {name: percentile(latencies, fraction) * 1000 for name, fraction in _PERCENTILES},
         "statuses": dict(statuses),
-        "errors": {status: count for status, count in statuses.items() if status != "200"},
-        "generator_cpu": sum(result.generator_cpu_s for result in target.rounds) / seconds,
-        "server_cpu": target.cpu_s / seconds if target.pid is not None else None,
-        "server_rss_mb": max(target.rss_bytes) / 2**20 if target.pid is not None else None,
-        "broker_cpu": target.broker_cpu_s / seconds if with_broker else None,
+        "errors": {status: count for status, count in statuses.items() if status not in _OK},
+        "generator_cpu": sum(result.generator_cpu_s for result in tally.rounds) / seconds,
+        "server_cpu": tally.cpu_s / seconds if known else None,
+        "cpu_us": tally.cpu_s / answered * 1e6 if known else None,
+        "loop_cpu_us": tally.loop_cpu_s / answered * 1e6 if known else None,
+        "server_rss_mb": max(tally.rss_bytes) / 2**20 if known else None,
+        "broker_cpu": tally.broker_cpu_s / seconds if with_broker else None,
     }
-    if any(result.intended for result in target.rounds):
-        summary["intended"] = sum(result.intended for result in target.rounds)
+    if tally.writes is not None:
+        summary["writes"] = dict(tally.writes)
+    if target.name == "floor":
+        summary["topic"] = FLOOR_TOPIC
+    if any(result.intended for result in tally.rounds):
+        summary["intended"] = sum(result.intended for result in tally.rounds)
     return summary
 
 
@@ -216,28 +349,62 @@ def _describe(settings: BenchSettings, report: dict[str, Any]) -> str:
         if settings.rate
         else f"closed loop, {settings.connections} keep-alive connections"
     )
+    driver = "the Python generator" if report["driver"] == "python" else f"wrk -t1 -c{settings.connections}"
     lines = [
-        f"bridge bench: {load}; {settings.rounds} x {settings.duration:g} s per server after "
+        f"bridge bench ({driver}): {load}; {settings.rounds} x {settings.duration:g} s per server after "
         f"{settings.warmup:g} s warm-up; {settings.accounts} accounts; the fixtures' mix, unique keys",
         "",
         f"{'server':<9} {'req/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
-        f"{'srv CPU':>7} {'RSS MB':>6} {'broker':>6} {'gen CPU':>7}  errors",
+        f"{'srv CPU':>7} {'us/cb':>6} {'loop us':>7} {'RSS MB':>6} {'broker':>6} {'gen CPU':>7}  errors",
     ]
     for target in report["targets"]:
         latency = target["latency_ms"]
         lines.append(
             f"{target['name']:<9} {target['throughput']:>8.0f} "
             + " ".join(f"{latency[name]:>7.2f}" for name, _ in _PERCENTILES)
-            + f" {_share(target['server_cpu']):>7} {_number(target['server_rss_mb']):>6} "
+            + f" {_share(target['server_cpu']):>7} {_micros(target['cpu_us']):>6} "
+            f"{_micros(target['loop_cpu_us']):>7} {_number(target['server_rss_mb']):>6} "
             f"{_share(target['broker_cpu']):>6} {_share(target['generator_cpu']):>7}  "
             + (", ".join(f"{status}: {count}" for status, count in target["errors"].items()) or "none")
         )
-    lines.append("latencies in ms; CPU in % of one core; RSS at the end of the last round")
+    lines.append(
+        "latencies in ms; CPU in % of one core; us/cb: the server's CPU per callback answered, loop us: "
+        "its event-loop thread's; RSS at the end of the last round"
+    )
+    if report["driver"] == "wrk":
+        lines.append(
+            "wrk's latencies include its correction for coordinated omission, as its own report does"
+        )
+    by_name = {target["name"]: target for target in report["targets"]}
+    bridge = by_name.get("bridge")
+    if bridge is not None and bridge["loop_cpu_us"] is None:
+        lines.append("the bridge at --url: its CPU is not known (the bench has no pid for it)")
+    if "bridge_own_us" in report:
+        own = report["bridge_own_us"]
+        lines.append(
+            "the bridge's own cost (bridge minus floor, event-loop CPU per callback): "
+            + ("not known" if own is None else f"{own:.1f} us")
+        )
+    if bridge is not None and "writes" in bridge:
+        writes = bridge["writes"]
+        lines.append(
+            f"the bridge's /stats over the measured rounds: {writes['confirmed']} new records confirmed, "
+            f"{writes['duplicates']} answered as duplicates, for {bridge['requests']} answers"
+            + (
+                " (wrk stops with up to one request per connection unanswered)"
+                if report["driver"] == "wrk"
+                else ""
+            )
+        )
     if "floor_ratio" in report:
         lines.append(f"floor / baseline throughput: {report['floor_ratio']:.2f}")
     if "ratio" in report:
         lines.append(f"bridge / baseline throughput: {report['ratio']:.2f}")
     return "\n".join(lines)
+
+
+def _micros(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _share(value: float | None) -> str:
@@ -248,11 +415,13 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User and system CPU time of a process, from /proc."""
+def _cpu_seconds(pid: int | None, *, thread: bool = False) -> float:
+    """User and system CPU time of a process, or with `thread` of its main thread (the event loop's), from
+    /proc."""
     if pid is None:
         return 0.0
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+    path = f"/proc/{pid}/task/{pid}/stat" if thread else f"/proc/{pid}/stat"
+    with contextlib.suppress(OSError), open(path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
     return 0.0
@@ -268,75 +437,3 @@ def _rss_bytes(pid: int | None) -> int:
 
 def _run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
-
-
-# --- the baseline server: the same parsing of the same requests, no Kafka --------------------------------
-# --- and the floor: the baseline plus one write through the bridge's publisher, and nothing else ----------
-
-
-def baseline_app(publisher_settings: ServeSettings | None = None) -> Any:
-    """The bare server; with `publisher_settings`, the floor: each callback also written to Kafka."""
-    from aiohttp import web  # noqa: PLC0415
-
-    from bridge.kafka.publisher import KafkaPublisher  # noqa: PLC0415
-    from bridge.tencent.envelope import Record  # noqa: PLC0415
-    from bridge.tencent.protocol import OK_BODY, decode_body, parse_query, resolve_command  # noqa: PLC0415
-
-    publisher = None if publisher_settings is None else KafkaPublisher(publisher_settings)
-
-    async def handle(request: web.Request) -> web.Response:
-        query = parse_query(request.query.items())
-        raw_body = await request.read()
-        body = decode_body(raw_body)
-        resolve_command(query, body)
-        if publisher is not None and publisher_settings is not None:
-            record = Record(
-                topic=publisher_settings.topic,
-                entity=str(body.get("Official_Account", "")),
-                key=str(body.get("MsgKey", "")).encode(),
-                value=raw_body,
-                timestamp_ms=0,
-                headers=(),
-            )
-            deadline = asyncio.get_running_loop().time() + publisher_settings.delivery_timeout
-            await publisher.publish(record, deadline)
-        return web.Response(body=OK_BODY, content_type="application/json")
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def readyz(_request: web.Request) -> web.Response:
-        ready = publisher is not None and publisher.ready
-        return web.Response(text="ready" if ready else "not ready", status=200 if ready else 503)
-
-    async def kafka(_app: web.Application) -> AsyncIterator[None]:
-        if publisher is not None:
-            await publisher.start()
-        yield
-        if publisher is not None:
-            await publisher.close()
-
-    app = web.Application()
-    app.router.add_post("/callback", handle)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.cleanup_ctx.append(kafka)
-    return app
-
-
-def serve_baseline(port: int, bootstrap_servers: str | None = None, *, embedded: bool = False) -> None:
-    from aiohttp import web  # noqa: PLC0415
-
-    settings = None
-    if bootstrap_servers is not None:
-        settings = ServeSettings(bootstrap_servers=tuple(bootstrap_servers.split(",")), create_topics=True)
-        if embedded:
-            settings = replace(settings, replication_factor=1)
-    web.run_app(baseline_app(settings), host="127.0.0.1", port=port, access_log=None, print=None)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 2:
-        serve_baseline(int(sys.argv[1]), sys.argv[2], embedded=sys.argv[3] == "embedded")
-    else:
-        serve_baseline(int(sys.argv[1]))
