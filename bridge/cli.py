@@ -1,5 +1,5 @@
 """The `bridge` command line: `serve` and `dev` run the bridge; `topics ensure` readies its topics; `consume`
-and `replay` read them; `bench` measures the bridge.
+and `replay` read them; `bench` measures the bridge; `schema` prints the typed schemas of the records.
 
 Each command has its own settings (`bridge.settings`); `main` builds them, runs the command, and turns a
 `CommandError` into `bridge COMMAND: message` on stderr and its exit status, here and nowhere else.
@@ -26,6 +26,7 @@ from bridge.settings import (
     KafkaConnection,
     Option,
     ReplaySettings,
+    SchemaSettings,
     ServeSettings,
     SettingsError,
     TopicsSettings,
@@ -50,6 +51,13 @@ _SUMMARIES = {
     "consume": "print a topic's callbacks as JSON Lines, filtered, optionally as a consumer group",
     "replay": "copy a window of a topic's callbacks to another topic, a JSON Lines file or a URL",
     "bench": "measure the bridge's throughput and latency under realistic load, beside a bare baseline",
+    "schema": "print the typed schema of a command's, a family's or a topic's records: JSON Schema, "
+    "ClickHouse, Flink SQL or Spark",
+}
+_DETAILS = {
+    "schema": " Give exactly one of --command, --family or --topic; a name the bridge does not know exits "
+    "with status 2 and the list of the known ones. A family's or a topic's fields are merged (see the "
+    "README's record section).",
 }
 _TOPICS_HELP = "manage the bridge's topics on a Kafka cluster (`bridge topics ensure`)"
 _ENSURE_HELP = (
@@ -94,6 +102,8 @@ def _run(command: Command, flags: Mapping[str, Any], environ: Mapping[str, str])
     except SettingsError as exc:
         raise CommandError(str(exc), ExitStatus.USAGE) from None
     configure_logging(settings.log_level, settings.log_format)
+    if isinstance(settings, SchemaSettings):
+        return _schema(settings, environ)
     runners: dict[str, Callable[[Any], int]] = {
         "serve": _serve,
         "dev": _dev,
@@ -146,6 +156,12 @@ def _replay(settings: ReplaySettings) -> int:
     return run_replay(settings)
 
 
+def _schema(settings: SchemaSettings, environ: Mapping[str, str]) -> int:
+    from bridge.schema.command import run_schema  # noqa: PLC0415
+
+    return run_schema(settings, environ)
+
+
 def _bench(settings: BenchSettings) -> int:
     from bridge.tools.bench import run_bench  # noqa: PLC0415
 
@@ -169,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # Not dest="command": `--command` is an option of consume and replay.
     commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
-    for name in ("serve", "dev", "topics", "consume", "replay", "bench"):
+    for name in ("serve", "dev", "topics", "consume", "replay", "bench", "schema"):
         if name == "topics":
             topics = commands.add_parser(
                 name, help=_TOPICS_HELP, description=f"bridge topics: {_TOPICS_HELP}."
@@ -180,7 +196,9 @@ def _parser() -> argparse.ArgumentParser:
             )
         else:
             summary = _SUMMARIES[name]
-            sub = commands.add_parser(name, help=summary, description=f"bridge {name}: {summary}.")
+            sub = commands.add_parser(
+                name, help=summary, description=f"bridge {name}: {summary}.{_DETAILS.get(name, '')}"
+            )
         _add_options(sub, COMMANDS[name])
     return parser
 

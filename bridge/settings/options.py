@@ -21,6 +21,7 @@ from bridge.settings.parts import (
     BenchSettings,
     ConsumeSettings,
     ReplaySettings,
+    SchemaSettings,
     ServeSettings,
     TopicsSettings,
 )
@@ -37,7 +38,15 @@ from bridge.settings.service_options import (
     TOPIC_SHAPE,
     TOPICS_MAX_BODY_BYTES,
 )
-from bridge.settings.tool_options import BENCH, BENCH_BOOTSTRAP, CONSUME, READING, REPLAY, REPLAY_TOPIC_SINK
+from bridge.settings.tool_options import (
+    BENCH,
+    BENCH_BOOTSTRAP,
+    CONSUME,
+    READING,
+    REPLAY,
+    REPLAY_TOPIC_SINK,
+    SCHEMA,
+)
 
 __all__ = ["COMMANDS", "Command", "Option"]
 
@@ -73,6 +82,8 @@ class Command:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     scoped: bool = False
     """A tool: its own options are `BRIDGE_<COMMAND>_<NAME>`, not `BRIDGE_<NAME>`."""
+    unscoped_before: bool = True
+    """A scoped tool whose options had unscoped variables before, still read for one release."""
 
     @property
     def options(self) -> tuple[Option, ...]:
@@ -85,7 +96,7 @@ class Command:
 
     def old_env(self, option: Option) -> str | None:
         """The variable this option had before it was scoped, still read for one release, with a warning."""
-        if self.scoped and option.field not in SHARED_FIELDS | _NEW_IN_TOOLS:
+        if self.scoped and self.unscoped_before and option.field not in SHARED_FIELDS | _NEW_IN_TOOLS:
             return ENV_PREFIX + option.field.upper()
         return None
 
@@ -155,6 +166,15 @@ COMMANDS: Mapping[str, Command] = {
             BenchSettings,
             (("bench", BENCH), ("Kafka connection", (BENCH_BOOTSTRAP,)), ("logging", LOGGING)),
             scoped=True,
+        ),
+        # New with its scoped names: nothing to stay compatible with.
+        Command(
+            "schema",
+            "schema",
+            SchemaSettings,
+            (("schema", SCHEMA), ("logging", LOGGING)),
+            scoped=True,
+            unscoped_before=False,
         ),
     )
 }

@@ -288,3 +288,15 @@ class BenchSettings(Logging):
     baseline: bool = False
     floor: bool = False
     format: str = "text"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchemaSettings(Logging):
+    """`bridge schema`: which schema to print, of one command, a family or a topic."""
+
+    format: str = "json-schema"
+    command: str | None = None
+    family: str | None = None
+    topic: str | None = None
+    bootstrap_servers: tuple[str, ...] = ("localhost:9092",)
+    source: str = "file('events.jsonl', 'JSONAsString')"

@@ -200,3 +200,49 @@ REPLAY_TOPIC_SINK: tuple[Option, ...] = (
         "BYTES",
     ),
 )
+SCHEMA_FORMATS = ("json-schema", "clickhouse", "clickhouse-query", "flink", "spark")
+SCHEMA: tuple[Option, ...] = (
+    Option(
+        "format",
+        "What to print: json-schema (the record value: envelope and typed callback), clickhouse (a Kafka "
+        "engine table, a MergeTree target and the materialized view between them), clickhouse-query (the "
+        "column extraction alone, over bridge consume's JSON Lines, for clickhouse local or chDB), flink "
+        "(a Flink SQL kafka table), spark (the value's StructType, as JSON).",
+        values.one_of(SCHEMA_FORMATS),
+        "FORMAT",
+    ),
+    Option(
+        "command",
+        "One command (OfficialAccount.CallbackAfterSendMsg).",
+        values.text,
+        "NAME",
+        unset="(none)",
+    ),
+    Option(
+        "family",
+        "Every known command of a family (OfficialAccount, C2C, Group...), fields merged.",
+        values.text,
+        "NAME",
+        unset="(none)",
+    ),
+    Option(
+        "topic",
+        "Every known command written to a topic (tim.official-account), fields merged; topic names as "
+        "serve's topic settings give them (BRIDGE_TOPIC, BRIDGE_C2C_TOPIC... when set).",
+        values.topic,
+        "NAME",
+        unset="(none)",
+    ),
+    Option(
+        "bootstrap_servers",
+        "Kafka brokers written into the clickhouse and flink DDL.",
+        values.servers,
+        "HOST:PORT[,...]",
+    ),
+    Option(
+        "source",
+        "What the clickhouse-query format reads: a table, or a table function of a String column `json`.",
+        values.text,
+        "TABLE",
+    ),
+)
