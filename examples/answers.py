@@ -20,8 +20,8 @@ HOUR_MS = 3_600_000
 
 @dataclass(frozen=True)
 class Answers:
-    """The recipes' results. `messages` maps (official account, start of the hour in epoch ms) to the number of
-    distinct messages of that account in that hour; hours with none are absent."""
+    """The recipes' results. `messages` maps (official account, start of the hour in epoch ms) to the
+    number of distinct messages of that account in that hour; hours with none are absent."""
 
     messages: dict[tuple[str, int], int]
     records: int

@@ -3,11 +3,12 @@
     bridge consume --bootstrap-servers localhost:9092 --from-beginning --output events.jsonl
     python -m examples.chdb_job events.jsonl
 
-The columns come from the ClickHouse column extraction of the topic (`EXTRACTION`, one `JSONExtract*`
-expression per column over the envelope held as one string, as `bridge schema --format clickhouse` gives it
-to the materialized view of a Kafka engine table), run here over the JSON Lines file read with
-`file('events.jsonl', 'JSONAsString')`, whose one column is `json`. The aggregates are then plain SQL over
-those columns: the same queries run on the MergeTree table the materialized view fills.
+The columns are the generated ClickHouse column extraction of the topic (`bridge.schema.clickhouse`, what
+`bridge schema --format clickhouse --topic tim.official-account` puts in the materialized view of a Kafka
+engine table: one `JSONExtract*` expression per typed column over the envelope held as one string), run
+here as it is over the JSON Lines file read with `file('events.jsonl', 'JSONAsString')`, whose one column is
+`json`. The aggregates are plain SQL over those columns (`SdkAppid`, `CallbackCommand`, `event_time`,
+`Official_Account`, `MsgKey`, `callback`): the same queries run on the MergeTree table the view fills.
 """
 
 from __future__ import annotations
@@ -17,28 +18,12 @@ from pathlib import Path
 
 import chdb
 
+from bridge.schema.clickhouse import extraction_query, literal
+from bridge.schema.model import by_topic
 from examples.answers import Answers
 
-EXTRACTION = """
-SELECT
-    JSONExtractString(`json`, 'query', 'SdkAppid') AS `SdkAppid`,
-    coalesce(nullIf(JSONExtractString(`json`, 'query', 'CallbackCommand'), ''),
-             JSONExtractString(`json`, 'callback', 'CallbackCommand')) AS `CallbackCommand`,
-    fromUnixTimestamp64Milli(ifNull(
-        multiIf(JSONType(`json`, 'callback', 'EventTime') IN ('Int64', 'UInt64')
-                    AND JSONExtract(`json`, 'callback', 'EventTime', 'Int64') >= 0,
-                JSONExtract(`json`, 'callback', 'EventTime', 'Nullable(Int64)'),
-                JSONType(`json`, 'callback', 'EventTime') = 'String'
-                    AND match(JSONExtractString(`json`, 'callback', 'EventTime'), '^[0-9]{1,19}$'),
-                toInt64OrNull(JSONExtractString(`json`, 'callback', 'EventTime')),
-                NULL),
-        JSONExtract(`json`, 'received_at', 'Int64')), 'UTC') AS `event_time`,
-    JSONExtractString(`json`, 'callback', 'Official_Account') AS `Official_Account`,
-    JSONExtract(`json`, 'callback', 'MsgKey', 'Nullable(String)') AS `MsgKey`,
-    JSONExtractRaw(`json`, 'callback') AS `callback`
-FROM {source}
-"""
-"""The extraction of the columns the recipe reads, in the generator's shape (see the module docstring)."""
+TOPIC = "tim.official-account"
+"""The topic whose extraction is run: the official-account family's (as the default layout names it)."""
 
 EVENTS = """
 events AS (
@@ -74,11 +59,16 @@ FROM copies
 """
 
 
+def extraction(events_file: Path) -> str:
+    """The generated column extraction of the topic, over the JSON Lines file."""
+    source = f"file({literal(str(events_file.resolve()))}, 'JSONAsString')"
+    return extraction_query(by_topic(TOPIC), source)
+
+
 def answers(events_file: Path) -> Answers:
     """The answers over one JSON Lines file of envelopes, as `bridge consume` writes it."""
-    source = f"file({_literal(str(events_file.resolve()))}, 'JSONAsString')"
-    events = EVENTS.replace("{extraction}", EXTRACTION.replace("{source}", source))
-    connection = chdb.connect(":memory:")
+    events = EVENTS.replace("{extraction}", extraction(events_file))
+    connection = chdb.connect(":memory:")  # type: ignore[no-untyped-call]  # chdb's connect() has no hints
     try:
         cursor = connection.cursor()
         cursor.execute(MESSAGES_PER_ACCOUNT_PER_HOUR.replace("{events}", events))
@@ -87,12 +77,8 @@ def answers(events_file: Path) -> Answers:
         counts = cursor.fetchone()
     finally:
         connection.close()
-    assert counts is not None  # an aggregate without GROUP BY always has its one row
-    return Answers.of(messages, *counts)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    records, callbacks, duplicated = counts or (0, 0, 0)  # an aggregate without GROUP BY has one row
+    return Answers.of(messages, records, callbacks, duplicated)
 
 
 def main() -> None:

@@ -83,8 +83,8 @@ def answers(events_file: Path) -> Answers:
         connection.execute(EVENTS.replace("$events_file", _literal(str(events_file))))
         messages = connection.execute(MESSAGES_PER_ACCOUNT_PER_HOUR).fetchall()
         counts = connection.execute(DUPLICATES).fetchone()
-    assert counts is not None  # an aggregate without GROUP BY always has its one row
-    return Answers.of(messages, *counts)
+    records, callbacks, duplicated = counts or (0, 0, 0)  # an aggregate without GROUP BY has one row
+    return Answers.of(messages, records, callbacks, duplicated)
 
 
 def _literal(text: str) -> str:

@@ -30,7 +30,11 @@ async def answers(
     copies: Counter[CallbackId] = Counter()
     messages: Counter[tuple[str, int]] = Counter()
     async with EventReader(
-        bootstrap_servers, topic, start="beginning", client_id="examples-reader-job", kafka_options=kafka_options
+        bootstrap_servers,
+        topic,
+        start="beginning",
+        client_id="examples-reader-job",
+        kafka_options=kafka_options,
     ) as reader:
         async for event in reader:
             copies[event.identity] += 1
@@ -43,7 +47,9 @@ async def answers(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--bootstrap-servers", default="localhost:9092", help="Kafka brokers (localhost:9092)")
+    parser.add_argument(
+        "--bootstrap-servers", default="localhost:9092", help="Kafka brokers (localhost:9092)"
+    )
     parser.add_argument(
         "--topic", default="tim.official-account", help="the official-account topic (tim.official-account)"
     )

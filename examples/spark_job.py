@@ -6,7 +6,9 @@
 Spark's Kafka source (`spark-sql-kafka-0-10`) is not in the pyspark wheel: `connector_jars()` has Maven copy
 it and the jars it needs that pyspark lacks from Maven Central into a cache folder, once per machine, and the
 session loads them with `spark.jars`. The stream reads every record from the earliest offset to the latest
-(`Trigger.AvailableNow`), parses the value with `ENVELOPE` (`from_json`), and keeps one row per callback
+(`Trigger.AvailableNow`), parses the value with the generated schema of the topic (`bridge.schema.spark`,
+what `bridge schema --format spark --topic tim.official-account` prints: a `StructType` as JSON) in
+`from_json`, and keeps one row per callback
 identity with its number of copies (a streaming aggregation, the state a deduplicating job keeps); the two
 answers are batch queries over that table. The identity is the bridge's: SdkAppid, command, and the
 record's key, which Spark reads beside the value.
@@ -25,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bridge.schema.model import by_topic
+from bridge.schema.spark import struct_type
 from examples.answers import Answers
 
 POM = Path(__file__).parent / "spark" / "pom.xml"
@@ -37,15 +41,9 @@ CONNECTOR_JARS = (
 """What the connector needs beyond pyspark's own jars (the rest of its dependencies, Scala, Hadoop, the
 compression codecs, are in the wheel: a second copy of one would clash with it)."""
 
-ENVELOPE_DDL = """
-    schema STRING,
-    received_at BIGINT,
-    query MAP<STRING, STRING>,
-    callback STRUCT<CallbackCommand: STRING, Official_Account: STRING, MsgKey: STRING, EventTime: STRING>
-"""
-"""The record value's schema, as far as the recipe reads it: the envelope and the callback's fields it uses.
-`EventTime` is a string because Tencent sends it as a number or a decimal string; Spark's JSON reader
-gives a number's text for a STRING field."""
+TOPIC = "tim.official-account"
+"""The topic whose schema parses the values: the official-account family's (as the default layout names
+it)."""
 
 
 def connector_jars() -> list[Path]:
@@ -76,7 +74,8 @@ def _resolve(target: Path) -> None:
             "-DincludeScope=runtime",
             f"-DincludeArtifactIds={','.join(CONNECTOR_JARS)}",
         ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        # Maven from PATH, with arguments of our own.
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)  # noqa: S603
         if result.returncode != 0 or len(list(staging.glob("*.jar"))) != len(CONNECTOR_JARS):
             raise RuntimeError(f"mvn could not resolve Spark's Kafka connector:\n{result.stdout[-3000:]}")
         (staging / ".complete").touch()
@@ -89,7 +88,8 @@ def _resolve(target: Path) -> None:
 
 def session(jars: list[Path]) -> Any:
     """A local Spark session with the connector, small enough for a laptop (or a test)."""
-    from pyspark.sql import SparkSession  # noqa: PLC0415: pyspark is an optional extra (`.[spark]`)
+    # pyspark is an optional extra (`.[spark]`): imported where it is used.
+    from pyspark.sql import SparkSession  # noqa: PLC0415
 
     return (
         SparkSession.builder.master("local[2]")
@@ -106,7 +106,9 @@ def session(jars: list[Path]) -> Any:
 
 def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Answers:
     """The answers over every record of `topic` up to its latest offsets when the stream starts."""
-    from pyspark.sql import functions as f  # noqa: PLC0415: pyspark is an optional extra (`.[spark]`)
+    # pyspark is an optional extra (`.[spark]`): imported where it is used.
+    from pyspark.sql import functions as f  # noqa: PLC0415
+    from pyspark.sql.types import StructType  # noqa: PLC0415
 
     spark = spark or session(connector_jars())
     records = (
@@ -116,17 +118,18 @@ def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Ans
         .option("startingOffsets", "earliest")
         .load()
     )
-    envelope = f.from_json(f.col("value").cast("string"), ENVELOPE_DDL)
+    envelope = f.from_json(f.col("value").cast("string"), StructType.fromJson(struct_type(by_topic(TOPIC))))
     events = records.select(f.col("key").cast("string").alias("key"), envelope.alias("e")).select(
-        f.col("e.query").getItem("SdkAppid").alias("sdk_app_id"),
-        f.coalesce(f.col("e.query").getItem("CallbackCommand"), f.col("e.callback.CallbackCommand")).alias(
-            "command"
-        ),
+        f.col("e.query.SdkAppid").alias("sdk_app_id"),
+        f.coalesce(f.col("e.query.CallbackCommand"), f.col("e.callback.CallbackCommand")).alias("command"),
         "key",
         f.col("e.callback.Official_Account").alias("official_account"),
         # EventTime when it is a non-negative decimal number of milliseconds, else the receive time.
         f.coalesce(
-            f.when(f.col("e.callback.EventTime").rlike("^[0-9]{1,18}$"), f.col("e.callback.EventTime").cast("long")),
+            f.when(
+                f.col("e.callback.EventTime").rlike("^[0-9]{1,18}$"),
+                f.col("e.callback.EventTime").cast("long"),
+            ),
             f.col("e.received_at"),
         ).alias("event_time_ms"),
     )
@@ -146,21 +149,24 @@ def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Ans
             .start()
         )
         query.awaitTermination()
+    # The table's name is the job's own: nothing from outside is in these queries.
     messages = spark.sql(
         f"""SELECT official_account, event_time_ms - event_time_ms % 3600000 AS hour_ms, count(*) AS messages
             FROM {table} WHERE command = 'OfficialAccount.CallbackAfterSendMsg'
-            GROUP BY official_account, hour_ms"""  # noqa: S608: the table name is the job's own
+            GROUP BY official_account, hour_ms"""  # noqa: S608
     ).collect()
     counts = spark.sql(
         f"""SELECT coalesce(sum(copies), 0), count(*), coalesce(sum(IF(copies > 1, copies, 0)), 0)
-            FROM {table}"""  # noqa: S608: the table name is the job's own
+            FROM {table}"""  # noqa: S608
     ).first()
     return Answers.of([tuple(row) for row in messages], *counts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--bootstrap-servers", default="localhost:9092", help="Kafka brokers (localhost:9092)")
+    parser.add_argument(
+        "--bootstrap-servers", default="localhost:9092", help="Kafka brokers (localhost:9092)"
+    )
     parser.add_argument(
         "--topic", default="tim.official-account", help="the official-account topic (tim.official-account)"
     )

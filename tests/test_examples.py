@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,11 @@ class Callback:
 
 
 def official_account_fixtures() -> list[Fixture]:
-    return [fixture for fixture in load_fixtures() if fixture.query["CallbackCommand"].startswith("OfficialAccount.")]
+    return [
+        fixture
+        for fixture in load_fixtures()
+        if fixture.query["CallbackCommand"].startswith("OfficialAccount.")
+    ]
 
 
 def traffic() -> list[Callback]:
@@ -127,7 +131,7 @@ class Topic:
 
 
 @pytest.fixture(scope="module")
-def topic(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topic]:
+def topic(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Topic:
     """The traffic written through two bridges, and the topic read back with `bridge consume`."""
     settings = unique_settings(kafka)
     written = asyncio.run(post_through_two_bridges(settings, traffic()))
@@ -138,7 +142,7 @@ def topic(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topi
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert len(events_file.read_bytes().splitlines()) == len(written)
-    yield Topic(kafka, settings.topic, events_file, expected(written))
+    return Topic(kafka, settings.topic, events_file, expected(written))
 
 
 def test_the_traffic_holds_what_the_answers_must_tell_apart(topic: Topic) -> None:
@@ -153,7 +157,8 @@ def test_the_traffic_holds_what_the_answers_must_tell_apart(topic: Topic) -> Non
 
 
 def test_duckdb_over_consume_output_gives_the_answers(topic: Topic) -> None:
-    """DuckDB's `read_json` over `bridge consume` output: messages per account per hour, the duplicate rate."""
+    """DuckDB's `read_json` over `bridge consume` output gives messages per account per hour and the
+    duplicate rate."""
     assert duckdb_job.answers(topic.events_file) == topic.expected
 
 
@@ -171,7 +176,8 @@ async def test_the_consumer_library_reads_the_answers_from_the_topic(topic: Topi
 @pytest.mark.skipif(importlib.util.find_spec("pyspark") is None, reason="pyspark is the `spark` extra")
 def test_spark_structured_streaming_reads_the_answers_from_the_topic(topic: Topic) -> None:
     """Spark Structured Streaming, with Spark's Kafka source, reads the topic and gives the same answers."""
-    from examples import spark_job  # noqa: PLC0415: imported only where pyspark is installed
+    # Imported only where pyspark is installed.
+    from examples import spark_job  # noqa: PLC0415
 
     spark = spark_job.session(spark_job.connector_jars())
     try:
