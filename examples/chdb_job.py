@@ -7,8 +7,9 @@ The columns are the generated ClickHouse column extraction of the topic (`bridge
 `bridge schema --format clickhouse --topic tim.official-account` puts in the materialized view of a Kafka
 engine table: one `JSONExtract*` expression per typed column over the envelope held as one string), run
 here as it is over the JSON Lines file read with `file('events.jsonl', 'JSONAsString')`, whose one column is
-`json`. The aggregates are plain SQL over those columns (`SdkAppid`, `CallbackCommand`, `event_time`,
-`Official_Account`, `MsgKey`, `callback`): the same queries run on the MergeTree table the view fills.
+`json`. The aggregates are plain SQL over those columns (`SdkAppid`, `CallbackCommand`, `key`,
+`event_time`, `Official_Account`, `callback`): the same queries run on the MergeTree table the view fills,
+where `record_key` (Kafka's `_key`) is the key of every record.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import chdb
 
 from bridge.schema.clickhouse import extraction_query, literal
-from bridge.schema.model import by_topic
+from bridge.schema.model import select
 from examples.answers import Answers
 
 TOPIC = "tim.official-account"
@@ -28,8 +29,10 @@ TOPIC = "tim.official-account"
 EVENTS = """
 events AS (
     SELECT *,
-        -- The key of the bridge's callback identity (with SdkAppid and the command): MsgKey, else the body.
-        if(ifNull(MsgKey, '') != '', MsgKey, concat('body:', hex(SHA256(callback)))) AS callback_key
+        -- The key of the bridge's callback identity (with SdkAppid and the command): the generated `key`
+        -- column (the record key by the command's key rule), else, where the bridge hashes the body, the
+        -- body as it was received (copies of one callback carry the same bytes).
+        ifNull(key, concat('body:', hex(SHA256(callback)))) AS callback_key
     FROM ({extraction})
 )
 """
@@ -62,7 +65,7 @@ FROM copies
 def extraction(events_file: Path) -> str:
     """The generated column extraction of the topic, over the JSON Lines file."""
     source = f"file({literal(str(events_file.resolve()))}, 'JSONAsString')"
-    return extraction_query(by_topic(TOPIC), source)
+    return extraction_query(select(topic=TOPIC), source)
 
 
 def answers(events_file: Path) -> Answers:

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bridge.schema.model import by_topic
+from bridge.schema.model import select
 from bridge.schema.spark import struct_type
 from examples.answers import Answers
 
@@ -119,7 +119,8 @@ def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Ans
         .option("startingOffsets", "earliest")
         .load()
     )
-    envelope = f.from_json(f.col("value").cast("string"), StructType.fromJson(struct_type(by_topic(TOPIC))))
+    value_schema = StructType.fromJson(struct_type(select(topic=TOPIC)))
+    envelope = f.from_json(f.col("value").cast("string"), value_schema)
     events = records.select(f.col("key").cast("string").alias("key"), envelope.alias("e")).select(
         f.col("e.query.SdkAppid").alias("sdk_app_id"),
         f.coalesce(f.col("e.query.CallbackCommand"), f.col("e.callback.CallbackCommand")).alias("command"),

@@ -65,7 +65,12 @@ def test_the_configuration_table_has_a_row_for_each_option_and_no_other() -> Non
     assert {option.flag for option in (*DEV.options, *TOPICS.options)} <= every
 
 
-TOOL_TABLES = {"consume": "#### `consume`", "replay": "#### `replay`", "bench": "### Options of `bench`"}
+TOOL_TABLES = {
+    "consume": "#### `consume`",
+    "replay": "#### `replay`",
+    "bench": "### Options of `bench`",
+    "schema": "#### Options of `schema`",
+}
 
 
 @pytest.mark.parametrize(

@@ -100,11 +100,13 @@ def json_schema(selection: Selection) -> dict[str, Any]:
         command = {"CallbackCommand": {"type": "string", "pattern": pattern}}
         properties["query"]["properties"].update(command)
         properties["callback"] = {**properties["callback"], "properties": command}
-    schema["allOf"] = [
+    typed = [
         {
             "if": _names_command(spec.name),
             "then": {"properties": {"callback": callback_schema(spec, by_command(spec.name).fields)}},
         }
         for spec in selection.commands
     ]
+    if typed:  # JSON Schema wants a non-empty allOf; a family the registry knows no command of has none
+        schema["allOf"] = typed
     return schema

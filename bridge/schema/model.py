@@ -118,15 +118,27 @@ class Selection:
         return merge(self.commands, single=self.kind == "command")
 
     @property
+    def describe(self) -> str:
+        """`command C2C.CallbackAfterSendMsg on topic tim.c2c`, `topic tim.c2c`."""
+        if self.kind == "topic":
+            return f"topic {self.name}"
+        return f"{self.kind} {self.name} on topic {self.topic}"
+
+    @property
+    def column_fields(self) -> tuple[TypedField, ...]:
+        """The fields the column formats give a column: `fields`, and `EventTime` where no command of the
+        selection documents it (the bridge reads it from every callback, known or not, for the timestamp)."""
+        fields = self.fields
+        if any(field.name == "EventTime" for field in fields):
+            return fields
+        return (*fields, TypedField("EventTime", Kind.EVENT_TIME, required=False))
+
+    @property
     def slug(self) -> str:
         """A table name: `official_account_callback_after_send_msg`, `tim_official_account`."""
         out: list[str] = []
         for index, char in enumerate(self.name):
-            if (
-                char.isupper()
-                and index
-                and (self.name[index - 1].islower() or self.name[index - 1].isdigit())
-            ):
+            if char.isupper() and index and self.name[index - 1].islower():  # C2C stays c2c
                 out.append("_")
             out.append(char.lower() if char.isalnum() else "_")
         return "".join(out).strip("_")

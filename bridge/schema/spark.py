@@ -51,7 +51,7 @@ def struct_type(selection: Selection) -> dict[str, Any]:
     """The `StructType` of the record value, as `StructType.jsonValue()` gives it."""
     callback = [_field("CallbackCommand", "string")] + [
         _field(field.name, _TYPES[field.kind], nullable=True, comment=_COMMENTS.get(field.kind))
-        for field in selection.fields
+        for field in selection.column_fields
     ]
     return _struct(
         [
