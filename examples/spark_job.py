@@ -105,6 +105,28 @@ def session(jars: list[Path]) -> Any:
     )
 
 
+def stop(spark: Any) -> None:
+    """Stop the session and its JVM: `spark.stop()` alone leaves the JVM running (holding its memory) until
+    Python exits, whose py4j connection then logs into streams already closed."""
+    # pyspark is an optional extra (`.[spark]`): imported where it is used.
+    from pyspark import SparkContext  # noqa: PLC0415
+
+    spark.stop()
+    gateway = SparkContext._gateway  # pyspark has no public way to end its JVM
+    if gateway is None:
+        return
+    gateway.shutdown()
+    jvm = getattr(gateway, "proc", None)
+    if jvm is not None and jvm.stdin is not None:
+        jvm.stdin.close()  # the JVM pyspark starts ends when its standard input does
+        try:
+            jvm.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            jvm.kill()
+    SparkContext._gateway = None  # the next session starts a JVM of its own
+    SparkContext._jvm = None
+
+
 def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Answers:
     """The answers over every record of `topic` up to its latest offsets when the stream starts."""
     # pyspark is an optional extra (`.[spark]`): imported where it is used.
@@ -178,7 +200,7 @@ def main() -> None:
     try:
         print(answers(arguments.bootstrap_servers, arguments.topic, spark).report())
     finally:
-        spark.stop()
+        stop(spark)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_spark_structured_streaming_reads_the_answers_from_the_topic(topic: Topi
     try:
         assert spark_job.answers(topic.bootstrap_servers, topic.name, spark) == topic.expected
     finally:
-        spark.stop()
+        spark_job.stop(spark)
 
 
 def test_the_sql_recipes_compute_the_bridges_identity_for_every_fixture(tmp_path: Path) -> None:
