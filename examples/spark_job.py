@@ -8,10 +8,9 @@ it and the jars it needs that pyspark lacks from Maven Central into a cache fold
 session loads them with `spark.jars`. The stream reads every record from the earliest offset to the latest
 (`Trigger.AvailableNow`), parses the value with the generated schema of the topic (`bridge.schema.spark`,
 what `bridge schema --format spark --topic tim.official-account` prints: a `StructType` as JSON) in
-`from_json`, and keeps one row per callback
-identity with its number of copies (a streaming aggregation, the state a deduplicating job keeps); the two
-answers are batch queries over that table. The identity is the bridge's: SdkAppid, command, and the
-record's key, which Spark reads beside the value.
+`from_json`, and keeps one row per callback identity with its number of copies (a streaming aggregation,
+the state a deduplicating job keeps); the two answers are batch queries over that table. The identity is
+the bridge's: SdkAppid, command, and the record's key, which Spark reads beside the value.
 """
 
 from __future__ import annotations
@@ -128,7 +127,8 @@ def stop(spark: Any) -> None:
 
 
 def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Answers:
-    """The answers over every record of `topic` up to its latest offsets when the stream starts."""
+    """The answers over every record of `topic` up to its latest offsets when the stream starts; in `spark`,
+    else in a session of its own (which the caller stops)."""
     # pyspark is an optional extra (`.[spark]`): imported where it is used.
     from pyspark.sql import functions as f  # noqa: PLC0415
     from pyspark.sql.types import StructType  # noqa: PLC0415
@@ -148,11 +148,12 @@ def answers(bootstrap_servers: str, topic: str, spark: Any | None = None) -> Ans
         f.coalesce(f.col("e.query.CallbackCommand"), f.col("e.callback.CallbackCommand")).alias("command"),
         "key",
         f.col("e.callback.Official_Account").alias("official_account"),
-        # EventTime when it is a non-negative decimal number of milliseconds, else the receive time.
+        # EventTime when it is a non-negative decimal number of milliseconds (the schema keeps it a string:
+        # Tencent sends a number or its decimal string), else the receive time.
         f.coalesce(
             f.when(
-                f.col("e.callback.EventTime").rlike("^[0-9]{1,18}$"),
-                f.col("e.callback.EventTime").cast("long"),
+                f.col("e.callback.EventTime").rlike("^[0-9]{1,19}$"),
+                f.col("e.callback.EventTime").try_cast("long"),
             ),
             f.col("e.received_at"),
         ).alias("event_time_ms"),
