@@ -16,7 +16,8 @@ NO_BROKER = "127.0.0.1:9"
 
 
 def unique_settings(bootstrap_servers: str, **overrides: Any) -> ServeSettings:
-    """Settings whose topics (six and the dead-letter one) are new to the broker, so each test reads only its own records."""
+    """Settings whose topics (the six and the dead-letter one) are new to the broker, so each test reads only
+    its own records."""
     run = uuid.uuid4().hex[:10]
     base = ServeSettings(
         bootstrap_servers=tuple(bootstrap_servers.split(",")),
