@@ -205,7 +205,9 @@ async def test_bad_commands_get_400_and_write_nothing(
 ) -> None:
     await assert_fail(await bridge.post("/callback", params=query, data=raw), 400, phrase)
     assert await count_records(kafka, settings.callback_topics) == 0
-    assert await count_records(kafka, [settings.rejected_topic]) == 1, "kept in the dead-letter topic"
+    # A query's bad command is refused with the query, before the signature: not known to be Tencent's.
+    kept = 0 if query.get("CallbackCommand") in {"rm -rf /", "StateChange"} else 1
+    assert await count_records(kafka, [settings.rejected_topic]) == kept, "kept in the dead-letter topic"
 
 
 @pytest.mark.parametrize(

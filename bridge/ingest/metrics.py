@@ -120,9 +120,10 @@ class Metrics:
 
     # The dead-letter topic's (`bridge.ingest.rejected`).
 
-    def dead_lettered(self, reason: str, seconds: float) -> None:
-        """A refused callback was kept, confirmed after `seconds`."""
-        self.ack_seconds.observe(seconds)
+    def dead_lettered(self, reason: str) -> None:
+        """A refused callback was kept: the broker confirmed its dead-letter record. (Not in the callback
+        metrics `bridge_records_published` and `bridge_broker_ack_duration_seconds`: those are the records
+        answered 200.)"""
         _count(self.dead_letters, reason)
 
     def dead_letter_failed(self, reason: str) -> None:

@@ -19,7 +19,6 @@ counts in `bridge_dead_letter_failures_total{reason}` and `bridge_publish_errors
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -60,7 +59,6 @@ class DeadLetters:
         record = rejected_record(self.topic, query, raw_body, error, received_at_ms)
         # Until the write answers: a handler cancelled now (at shutdown) leaves a record that may still land.
         request[OUTCOME] = Outcome.AMBIGUOUS
-        started = time.perf_counter()
         try:
             await self._publisher().publish(record, deadline)
         except PublishError as failure:
@@ -78,7 +76,7 @@ class DeadLetters:
             self._metrics.dead_letter_failed(reason)
             raise RecordTooLarge(f"{self._refused(error)} and could not be kept: {too_large.info}") from None
         self.kept += 1
-        self._metrics.dead_lettered(reason, time.perf_counter() - started)
+        self._metrics.dead_lettered(reason)
 
     @staticmethod
     def _refused(error: BadCallback) -> str:
