@@ -28,7 +28,7 @@ from bridge.tencent.envelope import CallbackId
 from bridge.tencent.rejected import NotRejectedRecord, RejectedCallback, is_rejected_record, read_rejected
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RejectedEvent(Event):
     """A callback the bridge refused and kept in the dead-letter topic, read back as an event."""
 
@@ -77,6 +77,7 @@ def decode_rejected(record: KafkaRecord) -> RejectedEvent:
         coordinates=coordinates_of(record),
         headers=tuple(record.headers),
         value=kept.body,
+        record_format="rejected",
         kept=kept,
     )
 
