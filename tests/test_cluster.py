@@ -400,7 +400,15 @@ class BridgeProcess:
         self.log_path = log_path
         args = ["--bootstrap-servers", ",".join(settings.bootstrap_servers), "--host", "127.0.0.1"]
         args += ["--port", str(self.port), "--create-topics", "--partitions", str(PARTITIONS)]
-        for option in ("topic", "c2c_topic", "group_topic", "user_topic", "app_topic", "unknown_topic"):
+        for option in (
+            "topic",
+            "c2c_topic",
+            "group_topic",
+            "user_topic",
+            "app_topic",
+            "unknown_topic",
+            "rejected_topic",
+        ):
             args += [f"--{option.replace('_', '-')}", getattr(settings, option)]
         self.process = start_serve(args, log_path, **flags)
 

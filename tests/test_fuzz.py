@@ -188,7 +188,7 @@ def test_every_generated_request_gets_a_documented_answer_and_only_the_200s_land
                 assert status in {400, 401}, (status, raw_answer)  # a bad query may be told first
 
         post()
-    records = asyncio.run(read_records(kafka, bridge_settings.topics, expect=len(accepted)))
+    records = asyncio.run(read_records(kafka, bridge_settings.callback_topics, expect=len(accepted)))
     envelopes = [orjson.loads(record.value) for record in records]
     assert all("Sign" not in envelope["query"] for envelope in envelopes)
     landed = Counter(orjson.dumps(e["callback"], option=orjson.OPT_SORT_KEYS) for e in envelopes)

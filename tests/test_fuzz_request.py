@@ -63,7 +63,7 @@ def test_every_input_of_the_committed_corpus_ends_in_a_record_or_a_refusal() -> 
             topics[result.topic] += 1
         elif isinstance(result, BridgeError):
             refusals[result.status] += 1
-    assert set(topics) == set(ServeSettings().topics), topics
+    assert set(topics) == set(ServeSettings().callback_topics), topics
     assert set(refusals) == fuzz_target.REFUSALS, refusals
 
 

@@ -226,6 +226,7 @@ def topic_flags(settings: ServeSettings) -> list[str]:
         "--partitions", "2", "--topic", settings.topic, "--c2c-topic", settings.c2c_topic,
         "--group-topic", settings.group_topic, "--user-topic", settings.user_topic,
         "--app-topic", settings.app_topic, "--unknown-topic", settings.unknown_topic,
+        "--rejected-topic", settings.rejected_topic,
     ]  # fmt: skip
 
 

@@ -143,7 +143,7 @@ def topic_flags(settings: ServeSettings) -> list[str]:
         "--bootstrap-servers", ",".join(settings.bootstrap_servers), "--partitions", str(settings.partitions),
         "--topic", settings.topic, "--c2c-topic", settings.c2c_topic, "--group-topic", settings.group_topic,
         "--user-topic", settings.user_topic, "--app-topic", settings.app_topic,
-        "--unknown-topic", settings.unknown_topic,
+        "--unknown-topic", settings.unknown_topic, "--rejected-topic", settings.rejected_topic,
     ]  # fmt: skip
 
 

@@ -87,6 +87,9 @@ class Metrics:
         self.broker_errors: dict[str, int] = {}
         self.below_min_isr: dict[str, int] = {}
         self.overloaded = 0
+        self.dead_letters: dict[str, int] = {}
+        """Refused callbacks kept in the dead-letter topic, by reason (`bridge.tencent.rejected.REASONS`)."""
+        self.dead_letter_failures: dict[str, int] = {}
         self.in_flight = 0
         self.queued = 0
         self.last_request_at = time.time()
@@ -114,6 +117,18 @@ class Metrics:
     def ambiguous_ended(self, landed: bool) -> None:
         """A record answered ambiguous has ended: it landed, or it was given up."""
         self._outcomes.ambiguous_ended(landed)
+
+    # The dead-letter topic's (`bridge.ingest.rejected`).
+
+    def dead_lettered(self, reason: str) -> None:
+        """A refused callback was kept: the broker confirmed its dead-letter record. (Not in the callback
+        metrics `bridge_records_published` and `bridge_broker_ack_duration_seconds`: those are the records
+        answered 200.)"""
+        _count(self.dead_letters, reason)
+
+    def dead_letter_failed(self, reason: str) -> None:
+        """A refused callback could not be kept: it was answered 503 (or 413) instead of its 400."""
+        _count(self.dead_letter_failures, reason)
 
     def families(self) -> Iterator[Metric]:
         """The metric families, from the numbers as they are now."""
@@ -182,6 +197,20 @@ class Metrics:
             "Callbacks refused at once because too many were in flight.",
             (),
             {(): self.overloaded},
+        )
+        yield _counter(
+            "bridge_dead_lettered",
+            "Callbacks refused by validation and kept in the dead-letter topic before their 400, by reason: "
+            "invalid_json, invalid_field, command_mismatch.",
+            ("reason",),
+            {(reason,): count for reason, count in self.dead_letters.items()},
+        )
+        yield _counter(
+            "bridge_dead_letter_failures",
+            "Callbacks refused by validation that could not be kept in the dead-letter topic (answered 503, "
+            "or 413 for a record too large), by reason.",
+            ("reason",),
+            {(reason,): count for reason, count in self.dead_letter_failures.items()},
         )
         yield GaugeMetricFamily(
             "bridge_requests_in_flight", "Callback requests being handled now.", value=self.in_flight

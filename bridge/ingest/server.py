@@ -4,6 +4,7 @@ The path of a callback, as `handle_callback` reads from top to bottom: `checked_
 signature and the app, before the body is read, so an unauthenticated request costs next to nothing) ->
 `_read_body` (a body still arriving holds one of `--max-pending-bodies` places) -> an in-flight slot
 (`admission`) -> `parse_callback` (body, command, fields, route, envelope: pure, in `bridge.tencent.callback`)
+(a callback it refuses is first kept in the dead-letter topic: `bridge.ingest.rejected`)
 -> `ParsedCallback.record` on the topic of its topic group -> a claim on the callback's identity (`dedup`: a
 duplicate is answered without writing) -> `publisher.publish(record, deadline)`, which picks the partition
 and answers once the broker confirmed with acks=all -> the answer. The deadline is one instant on the event
@@ -41,11 +42,13 @@ from bridge.ingest.metrics import (
     observe_requests,
 )
 from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes, outcome_of
+from bridge.ingest.rejected import DeadLetters
 from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import LineBudget
 from bridge.settings import ServeSettings
 from bridge.tencent.callback import checked_query, parse_callback
 from bridge.tencent.protocol import OK_BODY, fail_body
+from bridge.tencent.rejected import DEAD_LETTERED
 from bridge.tencent.signature import SignatureCheck
 
 log = logging.getLogger("bridge.server")  # see `bridge.logs.LOGGERS`
@@ -56,6 +59,7 @@ OUTCOMES = web.AppKey("outcomes", Outcomes)
 ADMISSION = web.AppKey("admission", Admission)
 DEDUP = web.AppKey("dedup", EdgeDedup)
 SIGNATURE = web.AppKey("signature", SignatureCheck)
+DEAD_LETTERS = web.AppKey("dead_letters", DeadLetters)
 REJECTION_LOG = web.AppKey("rejection_log", LineBudget)
 """The budget of the log lines any client can cause: the 4xx answers of the error middleware and of the
 HTTP parser, and the connections refused over `--max-connections`."""
@@ -84,6 +88,7 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
     app.on_startup.append(_warn_if_open)
     app.on_cleanup.append(_summarize_rejections)
     install_metrics(app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready)
+    app[DEAD_LETTERS] = DeadLetters(settings.dead_letter_topic, lambda: app[PUBLISHER], app[METRICS])
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
     else:
@@ -133,13 +138,18 @@ async def handle_callback(request: web.Request) -> web.Response:
         received_at_ms = time.time_ns() // 1_000_000
         # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.
         deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
-        callback = parse_callback(
-            query,
-            raw_body,
-            received_at_ms=received_at_ms,
-            max_event_age_ms=settings.max_event_age_ms,
-            on_command=lambda command: note_command(request, command),
-        )
+        try:
+            callback = parse_callback(
+                query,
+                raw_body,
+                received_at_ms=received_at_ms,
+                max_event_age_ms=settings.max_event_age_ms,
+                on_command=lambda command: note_command(request, command),
+            )
+        except DEAD_LETTERED as refused:  # kept raw before its 400, or a 503 (`bridge.ingest.rejected`)
+            keep = app[DEAD_LETTERS].keep
+            await keep(request, refused, query, raw_body, received_at_ms=received_at_ms, deadline=deadline)
+            raise
         record = callback.record(settings.topic_for(callback.routed.topic_group), settings.record_format)
         # Until the write answers: a handler cancelled from here on (at shutdown) leaves a record that may
         # still land, its own or an identical callback's, and either is followed.
@@ -177,6 +187,7 @@ async def stats(request: web.Request) -> web.Response:
             "pending_bodies": app[ADMISSION].pending_bodies,
             "abandoned": app[PUBLISHER].abandoned,
             "dedup_remembered": app[DEDUP].remembered,
+            "dead_lettered": app[DEAD_LETTERS].kept,
         }
     )
 

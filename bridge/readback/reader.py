@@ -28,7 +28,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from bridge.kafka.security import start_client
-from bridge.readback.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of, decode
+from bridge.readback.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of
+from bridge.readback.rejected import decode_any
 from bridge.tencent.partitioner import partition_for
 
 log = logging.getLogger("bridge.consumer")  # see `bridge.logs.LOGGERS`
@@ -200,7 +201,7 @@ class EventReader:
             state = self._parts[TopicPartition(record.topic, record.partition)]
             state.read_to = record.offset + 1
             try:
-                event = decode(record)
+                event = decode_any(record)  # a callback's envelope, or a dead-letter record
             except InvalidEnvelope as exc:
                 self.stats.bad += 1
                 self._on_bad_record(BadRecord(coordinates_of(record), str(exc)))

@@ -123,6 +123,10 @@ class TopicLayout:
     user_topic: str = "tim.user"
     app_topic: str = "tim.app"
     unknown_topic: str = "tim.unknown"
+    rejected_topic: str = "tim.rejected"
+    """The dead-letter topic: authentic callbacks that failed validation, kept raw (`tencent.rejected`)."""
+    dead_letter: bool = True
+    """Keep those callbacks in `rejected_topic`; off, they are answered 4xx and kept nowhere."""
     partitions: int = 12
     replication_factor: int | None = None
     min_insync_replicas: int | None = None
@@ -140,10 +144,29 @@ class TopicLayout:
             TopicGroup.UNKNOWN: self.unknown_topic,
         }[group]
 
+    def __post_init__(self) -> None:
+        if self.dead_letter and self.rejected_topic in self.callback_topics:
+            raise SettingsError(
+                f"--rejected-topic {self.rejected_topic} is also a callback topic: the dead-letter topic "
+                "must be a topic of its own (or turn it off with --no-dead-letter)"
+            )
+
+    @property
+    def callback_topics(self) -> tuple[str, ...]:
+        """The topics of the callbacks the bridge accepts, each once, in a stable order."""
+        return tuple(dict.fromkeys(self.topic_for(group) for group in TopicGroup))
+
+    @property
+    def dead_letter_topic(self) -> str | None:
+        """Where authentic callbacks that failed validation are kept; None when `--no-dead-letter`."""
+        return self.rejected_topic if self.dead_letter else None
+
     @property
     def topics(self) -> tuple[str, ...]:
-        """Every topic the bridge writes to, each once, in a stable order."""
-        return tuple(dict.fromkeys(self.topic_for(group) for group in TopicGroup))
+        """Every topic the bridge writes to, each once, in a stable order: the callback topics, then the
+        dead-letter topic when it is on. Each is created, checked and watched alike."""
+        dead_letter = () if self.dead_letter_topic is None else (self.dead_letter_topic,)
+        return self.callback_topics + dead_letter
 
     @property
     def max_record_bytes(self) -> int:

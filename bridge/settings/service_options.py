@@ -90,6 +90,19 @@ TOPIC_NAMES: tuple[Option, ...] = (
         values.topic,
         "NAME",
     ),
+    Option(
+        "rejected_topic",
+        "Dead-letter topic: authentic callbacks that fail validation (not JSON, a field of the wrong type "
+        "or missing, a command mismatch) are kept there raw, keyed by SdkAppid, before their 400.",
+        values.topic,
+        "NAME",
+    ),
+    Option(
+        "dead_letter",
+        "Keep callbacks that fail validation in --rejected-topic; --no-dead-letter answers them 400 and "
+        "keeps nothing (and the topic is neither needed nor created).",
+        values.boolean,
+    ),
 )
 TOPIC_SHAPE: tuple[Option, ...] = (
     Option("partitions", "Partitions of topics the bridge creates.", values.int_between(1, 10000), "N"),

@@ -16,7 +16,8 @@ NO_BROKER = "127.0.0.1:9"
 
 
 def unique_settings(bootstrap_servers: str, **overrides: Any) -> ServeSettings:
-    """Settings whose six topics are new to the broker, so each test reads only its own records."""
+    """Settings whose topics (the six and the dead-letter one) are new to the broker, so each test reads only
+    its own records."""
     run = uuid.uuid4().hex[:10]
     base = ServeSettings(
         bootstrap_servers=tuple(bootstrap_servers.split(",")),
@@ -28,6 +29,7 @@ def unique_settings(bootstrap_servers: str, **overrides: Any) -> ServeSettings:
         user_topic=f"t{run}.user",
         app_topic=f"t{run}.app",
         unknown_topic=f"t{run}.unknown",
+        rejected_topic=f"t{run}.rejected",
         create_topics=True,
         partitions=12,
     )
