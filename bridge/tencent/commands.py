@@ -422,7 +422,13 @@ def compile_validator(spec: CommandSpec) -> Validator:
     """The validator of `spec`'s fields: raises `InvalidField` naming the first field that is missing or
     of the wrong JSON type, in the order of `spec.fields`, as the field checks word it."""
     plan = tuple(
-        (field.name, field.required, field.check, _PASSES_AS.get(field.check), field.check is non_empty_string)
+        (
+            field.name,
+            field.required,
+            field.check,
+            _PASSES_AS.get(field.check),
+            field.check is non_empty_string,
+        )
         for field in spec.fields
     )
 
