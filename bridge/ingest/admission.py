@@ -35,23 +35,31 @@ class Admission:
         self.closing = False
         """Close has begun: callbacks get 503 at once, those already taken on get their real answer."""
 
-    @contextmanager
-    def enter(self) -> Iterator[Callback]:
-        """Take on one callback until it is answered (refused once the bridge is closing); its in-flight
-        slot, taken with `Callback.take_slot`, is freed with it."""
+    def admit(self) -> None:
+        """Take on one callback until it is `release`d (refused once the bridge is closing). Plain calls
+        in the handler's `try`/`finally`, not a context manager: the request path pays for every layer."""
         if self.closing:
             raise ShuttingDown("the bridge is shutting down; the callback was not written")
         self._handling += 1
         self._idle.clear()
-        callback = Callback(self)
-        try:
-            yield callback
-        finally:
-            if callback.holds_slot:
-                self.in_flight -= 1
-            self._handling -= 1
-            if self._handling == 0:
-                self._idle.set()
+
+    def take_slot(self, abandoned: int) -> None:
+        """Take an in-flight slot for an admitted callback, its body being in; `abandoned` is what the
+        producer still holds. The callback's `release` must then say it holds one."""
+        if self.in_flight + abandoned >= self.limit:
+            raise Overloaded(
+                f"{self.limit} callbacks are already waiting for Kafka (--max-in-flight); "
+                "the callback was not written"
+            )
+        self.in_flight += 1
+
+    def release(self, holds_slot: bool) -> None:
+        """An admitted callback was answered (or its handler ended); `holds_slot`: it took a slot."""
+        if holds_slot:
+            self.in_flight -= 1
+        self._handling -= 1
+        if self._handling == 0:
+            self._idle.set()
 
     @contextmanager
     def waiting_for_body(self) -> Iterator[None]:
@@ -72,24 +80,3 @@ class Admission:
         with suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
-
-
-class Callback:
-    """One callback taken on by `Admission.enter`."""
-
-    __slots__ = ("_admission", "holds_slot")
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
-        self.holds_slot = False
-
-    def take_slot(self, abandoned: int) -> None:
-        """Take an in-flight slot, the body being in; `abandoned` is what the producer still holds."""
-        admission = self._admission
-        if admission.in_flight + abandoned >= admission.limit:
-            raise Overloaded(
-                f"{admission.limit} callbacks are already waiting for Kafka (--max-in-flight); "
-                "the callback was not written"
-            )
-        admission.in_flight += 1
-        self.holds_slot = True

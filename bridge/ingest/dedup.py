@@ -20,7 +20,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 
 from bridge.errors import DeliveryTimeout, Unavailable
@@ -28,13 +27,31 @@ from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.tencent.envelope import CallbackId
 
 
-@dataclass
 class _Write:
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
-    confirmed: bool = False
-    failure: BaseException | None = None
-    followers: int = 0
-    """Copies answered ambiguous while this write went on: each ends as this write's record ends."""
+    """One copy's write under way, which later copies wait for."""
+
+    __slots__ = ("confirmed", "done", "failure", "followers", "settled")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.settled: asyncio.Event | None = None
+        """Made by the first copy that waits: nearly every write has none, and an Event costs."""
+        self.confirmed = False
+        self.failure: BaseException | None = None
+        self.followers = 0
+        """Copies answered ambiguous while this write went on: each ends as this write's record ends."""
+
+    async def wait(self) -> None:
+        if self.done:
+            return
+        if self.settled is None:
+            self.settled = asyncio.Event()
+        await self.settled.wait()
+
+    def settle(self) -> None:
+        self.done = True
+        if self.settled is not None:
+            self.settled.set()
 
 
 class EdgeDedup:
@@ -83,7 +100,7 @@ class EdgeDedup:
 
     def _follow(self, write: _Write) -> None:
         """A copy of `write` stopped waiting: its record is that write's; count how it ends."""
-        if write.settled.is_set():
+        if write.done:
             self._settle_followers(write, 1)  # it ended in the same turn
         else:
             write.followers += 1
@@ -160,7 +177,7 @@ class Claim:
         while (earlier := dedup._writing.get(callback_id)) is not None:
             try:
                 async with asyncio.timeout_at(self._deadline):
-                    await earlier.settled.wait()
+                    await earlier.wait()
             except TimeoutError:
                 dedup._follow(earlier)
                 raise DeliveryTimeout(
@@ -193,7 +210,7 @@ class Claim:
             dedup.remember(self._callback_id)
         else:
             write.failure = failure
-        write.settled.set()
+        write.settle()
         del dedup._writing[self._callback_id]
         if write.followers:
             dedup._settle_followers(write, write.followers)

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import accumulate
 from typing import Any
 
@@ -27,7 +27,7 @@ from prometheus_client.utils import floatToGoString
 
 from bridge.errors import BridgeError, BrokerNotReady, DeliveryTimeout, PublishError
 from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes
-from bridge.logs import REQUEST_ID, new_request_id
+from bridge.logs import new_request_id
 from bridge.settings.values import RESERVED_PATHS
 from bridge.tencent.commands import FAMILIES
 from bridge.tencent.envelope import Record
@@ -36,7 +36,7 @@ log = logging.getLogger("bridge.metrics")  # see `bridge.logs.LOGGERS`
 
 METRICS_PATH = "/metrics"
 # Requests that are not callbacks: probes and scrapes would drown the callback counts.
-_NOT_CALLBACKS = RESERVED_PATHS
+NOT_CALLBACKS = RESERVED_PATHS
 NO_FAMILY = "none"
 UNKNOWN_FAMILY = "unknown"
 # Tencent waits 2 s; the delivery deadline is 5 s by default: buckets around both.
@@ -262,7 +262,6 @@ def _count(counts: dict[Any, int], key: Any, amount: int = 1) -> None:
 
 
 METRICS = web.AppKey("metrics", Metrics)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def install_metrics(app: web.Application, outcomes: Outcomes, is_ready: Callable[[], bool]) -> Metrics:
@@ -321,36 +320,17 @@ def observe_publish(request: web.Request, record: Record, seconds: float) -> Non
     _count(metrics.bytes, family, len(record.key) + len(record.value))
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.fullmatch(given) else new_request_id()
+def request_id_of(request: web.Request) -> str:
+    """The request's id: the caller's `X-Request-Id` when it is a usable one, else a new one."""
+    given = request.headers.get("X-Request-Id")
+    return given if given is not None and _REQUEST_ID.fullmatch(given) else new_request_id()
 
 
-@web.middleware
-async def observe_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost middleware: a request id for the logs and the answer, and the per-request metrics."""
-    request_id = _request_id(request)
-    token = REQUEST_ID.set(request_id)
-    metrics = None if request.path in _NOT_CALLBACKS else request.app[METRICS]
-    if metrics is not None:
-        metrics.in_flight += 1
-    started = time.perf_counter()
-    status = BridgeError.status  # if the handler is cancelled (the caller hung up), a 500 is what it got
-    try:
-        response = await handler(request)
-        status = response.status
-        response.headers["X-Request-Id"] = request_id
-        return response
-    finally:
-        REQUEST_ID.reset(token)
-        if metrics is not None:
-            metrics.in_flight -= 1
-            _count_callback(metrics, request, status, time.perf_counter() - started)
-
-
-def _count_callback(metrics: Metrics, request: web.Request, status: int, elapsed: float) -> None:
+def count_request(metrics: Metrics, request: web.Request, status: int, elapsed: float) -> None:
+    """Count a callback's request answered with `status` after `elapsed` seconds: by family, status and
+    outcome."""
     family = request.get(_FAMILY, NO_FAMILY)
-    # Every callback's request leaves its outcome (`bridge.ingest.server.tencent_errors`); the default is
+    # Every callback's request leaves its outcome (`bridge.ingest.server.answer_requests`); the default is
     # for safety only.
     outcome = request.get(OUTCOME, Outcome.AMBIGUOUS)
     if outcome is Outcome.OVERLOADED:

@@ -41,7 +41,7 @@ def checked_query(
     return query
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see `bridge.tencent.envelope.Record`
 class ParsedCallback:
     """A callback checked and routed, with its record but for the topic and partition."""
 

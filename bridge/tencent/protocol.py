@@ -28,8 +28,11 @@ _INT64_MAX = 2**63 - 1
 _COMMAND = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)+")
 _MAX_COMMAND_LENGTH = 128
 # orjson turns integers outside [-2**63, 2**64 - 1] into floats without a word. Such a literal has at least
-# 19 digits, so a cheap search for 19 digits in a row decides whether the exact tokenizer below must run.
-_LONG_DIGIT_RUN = re.compile(rb"[0-9]{19}")
+# 19 digits, so a cheap search for 19 digits in a row decides whether the exact tokenizer below must run:
+# every digit becomes "0" and every other byte " ", then one substring search. A regular expression
+# (`[0-9]{19}`) tries a match at every digit: 5 us for a 1 KB body against 0.3 us.
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|(-?[0-9]+)([.eE])?')
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 # orjson parses 1024 levels but encodes only about 250, and some keys are a digest of the re-encoded body;
@@ -51,7 +54,7 @@ def fail_body(error: BridgeError) -> bytes:
     return orjson.dumps({"ActionStatus": "FAIL", "ErrorInfo": error.info, "ErrorCode": error.error_code})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see `bridge.tencent.envelope.Record`
 class CallbackQuery:
     """The query string of one callback, checked."""
 
@@ -67,7 +70,8 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
     """Check the query of a callback, given as (name, value) pairs in the order received, repeats included."""
     query: dict[str, str] = {}
     for name, value in pairs:
-        if not (_is_text(name) and _is_text(value)):
+        # ASCII is text: the check that encodes runs only for the rest.
+        if not ((name.isascii() or _is_text(name)) and (value.isascii() or _is_text(value))):
             raise InvalidQuery(f"query parameter {_shorten(name)!r} is not UTF-8 text")
         if name in query:
             raise InvalidQuery(f"query parameter {name!r} is given more than once")
@@ -82,7 +86,11 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
     command = query.get("CallbackCommand")
     if command is not None:
         _check_command(command, "query parameter 'CallbackCommand'")
-    params = {name: value for name, value in query.items() if name not in EXCLUDED_FROM_ENVELOPE}
+    params = (
+        query
+        if EXCLUDED_FROM_ENVELOPE.isdisjoint(query)
+        else {name: value for name, value in query.items() if name not in EXCLUDED_FROM_ENVELOPE}
+    )
     return CallbackQuery(sdk_app_id=sdk_app_id, command=command, params=params, sign=query.get("Sign"))
 
 
@@ -107,7 +115,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise InvalidJson(f"the body is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidJson(f"the body must be a JSON object, got a JSON {json_type(body)}")
-    if _LONG_DIGIT_RUN.search(raw):
+    if _LONG_DIGIT_RUN in raw.translate(_DIGITS_AS_ZEROS):
         _reject_unrepresentable_integers(raw)
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
         raise InvalidJson(f"the body nests deeper than {MAX_DEPTH} levels")
