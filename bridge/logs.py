@@ -25,7 +25,8 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 LOGGERS = {
     "bridge": "the start: the port it listens on",
     "bridge.server": "callbacks refused or failed, one line each; an open (unsigned) bridge at start",
-    "bridge.runner": "the stop, phase by phase",
+    "bridge.runner": "the stop, phase by phase; the admin listener's port",
+    "bridge.reload": "SIGHUP: the token file read again, or why not",
     "bridge.parser_errors": "connections answered 503 and closed over --max-connections",
     "bridge.metrics": "every callback, at debug level",
     "bridge.publisher": "Kafka: connecting, readiness and why not, the producer rebuilt",

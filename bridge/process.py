@@ -2,7 +2,9 @@
 
 While `serve`, `dev`, `consume` and `replay` run, a stop signal asks them to finish gracefully instead of
 ending the process with a traceback; `consume` and `replay` tell a Kafka error that reaches them in one line
-and exit with status 3 (`ExitStatus.KAFKA_FAILED`).
+and exit with status 3 (`ExitStatus.KAFKA_FAILED`). For `serve`, SIGHUP (`RELOAD_SIGNAL`) is no stop signal:
+it reads the token file again (`bridge.ingest.reload`). `dev` stops gracefully on SIGHUP as on Ctrl-C, so a
+closed terminal ends it and its in-memory broker; `consume` and `replay` leave SIGHUP its default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from bridge.settings import KafkaConnection
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RELOAD_SIGNAL = signal.SIGHUP
 
 
 @contextlib.contextmanager

@@ -68,3 +68,23 @@ class CallbackToken(Secret):
 
     def __hash__(self) -> int:
         return hash((self.reveal(), self.sdk_app_id))
+
+
+class TokenFile:
+    """The tokens read from a token file (`--callback-token-file`), and the file's path, to read it again
+    (on SIGHUP, `bridge.ingest.reload`). The path is not secret; the tokens are `CallbackToken`s."""
+
+    __slots__ = ("path", "tokens")
+
+    def __init__(self, path: str, tokens: tuple[CallbackToken, ...]) -> None:
+        self.path = path
+        self.tokens = tokens
+
+    def __repr__(self) -> str:
+        return f"TokenFile({self.path!r}, {len(self.tokens)} tokens)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenFile) and (other.path, other.tokens) == (self.path, self.tokens)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.tokens))

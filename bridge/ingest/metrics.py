@@ -264,16 +264,25 @@ def _count(counts: dict[Any, int], key: Any, amount: int = 1) -> None:
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def install_metrics(app: web.Application, outcomes: Outcomes, is_ready: Callable[[], bool]) -> Metrics:
-    """Give `app` its metrics and the `/metrics` route; `is_ready` says whether Kafka is usable."""
+def install_metrics(
+    app: web.Application, outcomes: Outcomes, is_ready: Callable[[], bool], *, route: bool = True
+) -> Metrics:
+    """Give `app` its metrics and, with `route`, the `/metrics` route; `is_ready` says whether Kafka is
+    usable. (Without `route`, `/metrics` is the admin listener's: `bridge.ingest.admin`.)"""
     metrics = Metrics(outcomes, is_ready)
     app[METRICS] = metrics
-    app.router.add_get(METRICS_PATH, _serve_metrics)
+    if route:
+        app.router.add_get(METRICS_PATH, _serve_metrics)
     return metrics
 
 
 async def _serve_metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=request.app[METRICS].exposition())
+    return metrics_response(request.app[METRICS])
+
+
+def metrics_response(metrics: Metrics) -> web.Response:
+    """The answer to a scrape of `metrics`."""
+    response = web.Response(body=metrics.exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 

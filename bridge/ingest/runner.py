@@ -1,6 +1,6 @@
 """Serving the application: aiohttp's runner, its parser's refusals in Tencent's shape, and a graceful stop.
 
-On SIGTERM, SIGINT or SIGHUP the bridge stops in phases: `/readyz` turns 503 at once; the bridge keeps
+On SIGTERM or SIGINT the bridge stops in phases: `/readyz` turns 503 at once; the bridge keeps
 serving for `--shutdown-delay` so a load balancer can notice; then new callbacks get 503 (still answered, on
 new and kept-alive connections alike) while those in flight get their real answer, within the body timeout and
 the delivery timeout; then aiohttp stops listening and closes idle connections, and the producer is flushed
@@ -18,6 +18,11 @@ bridge only replaces the answer's body and headers.
 
 The same server caps the connections open at once (`--max-connections`): one more is answered 503 with a
 Tencent-style body as soon as it is accepted, and closed, before anything of it is read.
+
+SIGHUP reads the token file again (`bridge.ingest.reload`): nothing stops, no request is dropped. (Under
+`bridge dev`, which runs in a terminal, SIGHUP stops, as Ctrl-C does.) With `--admin-port`, a second
+listener serves the probes and the metrics (`bridge.ingest.admin`): it starts once the callback port
+listens, and stops once the callbacks in flight have their answer, so `/readyz` says 503 while they drain.
 """
 
 from __future__ import annotations
@@ -27,17 +32,18 @@ import contextlib
 import gc
 import logging
 import re
-import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from bridge.errors import BridgeError, InternalError, MalformedRequest, Overloaded
-from bridge.ingest.server import ADMISSION, REJECTION_LOG, SETTINGS, create_app, fail_response
+from bridge.ingest.admin import ADMIN_PATHS, create_admin_app
+from bridge.ingest.reload import Reloader
+from bridge.ingest.server import ADMISSION, REJECTION_LOG, RELOADER, SETTINGS, create_app, fail_response
 from bridge.logs import REQUEST_ID, LineBudget, new_request_id
-from bridge.process import STOP_SIGNALS, stop_signals
+from bridge.process import RELOAD_SIGNAL, STOP_SIGNALS, stop_signals
 from bridge.settings import ServeSettings
 from bridge.tencent.protocol import fail_body
 
@@ -174,8 +180,6 @@ class BridgeRunner(web.AppRunner):
 
 
 OnStarted = Callable[[web.Application, int], Coroutine[Any, Any, None]]
-# SIGHUP too: a service manager or a closed terminal stops the bridge gracefully, like Ctrl-C.
-_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 # Allocations of container objects between two collections of the youngest generation (Python: 700).
@@ -221,8 +225,15 @@ def request_handler_options(settings: ServeSettings) -> dict[str, Any]:
     }
 
 
-async def run_server(settings: ServeSettings, on_started: OnStarted | None = None) -> None:
-    """Serve until a stop signal; `on_started` gets the application and the bound port."""
+async def run_server(
+    settings: ServeSettings, on_started: OnStarted | None = None, *, hangup_stops: bool = False
+) -> None:
+    """Serve until a stop signal; `on_started` gets the application and the bound port. SIGHUP reads the
+    token file again, or, with `hangup_stops` (`bridge dev`, in a terminal), stops like SIGTERM."""
+    if settings.admin_port is not None and settings.admin_port == settings.port != 0:
+        raise ListenError(
+            f"--admin-port {settings.admin_port} is also --port: the admin listener needs a port of its own"
+        )
     app = create_app(settings)
     # The bridge drains callbacks in flight itself before cleanup (below); aiohttp's own wait is the last
     # second for whatever outlived that.
@@ -233,19 +244,28 @@ async def run_server(settings: ServeSettings, on_started: OnStarted | None = Non
         **request_handler_options(settings),
     )
     await runner.setup()
+    admin = None if settings.admin_port is None else web.AppRunner(create_admin_app(app), access_log=None)
+    if admin is not None:
+        await admin.setup()
     _settle_garbage_collector()
     stop = asyncio.Event()
     started: asyncio.Task[None] | None = None
+    reloader = app[RELOADER]
+    hangup = (RELOAD_SIGNAL,) if hangup_stops else ()
     try:
-        with stop_signals(stop.set, _STOP_SIGNALS):
-            site = web.TCPSite(runner, settings.host, settings.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                raise ListenError(
-                    f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-                ) from None
+        with stop_signals(stop.set, (*STOP_SIGNALS, *hangup)), _reload_on_hangup(reloader, not hangup_stops):
+            await _listen(runner, settings.host, settings.port)
             port: int = runner.addresses[0][1]
+            if admin is not None:
+                admin_host = settings.host if settings.admin_host is None else settings.admin_host
+                await _listen(admin, admin_host, settings.admin_port or 0)
+                log.info(
+                    "admin listener on %s port %d: %s; the callback port serves %s and /healthz only",
+                    admin_host,
+                    admin.addresses[0][1],
+                    ", ".join(ADMIN_PATHS),
+                    settings.path,
+                )
             if on_started is not None:
                 started = asyncio.create_task(on_started(app, port))
             await stop.wait()
@@ -266,5 +286,25 @@ async def run_server(settings: ServeSettings, on_started: OnStarted | None = Non
             started.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await started
+        if admin is not None:  # first: its answers read the publisher, which the bridge's cleanup closes
+            await admin.cleanup()
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _listen(runner: web.BaseRunner, host: str, port: int) -> None:
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _reload_on_hangup(reloader: Reloader, enabled: bool) -> Iterator[None]:
+    """While the block runs (and `enabled`), SIGHUP reads the token file again, on the running loop."""
+    if not enabled:
+        yield
+        return
+    with stop_signals(reloader.reload, (RELOAD_SIGNAL,)):
+        yield

@@ -45,6 +45,7 @@ from bridge.ingest.metrics import (
 )
 from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes, outcome_of
 from bridge.ingest.rejected import DeadLetters
+from bridge.ingest.reload import ReloadCollector, Reloader
 from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import REQUEST_ID, LineBudget
 from bridge.settings import ServeSettings
@@ -63,6 +64,8 @@ ADMISSION = web.AppKey("admission", Admission)
 DEDUP = web.AppKey("dedup", EdgeDedup)
 SIGNATURE = web.AppKey("signature", SignatureCheck)
 DEAD_LETTERS = web.AppKey("dead_letters", DeadLetters)
+RELOADER = web.AppKey("reloader", Reloader)
+"""What SIGHUP reads again (`bridge.ingest.reload`); the forward mode's credentials join it by `add`."""
 TOPICS = web.AppKey("topics", dict[TopicGroup, str])
 """Each topic group's topic, from the settings once."""
 REJECTION_LOG = web.AppKey("rejection_log", LineBudget)
@@ -93,9 +96,15 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
     app[REJECTION_LOG] = LineBudget(log, "lines about refused requests")
     if settings.callback_tokens:
         app[SIGNATURE] = SignatureCheck(settings.callback_tokens, settings.max_clock_skew)
+    app[RELOADER] = Reloader(settings, app.get(SIGNATURE))
     app.on_startup.append(_warn_if_open)
     app.on_cleanup.append(_summarize_rejections)
-    install_metrics(app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready)
+    # With --admin-port, the probes but /healthz and the metrics are the admin listener's only.
+    on_this_port = settings.admin_port is None
+    metrics = install_metrics(
+        app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready, route=on_this_port
+    )
+    metrics.registry.register(ReloadCollector(app[RELOADER]))
     app[DEAD_LETTERS] = DeadLetters(settings.dead_letter_topic, lambda: app[PUBLISHER], app[METRICS])
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher)
@@ -103,8 +112,9 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
         app[PUBLISHER] = publisher
     app.router.add_route("*", settings.path, handle_callback)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/stats", stats)
+    if on_this_port:
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/stats", stats)
     return app
 
 
@@ -181,8 +191,13 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    publisher = request.app[PUBLISHER]
-    if request.app[ADMISSION].draining:
+    return readiness(request.app)
+
+
+def readiness(app: web.Application) -> web.Response:
+    """`/readyz` of the bridge `app`, on its own port or the admin listener's."""
+    publisher = app[PUBLISHER]
+    if app[ADMISSION].draining:
         return web.json_response({"status": "not ready", "detail": "shutting down"}, status=503)
     return web.json_response(
         {"status": "ready" if publisher.ready else "not ready", "detail": publisher.status},
@@ -191,8 +206,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """What became of every callback since start, and what is in flight now."""
-    app = request.app
+    return statistics(request.app)
+
+
+def statistics(app: web.Application) -> web.Response:
+    """`/stats` of the bridge `app`: what became of every callback since start, and what is in flight now."""
     return web.json_response(
         {
             "outcomes": app[OUTCOMES].snapshot(),

@@ -26,6 +26,7 @@ from bridge.settings.parts import (
     TopicsSettings,
 )
 from bridge.settings.service_options import (
+    ADMIN,
     AUTHENTICATION,
     CREATE_TOPICS,
     DELIVERY,
@@ -110,6 +111,8 @@ _SERVE_GROUPS: tuple[Group, ...] = (
     ("Kafka connection", (SERVE_BOOTSTRAP, *KAFKA_CONNECTION)),
     ("topics", (*TOPIC_NAMES, CREATE_TOPICS, *TOPIC_SHAPE)),
     ("HTTP", HTTP),
+    # serve only: dev is one local process on one port.
+    ("admin listener", ADMIN),
     ("authentication", AUTHENTICATION),
     ("delivery", DELIVERY),
     ("shutdown", SHUTDOWN),
@@ -125,7 +128,10 @@ COMMANDS: Mapping[str, Command] = {
             "dev",
             ServeSettings,
             # dev's embedded broker is plain and local: of the Kafka connection, only the client id.
-            (("Kafka connection", _only(KAFKA_CONNECTION, "client_id")), *_SERVE_GROUPS[1:]),
+            (
+                ("Kafka connection", _only(KAFKA_CONNECTION, "client_id")),
+                *(group for group in _SERVE_GROUPS[1:] if group[1] is not ADMIN),
+            ),
             # Loopback only, topics created on a single in-memory broker, and unsigned callbacks accepted,
             # so the quick start's curl works as it is.
             {"host": "127.0.0.1", "create_topics": True, "replication_factor": 1, "allow_unsigned": True},

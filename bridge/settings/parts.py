@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.secret import Secret
+from bridge.secret import Secret, TokenFile
 from bridge.tencent.commands import TopicGroup
 
 
@@ -203,6 +203,11 @@ class HttpLimits:
     max_headers: int = 100
     idle_timeout: float = 75.0
     max_connections: int = 1024
+    admin_port: int | None = None
+    """With a port, `/readyz`, `/metrics` and `/stats` move to a listener of their own, which has `/healthz`
+    too (`bridge.ingest.admin`)."""
+    admin_host: str | None = None
+    """The admin listener's address; None is `host`'s."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,8 +216,8 @@ class Authentication:
 
     callback_token: tuple[Secret, ...] = ()
     """Bare `Secret`s sign for any app; a `CallbackToken` with an `sdk_app_id` for that app only."""
-    callback_token_file: tuple[Secret, ...] = ()
-    """The tokens read from `--callback-token-file`, one a line."""
+    callback_token_file: TokenFile | None = None
+    """The tokens read from `--callback-token-file`, one a line, and its path (read again on SIGHUP)."""
     allow_unsigned: bool = False
     max_clock_skew: float = 60.0
     sdk_app_id: tuple[str, ...] = ()
@@ -220,7 +225,8 @@ class Authentication:
     @property
     def callback_tokens(self) -> tuple[Secret, ...]:
         """Every token a callback may be signed with, from the flags, the environment and the file."""
-        return self.callback_token + self.callback_token_file
+        from_file = () if self.callback_token_file is None else self.callback_token_file.tokens
+        return self.callback_token + from_file
 
 
 @dataclass(frozen=True, kw_only=True)

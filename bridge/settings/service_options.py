@@ -181,6 +181,23 @@ HTTP: tuple[Option, ...] = (
         "N",
     ),
 )
+ADMIN: tuple[Option, ...] = (
+    Option(
+        "admin_port",
+        "TCP port of a second listener for /healthz, /readyz, /metrics and /stats (0 picks a free port); "
+        "the callback port then serves only the callback path and /healthz. Unset: all on --port.",
+        values.int_between(0, 65535),
+        "PORT",
+        unset="(none)",
+    ),
+    Option(
+        "admin_host",
+        "Address the admin listener binds to; unset, the same as --host (never wider than the callbacks').",
+        values.text,
+        "ADDRESS",
+        unset="as --host",
+    ),
+)
 AUTHENTICATION: tuple[Option, ...] = (
     Option(
         "callback_token",
@@ -195,7 +212,8 @@ AUTHENTICATION: tuple[Option, ...] = (
     ),
     Option(
         "callback_token_file",
-        "File holding more tokens, one a line, each TOKEN or APPID=TOKEN (a container secret).",
+        "File holding more tokens, one a line, each TOKEN or APPID=TOKEN (a container secret); serve "
+        "reads it again on SIGHUP.",
         values.token_file,
         "FILE",
         unset="(none)",

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from bridge.secret import CallbackToken, Secret
+from bridge.secret import CallbackToken, Secret, TokenFile
 
 # Paths the bridge serves itself; the callback path must be another one.
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
@@ -160,7 +160,8 @@ def _read_secret_file(path: str) -> str:
         raise ValueError("cannot read the file: not a file name") from None
 
 
-def token_file(path: str) -> tuple[CallbackToken, ...]:
+def token_file(path: str) -> TokenFile:
+    """The tokens of the file at `path`, one a line; a file that cannot be read or holds none is refused."""
     tokens = []
     for number, line in enumerate(_read_secret_file(path).splitlines(), start=1):
         if line.strip():
@@ -170,7 +171,7 @@ def token_file(path: str) -> tuple[CallbackToken, ...]:
                 raise ValueError(f"line {number}: {exc}") from None
     if not tokens:
         raise ValueError("the file holds no token (one a line)")
-    return tuple(tokens)
+    return TokenFile(path, tuple(tokens))
 
 
 def password(text: str) -> Secret:

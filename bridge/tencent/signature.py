@@ -40,14 +40,24 @@ def _signs_for(token: Secret, sdk_app_id: str) -> bool:
     return token.signs_for(sdk_app_id) if isinstance(token, CallbackToken) else True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SignatureCheck:
     """Accepts a callback signed with one of `tokens` (several during a rotation) that signs for its app,
-    at most `max_clock_skew` seconds from now, in either direction."""
+    at most `max_clock_skew` seconds from now, in either direction.
+
+    `replace_tokens` swaps the whole set at once (a token file read again on SIGHUP): `verify` runs on the
+    event loop without awaiting, so each check sees either the old set or the new one, never a mix.
+    """
 
     tokens: Sequence[Secret]
     max_clock_skew: float
     clock: Callable[[], float] = field(default=time.time, repr=False)
+
+    def replace_tokens(self, tokens: Sequence[Secret]) -> None:
+        """From now on, accept callbacks signed with one of `tokens` (not empty) instead."""
+        if not tokens:
+            raise ValueError("a signature check needs at least one token")
+        self.tokens = tuple(tokens)
 
     def verify(self, sign: str | None, request_time: str | None, sdk_app_id: str) -> None:
         """Return if the signature is valid for `sdk_app_id`; else raise the `Unauthorized` naming the

@@ -86,7 +86,7 @@ def run_dev(settings: ServeSettings, broker: EmbeddedBroker) -> None:
             return
         print(banner(settings, port, broker.bootstrap_servers), flush=True)
 
-    asyncio.run(run_server(settings, on_started=announce))
+    asyncio.run(run_server(settings, on_started=announce, hangup_stops=True))  # a closed terminal stops dev
 
 
 def start_dev(settings: ServeSettings) -> int:
