@@ -102,6 +102,15 @@ def send(curl: Curl, stack: NativeStack) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
+def status_of(url: str) -> int:
+    """The status of a GET of `url`, whatever it is."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - a loopback URL
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def wait_for_200(url: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -171,10 +180,13 @@ def test_the_compose_stack_runs_natively_and_the_readme_curl_lands_in_kafka(stac
     settings = build("serve", {}, stack.bridge_environment("bridge"))
     assert settings.topic in topics_output
 
-    # Healthy (/healthz) is alive, not yet connected: like a user, wait for /readyz before the curl.
+    # Healthy (/healthz) is alive, not yet connected: like a user, wait for /readyz before the curl. It is
+    # on the admin port, which compose publishes on loopback; the callback port answers it 404.
     curl = readme_curl()
-    ready = on_the_host(curl.url.split("?")[0].removesuffix(settings.path) + "/readyz", stack)
+    callback_base = curl.url.split("?")[0].removesuffix(settings.path)
+    ready = on_the_host(f"http://127.0.0.1:{settings.admin_port}/readyz", stack)
     assert wait_for_200(ready, timeout_s=30), stack.log("bridge")
+    assert status_of(on_the_host(callback_base + "/readyz", stack)) == 404
     status, answer = send(curl, stack)
     assert (status, answer) == (200, curl.answer), stack.log("bridge")
 

@@ -174,14 +174,20 @@ def test_compose_sets_only_bridge_settings_with_values_the_bridge_accepts(servic
 
 
 def test_the_bridge_port_its_healthcheck_and_the_prometheus_target_agree() -> None:
+    """The healthcheck asks the callback port's /healthz; Prometheus scrapes the admin port, which compose
+    publishes on loopback beside the callback port."""
     settings = build("serve", {}, env_of("bridge"))
     bridge = SERVICES["bridge"]
+    assert settings.admin_port is not None
+    assert settings.admin_port != settings.port
+    assert settings.admin_host is None  # the same address as the callbacks', inside the container
     assert f"127.0.0.1:{settings.port}:{settings.port}" in bridge["ports"]
+    assert f"127.0.0.1:{settings.admin_port}:{settings.admin_port}" in bridge["ports"]
     assert f"127.0.0.1:{settings.port}/healthz" in " ".join(bridge["healthcheck"]["test"])
     prometheus = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     (job,) = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"bridge:{settings.port}"]
+    assert job["static_configs"][0]["targets"] == [f"bridge:{settings.admin_port}"]
 
 
 def test_the_bridge_is_given_longer_to_stop_than_it_takes_to_drain() -> None:
@@ -285,18 +291,25 @@ def test_the_deployment_reads_the_configmap_and_the_secret() -> None:
 
 
 def test_the_probes_and_the_service_reach_the_bridges_port() -> None:
+    """The Service exposes the callback port only; /readyz and the scrape go to the admin port, which
+    listens on every address of the pod (the kubelet and Prometheus come from outside it); /healthz, the
+    callback port's one probe, is the startup and liveness check of the listener Tencent reaches."""
     settings = build("serve", {}, CONFIG)
-    (port,) = CONTAINER["ports"]
-    assert port["containerPort"] == settings.port
-    for probe, path in (
-        ("livenessProbe", "/healthz"),
-        ("readinessProbe", "/readyz"),
-        ("startupProbe", "/healthz"),
+    callback, admin = CONTAINER["ports"]
+    assert callback["containerPort"] == settings.port
+    assert admin["containerPort"] == settings.admin_port != settings.port
+    assert settings.admin_host is None
+    assert settings.host == "0.0.0.0"  # every address of the pod, as the kubelet reaches them
+    for probe, path, port in (
+        ("livenessProbe", "/healthz", callback),
+        ("readinessProbe", "/readyz", admin),
+        ("startupProbe", "/healthz", callback),
     ):
         assert CONTAINER[probe]["httpGet"] == {"path": path, "port": port["name"]}
-    assert MANIFESTS["Service"]["spec"]["ports"][0]["targetPort"] == port["name"]
+    (service_port,) = MANIFESTS["Service"]["spec"]["ports"]
+    assert service_port["targetPort"] == callback["name"]
     annotations = DEPLOYMENT["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == str(settings.port)
+    assert annotations["prometheus.io/port"] == str(settings.admin_port)
     assert annotations["prometheus.io/path"] == "/metrics"
 
 

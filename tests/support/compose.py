@@ -231,7 +231,7 @@ class NativeNetwork:
             return ",".join(self._voter(service, item) for item in _items(value))
         if variable in BOOTSTRAP_ENVS:
             return ",".join(self.address(*_host_port(item), seen_from=service) for item in _items(value))
-        if variable == "BRIDGE_PORT":
+        if variable in ("BRIDGE_PORT", "BRIDGE_ADMIN_PORT"):
             return str(self.port(service, int(value)))
         for name in self.services:  # any other address to a service would escape the rewrite
             if re.search(rf"(^|[^\w.-]){re.escape(name)}:\d", value):
