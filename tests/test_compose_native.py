@@ -34,7 +34,7 @@ from tests.support import compose
 from tests.support.compose import ComposeError, NativeStack
 from tests.support.kafka import jars
 from tests.support.kafka.view import partition_states
-from tests.test_deploy import OPTION_ENVS, PLANNED_ENVS
+from tests.test_deploy import OPTION_ENVS, PLANNED_ENVS, env_of
 
 README = (compose.ROOT / "README.md").read_text()
 COMPOSE = compose.load()
@@ -184,7 +184,8 @@ def test_the_compose_stack_runs_natively_and_the_readme_curl_lands_in_kafka(stac
     # on the admin port, which compose publishes on loopback; the callback port answers it 404.
     curl = readme_curl()
     callback_base = curl.url.split("?")[0].removesuffix(settings.path)
-    ready = on_the_host(f"http://127.0.0.1:{settings.admin_port}/readyz", stack)
+    admin_port = env_of("bridge")["BRIDGE_ADMIN_PORT"]  # as the compose file gives it, published so
+    ready = on_the_host(f"http://127.0.0.1:{admin_port}/readyz", stack)
     assert wait_for_200(ready, timeout_s=30), stack.log("bridge")
     assert status_of(on_the_host(callback_base + "/readyz", stack)) == 404
     status, answer = send(curl, stack)
