@@ -99,7 +99,7 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
     app[RELOADER] = Reloader(settings, app.get(SIGNATURE))
     app.on_startup.append(_warn_if_open)
     app.on_cleanup.append(_summarize_rejections)
-    # With --admin-port, the probes but /healthz and the metrics are the admin listener's only.
+    # With --admin-port, /readyz, /stats and /metrics are the admin listener's only (`bridge.ingest.admin`).
     on_this_port = settings.admin_port is None
     metrics = install_metrics(
         app, app[OUTCOMES], is_ready=lambda: PUBLISHER in app and app[PUBLISHER].ready, route=on_this_port
