@@ -147,6 +147,25 @@ async def bridge(settings: ServeSettings) -> AsyncIterator[BridgeClient]:
         yield client
 
 
+_LOGGERS_CONFIGURED = ("aiokafka", "aiokafka.conn")
+"""The loggers whose level `configure_logging` sets, beside the root's."""
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs `bridge.cli.main` in this process has it configure logging: the root's handlers
+    (pytest's capture among them) replaced by one on a stream pytest closes afterwards, aiokafka silenced.
+    Put back after every test, so a later test's `caplog` sees every logger again."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS_CONFIGURED}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
+
+
 @pytest.fixture
 async def posted(settings: ServeSettings) -> list[Posted]:
     """The settings' official-account topic, filled through the bridge with three days of callbacks (the
