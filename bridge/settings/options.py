@@ -29,6 +29,7 @@ from bridge.settings.service_options import (
     AUTHENTICATION,
     CREATE_TOPICS,
     DELIVERY,
+    FORWARD,
     HTTP,
     KAFKA_CONNECTION,
     LOGGING,
@@ -112,6 +113,7 @@ _SERVE_GROUPS: tuple[Group, ...] = (
     ("HTTP", HTTP),
     ("authentication", AUTHENTICATION),
     ("delivery", DELIVERY),
+    ("forward mode", FORWARD),
     ("shutdown", SHUTDOWN),
     ("logging", LOGGING),
 )
