@@ -34,7 +34,7 @@ from tests.support.requests import fixture
 from tests.support.serve import wait_until_ready
 from tests.support.settings import NO_BROKER, unique_settings
 
-TOKEN = "forward-test-token"
+TOKEN = "forward-test-token"  # noqa: S105 (a test token, signs test callbacks only)
 BEFORE_DEADLINE_S = 0.5
 FORWARD_TIMEOUT_S = 0.3
 C2C = fixture("c2c-after-send")
