@@ -121,6 +121,8 @@ async def test_a_before_callback_is_answered_with_the_app_servers_decision_once_
     callback, decision = await read_records(kafka, [settings.c2c_topic], expect=2)
     assert orjson.loads(callback.value)["callback"] == orjson.loads(body)
     assert dict(decision.headers)["bridge-record"] == b"app-decision"
+    assert dict(decision.headers)["decision-of"] == BEFORE.encode()
+    assert "CallbackCommand" not in dict(decision.headers)
     assert (decision.partition, decision.key) == (callback.partition, callback.key)
     assert decision.offset > callback.offset
     value = orjson.loads(decision.value)
@@ -128,18 +130,18 @@ async def test_a_before_callback_is_answered_with_the_app_servers_decision_once_
     assert (value["command"], value["status"], value["answer"]) == (BEFORE, 200, answer)
 
 
-async def test_a_before_callback_relays_the_app_servers_error_status_and_body(
+async def test_a_before_callback_relays_the_app_servers_5xx_as_a_502_with_its_body(
     kafka: str, app_server: AppServer
 ) -> None:
-    """An app server's 500 goes to Tencent as it is (Tencent lets the action proceed, as without the
-    bridge); the callback is in Kafka."""
+    """An app server's 500 goes to Tencent as a 502 with the app's body as it is (Tencent lets the action
+    proceed, as without the bridge, and the bridge never answers 500); the callback is in Kafka."""
     settings = forward_settings(kafka, app_server.url("error"))
     client = await bridge_for(settings)
     try:
         status, answered, headers, _ = await post(client, *c2c(BEFORE, "before-error"))
     finally:
         await client.close()
-    assert (status, answered) == (500, ERROR_BODY)
+    assert (status, answered) == (502, ERROR_BODY)
     assert headers["X-Bridge-Forward"] == "500"
     assert headers["X-Bridge-Outcome"] == "confirmed"
     assert len(await read_records(kafka, [settings.c2c_topic], expect=2)) == 2  # the 500 is a decision

@@ -6,8 +6,8 @@ its body byte for byte. The forward and the Kafka write run at once, each bounde
 (the forward also by `--forward-timeout`); a down or slow app server never holds up the write. Then
 `relay` answers Tencent (README, "Forward mode", has the table of every combination):
 
-- a before-callback (`commands.runs_before`) gets the app server's answer, status and body, once the write
-  was confirmed, so the app's allow, deny (its `ErrorCode`) and modify decisions keep working; that
+- a before-callback (`commands.runs_before`) gets the app server's answer, status (a 5xx as 502) and body,
+  once the write was confirmed, so the app's allow, deny (its `ErrorCode`) and modify decisions keep working; that
   answer is also written to Kafka, as a second record after the callback's on the same partition
   (`decision_record`), so the callback's write never waits for the app;
 - an after-callback gets the bridge's OK once both the write and the forward succeeded;
@@ -234,7 +234,9 @@ async def relay(
         answer.info = f"written to Kafka, but not forwarded: {answer.info}"
         response = fail(request, answer)
     elif before:
-        response = web.Response(status=answer.status, body=answer.body)
+        # A 5xx of the app server is relayed as 502 (its body as it is): the bridge never answers 500, and to
+        # Tencent any status but 200 is the same failed callback.
+        response = web.Response(status=answer.status if answer.status < 500 else 502, body=answer.body)
         response.headers["Content-Type"] = answer.content_type
         written = await _write_decision(publisher, callback, record, answer, deadline)
         metrics.decision_written(written)
@@ -273,7 +275,9 @@ def decision_record(
     )
     headers = (
         ("bridge-record", DECISION_RECORD),
-        ("CallbackCommand", command.encode("utf-8")),
+        # Not `CallbackCommand`: the engines that select a command's records by that header (the ClickHouse
+        # view) must not take a decision for a callback.
+        ("decision-of", command.encode("utf-8")),
         ("SdkAppid", sdk_app_id.encode("ascii")),
         ("content-type", b"application/json"),
         ("app-status", str(answer.status).encode("ascii")),
