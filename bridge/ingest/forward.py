@@ -7,9 +7,9 @@ its body byte for byte. The forward and the Kafka write run at once, each bounde
 `relay` answers Tencent (README, "Forward mode", has the table of every combination):
 
 - a before-callback (`commands.runs_before`) gets the app server's answer, status (a 5xx as 502) and body,
-  once the write was confirmed, so the app's allow, deny (its `ErrorCode`) and modify decisions keep working; that
-  answer is also written to Kafka, as a second record after the callback's on the same partition
-  (`decision_record`), so the callback's write never waits for the app;
+  once the write was confirmed, so the app's allow, deny (its `ErrorCode`) and modify decisions keep
+  working; that answer is also written to Kafka, as a second record after the callback's on the same
+  partition (`decision_record`), so the callback's write never waits for the app;
 - an after-callback gets the bridge's OK once both the write and the forward succeeded;
 - otherwise the answer is a FAIL, whose `ErrorInfo` and `X-Bridge-Forward` header say which part failed.
 
@@ -109,10 +109,10 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def of(cls, settings: ServeSettings) -> Forwarder:
-        assert settings.forward_url is not None  # noqa: S101 (only called in forward mode)
+    def of(cls, settings: ServeSettings, url: str) -> Forwarder:
+        """The forwarder to `url` (`--forward-url`), with the settings' timeout and bounds."""
         return cls(
-            settings.forward_url,
+            url,
             settings.forward_timeout,
             settings.forward_max_connections,
             settings.max_body_bytes,
@@ -164,9 +164,10 @@ class Forwarder:
                         )
                     return AppAnswer(response.status, answer, response.content_type or _JSON)
         except TimeoutError:
-            waited = self.timeout if ends < deadline else "the callback's deadline"
-            what = f"{waited:g} s" if isinstance(waited, float) else waited
-            raise AppServerTimeout(f"the app server did not answer within {what}") from None
+            within = f"{self.timeout:g} s (--forward-timeout)"
+            if ends >= deadline:
+                within = "the callback's deadline"
+            raise AppServerTimeout(f"the app server did not answer within {within}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise AppServerUnreachable(f"the app server could not be reached: {_describe(exc)}") from None
         finally:

@@ -105,7 +105,7 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
     else:
         app[PUBLISHER] = publisher
     if settings.forward_url is not None:
-        app[FORWARDER] = Forwarder.of(settings)
+        app[FORWARDER] = Forwarder.of(settings, settings.forward_url)
         app.cleanup_ctx.append(app[FORWARDER].lifetime)
     app.router.add_route("*", settings.path, handle_callback)
     app.router.add_get("/healthz", healthz)
