@@ -8,8 +8,10 @@ signature and the app, before the body is read, so an unauthenticated request co
 -> `ParsedCallback.record` on the topic of its topic group -> a claim on the callback's identity (`dedup`: a
 duplicate is answered without writing) -> `publisher.publish(record, deadline)`, which picks the partition
 and answers once the broker confirmed with acks=all -> the answer. The deadline is one instant on the event
-loop's clock, set once the body is in. Every failure is a `BridgeError`, turned into a Tencent-style FAIL
-answer by `answer_requests`, which also counts each callback's outcome: both in one place.
+loop's clock, set once the body is in (`--before-callback-timeout` after it for a before-callback, else
+`--delivery-timeout`); with `--forward-url`, `bridge.ingest.forward.relay` does the claim and the write while
+it forwards the callback, and makes the answer. Every failure is a `BridgeError`, turned into a
+Tencent-style FAIL answer by `answer_requests`, which also counts each callback's outcome: both in one place.
 """
 
 from __future__ import annotations
