@@ -90,6 +90,11 @@ class Metrics:
         self.dead_letters: dict[str, int] = {}
         """Refused callbacks kept in the dead-letter topic, by reason (`bridge.tencent.rejected.REASONS`)."""
         self.dead_letter_failures: dict[str, int] = {}
+        self.forwards: dict[str, int] = {}
+        """Forwards to the app server (`--forward-url`) by result: answered, timeout, unreachable, busy."""
+        self.forward_seconds = _Histogram()
+        self.decisions: dict[str, int] = {}
+        """The app server's answers to before-callbacks, by whether their record was written."""
         self.in_flight = 0
         self.queued = 0
         self.last_request_at = time.time()
@@ -130,8 +135,37 @@ class Metrics:
         """A refused callback could not be kept: it was answered 503 (or 413) instead of its 400."""
         _count(self.dead_letter_failures, reason)
 
+    # Forward mode's (`bridge.ingest.forward`).
+
+    def forwarded(self, result: str, seconds: float) -> None:
+        """A callback's forward ended with `result` after `seconds` (the write's and the forward's time)."""
+        _count(self.forwards, result)
+        self.forward_seconds.observe(seconds)
+
+    def decision_written(self, written: bool) -> None:
+        _count(self.decisions, "written" if written else "unwritten")
+
     def families(self) -> Iterator[Metric]:
         """The metric families, from the numbers as they are now."""
+        yield _counter(
+            "bridge_forwards",
+            "Callbacks forwarded to the app server (--forward-url), by result: answered (any status), "
+            "timeout, unreachable, busy.",
+            ("result",),
+            {(result,): count for result, count in self.forwards.items()},
+        )
+        forward_seconds = HistogramMetricFamily(
+            "bridge_forward_duration_seconds",
+            "Time from starting a callback's Kafka write and forward to both having ended.",
+        )
+        forward_seconds.add_metric((), self.forward_seconds.buckets(), self.forward_seconds.total)
+        yield forward_seconds
+        yield _counter(
+            "bridge_app_decisions",
+            "The app server's answers to before-callbacks, by whether their decision record was written.",
+            ("record",),
+            {(record,): count for record, count in self.decisions.items()},
+        )
         yield _counter(
             "bridge_requests",
             "Callback requests answered, by command family and HTTP status.",

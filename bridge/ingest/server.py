@@ -8,8 +8,10 @@ signature and the app, before the body is read, so an unauthenticated request co
 -> `ParsedCallback.record` on the topic of its topic group -> a claim on the callback's identity (`dedup`: a
 duplicate is answered without writing) -> `publisher.publish(record, deadline)`, which picks the partition
 and answers once the broker confirmed with acks=all -> the answer. The deadline is one instant on the event
-loop's clock, set once the body is in. Every failure is a `BridgeError`, turned into a Tencent-style FAIL
-answer by `answer_requests`, which also counts each callback's outcome: both in one place.
+loop's clock, set once the body is in (`--before-callback-timeout` after it for a before-callback, else
+`--delivery-timeout`); with `--forward-url`, `bridge.ingest.forward.relay` does the claim and the write while
+it forwards the callback, and makes the answer. Every failure is a `BridgeError`, turned into a
+Tencent-style FAIL answer by `answer_requests`, which also counts each callback's outcome: both in one place.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bridge.errors import (
 )
 from bridge.ingest.admission import Admission
 from bridge.ingest.dedup import EdgeDedup
+from bridge.ingest.forward import Forwarder, relay
 from bridge.ingest.metrics import (
     METRICS,
     NOT_CALLBACKS,
@@ -50,7 +53,7 @@ from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import REQUEST_ID, LineBudget
 from bridge.settings import ServeSettings
 from bridge.tencent.callback import checked_query, parse_callback
-from bridge.tencent.commands import TopicGroup
+from bridge.tencent.commands import TopicGroup, runs_before
 from bridge.tencent.protocol import OK_BODY, fail_body
 from bridge.tencent.rejected import DEAD_LETTERED
 from bridge.tencent.signature import SignatureCheck
@@ -66,6 +69,8 @@ SIGNATURE = web.AppKey("signature", SignatureCheck)
 DEAD_LETTERS = web.AppKey("dead_letters", DeadLetters)
 RELOADER = web.AppKey("reloader", Reloader)
 """What SIGHUP reads again (`bridge.ingest.reload`); the forward mode's credentials join it by `add`."""
+FORWARDER = web.AppKey("forwarder", Forwarder)
+"""Forward mode's client of the app server, with `--forward-url` only (`bridge.ingest.forward`)."""
 TOPICS = web.AppKey("topics", dict[TopicGroup, str])
 """Each topic group's topic, from the settings once."""
 REJECTION_LOG = web.AppKey("rejection_log", LineBudget)
@@ -110,6 +115,9 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
         app.cleanup_ctx.append(_kafka_publisher)
     else:
         app[PUBLISHER] = publisher
+    if settings.forward_url is not None:
+        app[FORWARDER] = Forwarder.of(settings, settings.forward_url)
+        app.cleanup_ctx.append(app[FORWARDER].lifetime)
     app.router.add_route("*", settings.path, handle_callback)
     app.router.add_get("/healthz", healthz)
     if on_this_port:
@@ -158,7 +166,11 @@ async def handle_callback(request: web.Request) -> web.Response:
         holds_slot = True
         received_at_ms = time.time_ns() // 1_000_000
         # The delivery deadline starts once the body is in: a slow client must not eat the broker's time.
-        deadline = asyncio.get_running_loop().time() + settings.delivery_timeout
+        # A before-callback holds up the user's action while Tencent waits: its own, shorter deadline.
+        command = query.command
+        before = command is not None and runs_before(command)
+        started_at = asyncio.get_running_loop().time()
+        deadline = started_at + (settings.before_callback_timeout if before else settings.delivery_timeout)
         try:
             callback = parse_callback(
                 query,
@@ -171,10 +183,24 @@ async def handle_callback(request: web.Request) -> web.Response:
             keep = app[DEAD_LETTERS].keep
             await keep(request, refused, query, raw_body, received_at_ms=received_at_ms, deadline=deadline)
             raise
+        if command is None and runs_before(callback.routed.command):  # the command named in the body only
+            before, deadline = True, min(deadline, started_at + settings.before_callback_timeout)
         record = callback.record(app[TOPICS][callback.routed.topic_group], settings.record_format)
         # Until the write answers: a handler cancelled from here on (at shutdown) leaves a record that may
         # still land, its own or an identical callback's, and either is followed.
         request[OUTCOME] = Outcome.AMBIGUOUS
+        if settings.forward_url is not None:
+            return await relay(
+                request,
+                forwarder=app[FORWARDER],
+                callback=callback,
+                record=record,
+                deadline=deadline,
+                before=before,
+                dedup=app[DEDUP],
+                publisher=publisher,
+                fail=_fail_post,
+            )
         async with app[DEDUP].claim(callback.identity, deadline) as claim:
             if claim.duplicate is None:
                 started = time.perf_counter()
@@ -319,6 +345,10 @@ def _fail(request: web.Request, error: BridgeError, allow: str) -> web.Response:
         response.headers["Allow"] = allow
     response.headers[OUTCOME_HEADER] = request[OUTCOME].value
     return response
+
+
+def _fail_post(request: web.Request, error: BridgeError) -> web.Response:
+    return _fail(request, error, "POST")
 
 
 def fail_response(error: BridgeError) -> web.Response:

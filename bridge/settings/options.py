@@ -30,6 +30,7 @@ from bridge.settings.service_options import (
     AUTHENTICATION,
     CREATE_TOPICS,
     DELIVERY,
+    FORWARD,
     HTTP,
     KAFKA_CONNECTION,
     LOGGING,
@@ -115,6 +116,7 @@ _SERVE_GROUPS: tuple[Group, ...] = (
     ("admin listener", ADMIN),
     ("authentication", AUTHENTICATION),
     ("delivery", DELIVERY),
+    ("forward mode", FORWARD),
     ("shutdown", SHUTDOWN),
     ("logging", LOGGING),
 )

@@ -234,6 +234,9 @@ class Delivery:
     """How a callback becomes a record: the producer, the in-flight bound, the dedup window, shutdown."""
 
     delivery_timeout: float = 5.0
+    before_callback_timeout: float = 0.5
+    """The deadline of a before-callback (`commands.runs_before`) instead of `delivery_timeout`: Tencent
+    holds the user's action until it is answered, 2 s at most."""
     max_in_flight: int = 512
     dedup_window: float = 300.0
     dedup_max_keys: int = 100_000
@@ -248,12 +251,21 @@ class Delivery:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Forwarding:
+    """Forward mode (`bridge.ingest.forward`): each accepted callback also goes to the app's own server."""
+
+    forward_url: str | None = None
+    forward_timeout: float = 1.5
+    forward_max_connections: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
 class TopicsSettings(KafkaConnection, TopicLayout, Logging):
     """`bridge topics ensure`: the brokers, the topic names and what a topic should look like."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServeSettings(TopicsSettings, HttpLimits, Authentication, Delivery):
+class ServeSettings(TopicsSettings, HttpLimits, Authentication, Delivery, Forwarding):
     """`bridge serve`, and `bridge dev` with other defaults: all `topics ensure` needs, since serve can
     create the topics too, and the HTTP side."""
 

@@ -247,6 +247,14 @@ DELIVERY: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
+        "before_callback_timeout",
+        "Deadline, in seconds, of a before-callback (*.CallbackBefore*, Sns.CallbackPrev*), instead of "
+        "--delivery-timeout: Tencent holds the user's action until it is answered (2 s at most), and lets "
+        "it proceed on the 503 answered past this deadline.",
+        values.seconds,
+        "SECONDS",
+    ),
+    Option(
         "max_in_flight",
         "Callbacks waiting for the broker at once; more get 503 at once, so memory stays bounded.",
         values.int_between(1, 100000),
@@ -294,6 +302,29 @@ DELIVERY: tuple[Option, ...] = (
         "headers). Same key, partition and timestamp either way; consume and replay read both.",
         values.one_of(RECORD_FORMATS),
         "FORMAT",
+    ),
+)
+FORWARD: tuple[Option, ...] = (
+    Option(
+        "forward_url",
+        "Forward mode: POST each accepted callback, its query (Sign included) and body byte for byte, to "
+        "this URL of the app's own callback server too; a before-callback is answered with that server's "
+        "answer once the Kafka write is confirmed.",
+        values.forward_url,
+        "URL",
+        unset="(none)",
+    ),
+    Option(
+        "forward_timeout",
+        "Longest wait, in seconds, for the app server's answer (within the callback's own deadline).",
+        values.seconds,
+        "SECONDS",
+    ),
+    Option(
+        "forward_max_connections",
+        "Connections to the app server, and forwards under way, at most; a forward past it fails at once.",
+        values.int_between(1, 100000),
+        "N",
     ),
 )
 SHUTDOWN: tuple[Option, ...] = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from bridge.secret import CallbackToken, Secret, TokenFile
 
@@ -117,6 +118,16 @@ def names(text: str) -> tuple[str, ...]:
 def url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def forward_url(text: str) -> str:
+    """An http(s) URL with a host and without a query or fragment: the callback's own query is appended."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError("must have no query or fragment: each callback's own query is appended to it")
     return text
 
 

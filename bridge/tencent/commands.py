@@ -460,3 +460,20 @@ def _event_time_ms(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX:
         return value
     return None
+
+
+# --- before-callbacks: Tencent holds the user's action until the answer -------------------------------
+
+_BEFORE_MARKS = (".CallbackBefore", ".CallbackPrev")
+
+
+def runs_before(command: str) -> bool:
+    """Whether Tencent waits for this command's answer before the user's action happens (a message is sent,
+    a friend added, a group created): `*.CallbackBefore*` and `Sns.CallbackPrev*`, known to the registry or
+    not, so a before-callback Tencent adds tomorrow gets the short deadline too. Two substring tests, no
+    allocation: it runs for every callback."""
+    return _BEFORE_MARKS[0] in command or _BEFORE_MARKS[1] in command
+
+
+BEFORE_COMMANDS: tuple[str, ...] = tuple(name for name in COMMANDS if runs_before(name))
+"""The registry's before-callbacks, in its order (README, "Before-callbacks")."""
