@@ -31,7 +31,7 @@ from tests.support.app_server import ALLOW, DENY, ERROR_BODY, MODIFY, AppServer,
 from tests.support.fakes import FakePublisher
 from tests.support.records import read_records
 from tests.support.requests import fixture
-from tests.support.serve import wait_until_ready
+from tests.support.serve import run_bridge, wait_until_ready
 from tests.support.settings import NO_BROKER, unique_settings
 
 TOKEN = "forward-test-token"  # noqa: S105 (a test token, signs test callbacks only)
@@ -128,6 +128,31 @@ async def test_a_before_callback_is_answered_with_the_app_servers_decision_once_
     value = orjson.loads(decision.value)
     assert value["schema"] == DECISION_SCHEMA
     assert (value["command"], value["status"], value["answer"]) == (BEFORE, 200, answer)
+
+
+async def test_consume_passes_over_the_app_decisions_and_prints_only_the_callbacks(
+    kafka: str, app_server: AppServer
+) -> None:
+    """A decision record shares its callback's topic: `bridge consume` (the reader) prints the callbacks
+    only, without a warning or a bad record for the decisions, and says how many it passed over."""
+    settings = forward_settings(kafka, app_server.url("allow"))
+    client = await bridge_for(settings)
+    try:
+        for number in range(2):
+            status, _, headers, _ = await post(client, *c2c(BEFORE, f"consumed-{number}"))
+            assert (status, headers["X-Bridge-Decision"]) == (200, "written")
+    finally:
+        await client.close()
+    assert len(await read_records(kafka, [settings.c2c_topic], expect=4)) == 4
+    result = await asyncio.to_thread(
+        run_bridge, "consume", "--bootstrap-servers", kafka, "--topic", settings.c2c_topic, "--from-beginning"
+    )
+    assert result.returncode == 0, result.stderr
+    printed = [orjson.loads(line)["callback"]["MsgKey"] for line in result.stdout.splitlines()]
+    assert printed == ["consumed-0", "consumed-1"]
+    assert "0 bad records" in result.stderr
+    assert "2 app decisions passed over" in result.stderr
+    assert "not a callback" not in result.stderr
 
 
 async def test_a_before_callback_relays_the_app_servers_5xx_as_a_502_with_its_body(

@@ -37,7 +37,7 @@ from bridge.kafka.publisher import Publisher
 from bridge.logs import REQUEST_ID
 from bridge.settings import ServeSettings
 from bridge.tencent.callback import ParsedCallback
-from bridge.tencent.envelope import Record
+from bridge.tencent.envelope import DECISION_RECORD_HEADER, Record
 from bridge.tencent.protocol import OK_BODY
 
 log = logging.getLogger("bridge.server")  # the request path's logger (`bridge.logs.LOGGERS`)
@@ -46,8 +46,6 @@ FORWARD_HEADER = "X-Bridge-Forward"
 """What became of the forward: the app server's status (`200`), `timeout`, `unreachable` or `busy`."""
 DECISION_HEADER = "X-Bridge-Decision"
 """Before-callbacks: whether the app server's answer was written to Kafka, `written` or `unwritten`."""
-DECISION_RECORD = b"app-decision"
-"""The `bridge-record` header of a decision record; a callback's record has no such header."""
 DECISION_SCHEMA = "tencent-chat-kafka-bridge/app-decision/1"
 _JSON = "application/json"
 
@@ -275,7 +273,7 @@ def decision_record(
         }
     )
     headers = (
-        ("bridge-record", DECISION_RECORD),
+        DECISION_RECORD_HEADER,
         # Not `CallbackCommand`: the engines that select a command's records by that header (the ClickHouse
         # view) must not take a decision for a callback.
         ("decision-of", command.encode("utf-8")),

@@ -98,7 +98,8 @@ async def _consume(settings: ConsumeSettings, output: IO[bytes]) -> int:
     stats = reader.stats
     print(
         f"consume: {plural(written, 'event')} written, {stats.filtered_out} filtered out, "
-        f"{plural(stats.bad, 'bad record')}",
+        f"{plural(stats.bad, 'bad record')}"
+        + (f", {plural(stats.decisions, 'app decision')} passed over" if stats.decisions else ""),
         file=sys.stderr,
     )
     return ExitStatus.OK

@@ -30,6 +30,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from bridge.kafka.security import start_client
 from bridge.readback.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of
 from bridge.readback.rejected import decode_any
+from bridge.tencent.envelope import is_decision_record
 from bridge.tencent.partitioner import partition_for
 
 log = logging.getLogger("bridge.consumer")  # see `bridge.logs.LOGGERS`
@@ -70,6 +71,8 @@ class ReaderStats:
     events: int = 0
     filtered_out: int = 0
     bad: int = 0
+    decisions: int = 0
+    """Forward mode's records of an app server's decisions, passed over: they are not callbacks."""
 
 
 def log_bad_record(bad: BadRecord) -> None:
@@ -200,6 +203,9 @@ class EventReader:
         async for record in self._records():
             state = self._parts[TopicPartition(record.topic, record.partition)]
             state.read_to = record.offset + 1
+            if is_decision_record(record.headers):
+                self.stats.decisions += 1
+                continue
             try:
                 event = decode_any(record)  # a callback's envelope, or a dead-letter record
             except InvalidEnvelope as exc:

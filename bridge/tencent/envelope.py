@@ -8,6 +8,7 @@ embedded as the exact bytes Tencent posted (already parsed and checked), so noth
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -63,6 +64,15 @@ def envelope(raw_body: bytes, query: dict[str, str], received_at_ms: int) -> byt
             "callback": orjson.Fragment(raw_body),
         }
     )
+
+
+DECISION_RECORD_HEADER = ("bridge-record", b"app-decision")
+"""The header that marks forward mode's record of an app server's decision on a before-callback
+(`bridge.ingest.forward`), written after the callback's record on its topic and partition: not a callback."""
+
+
+def is_decision_record(headers: Iterable[tuple[str, bytes]]) -> bool:
+    return DECISION_RECORD_HEADER in headers
 
 
 def record_headers(
