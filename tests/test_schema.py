@@ -482,6 +482,12 @@ def test_the_clickhouse_pipeline_is_created_and_its_view_fills_the_mergetree_tar
             f"fromUnixTimestamp64Milli(toInt64({RECEIVED_AT_MS})), 3, {offset}, "
             f"['CallbackCommand', 'SdkAppid'], [{command}, '1400000000'])"
         )
+    # Forward mode's record of an app's decision shares the callbacks' topic: no view may take it.
+    decision = clickhouse.literal('{"schema":"tencent-chat-kafka-bridge/app-decision/1","status":200}')
+    rows_in.append(
+        f"({decision}, 'key-decision', fromUnixTimestamp64Milli(toInt64({RECEIVED_AT_MS})), 3, "
+        f"{len(callbacks)}, ['bridge-record', 'SdkAppid'], ['app-decision', '1400000000'])"
+    )
     session.query(f"INSERT INTO {stand_in} VALUES {', '.join(rows_in)}")  # noqa: S608 - test SQL, values quoted
     target = pipeline.view.split(" TO ", 1)[1].split(" AS\n", 1)[0]
     session.query(f"INSERT INTO {target} {pipeline.view_query.replace(pipeline.kafka_source, stand_in)}")

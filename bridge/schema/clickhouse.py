@@ -267,8 +267,8 @@ def pipeline(
         where = f"\nWHERE {header} = {literal(selection.name)}"
     elif selection.kind == "family":
         where = f"\nWHERE startsWith({header}, {literal(selection.name + '.')})"
-    else:
-        where = ""
+    else:  # a topic: its callbacks, not forward mode's decision records, which have no CallbackCommand
+        where = "\nWHERE has(`_headers.name`, 'CallbackCommand')"
     view_query = f"SELECT\n{select}\nFROM {kafka}{where}"
     return Pipeline(
         kafka_table=f"""\

@@ -56,4 +56,5 @@ SELECT
     _partition AS `kafka_partition`,
     _offset AS `kafka_offset`,
     mapFromArrays(`_headers.name`, `_headers.value`) AS `headers`
-FROM `tim_app_kafka`;
+FROM `tim_app_kafka`
+WHERE has(`_headers.name`, 'CallbackCommand');

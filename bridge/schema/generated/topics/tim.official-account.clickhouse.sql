@@ -78,4 +78,5 @@ SELECT
     _partition AS `kafka_partition`,
     _offset AS `kafka_offset`,
     mapFromArrays(`_headers.name`, `_headers.value`) AS `headers`
-FROM `tim_official_account_kafka`;
+FROM `tim_official_account_kafka`
+WHERE has(`_headers.name`, 'CallbackCommand');
