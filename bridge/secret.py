@@ -70,6 +70,26 @@ class CallbackToken(Secret):
         return hash((self.reveal(), self.sdk_app_id))
 
 
+class UrlFile:
+    """A URL read from a file (`--forward-url-file`), and the file's path, to read it again on SIGHUP. The
+    URL may carry credentials (`https://user:password@host/...`): its repr shows the path only."""
+
+    __slots__ = ("path", "url")
+
+    def __init__(self, path: str, url: str) -> None:
+        self.path = path
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"UrlFile({self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UrlFile) and (other.path, other.url) == (self.path, self.url)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.url))
+
+
 class TokenFile:
     """The tokens read from a token file (`--callback-token-file`), and the file's path, to read it again
     (on SIGHUP, `bridge.ingest.reload`). The path is not secret; the tokens are `CallbackToken`s."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,10 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.errors import BrokerRejected
 from bridge.ingest.forward import DECISION_SCHEMA
-from bridge.ingest.server import FORWARDER, create_app
+from bridge.ingest.reload import FAILED, FORWARD_URL_FILE, RELOADED
+from bridge.ingest.server import FORWARDER, RELOADER, create_app
 from bridge.secret import Secret
-from bridge.settings import ServeSettings
-from bridge.settings.values import forward_url
+from bridge.settings import ServeSettings, SettingsError, build
+from bridge.settings.values import forward_url, forward_url_file
 from bridge.tencent.protocol import OK_BODY
 from tests.conftest import BridgeClient
 from tests.support.app_server import ALLOW, DENY, ERROR_BODY, MODIFY, AppServer, down_url
@@ -128,6 +131,57 @@ async def test_a_before_callback_is_answered_with_the_app_servers_decision_once_
     value = orjson.loads(decision.value)
     assert value["schema"] == DECISION_SCHEMA
     assert (value["command"], value["status"], value["answer"]) == (BEFORE, 200, answer)
+
+
+async def test_sighup_reads_the_forward_url_file_again_and_the_next_forwards_follow_it(
+    kafka: str, app_server: AppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL with credentials lives in `--forward-url-file`: a reload (what SIGHUP runs) points the next
+    forwards at the file's new URL; a file that is not a URL keeps the old one; no credential is logged."""
+    url_file = tmp_path / "forward-url"
+    with_password = app_server.url("allow").replace("http://", "http://moderator:s3cret-pw@", 1)
+    url_file.write_text(with_password + "\n")
+    settings = replace(
+        forward_settings(kafka, app_server.url("allow")),
+        forward_url=None,
+        forward_url_file=forward_url_file(str(url_file)),
+    )
+    assert "s3cret-pw" not in repr(settings)
+    client = await bridge_for(settings)
+    try:
+        status, answered, _, _ = await post(client, *c2c(BEFORE, "reload-0"))
+        assert (status, orjson.loads(answered)) == (200, ALLOW)
+        url_file.write_text(app_server.url("deny").replace("http://", "http://moderator:n3w-pw@", 1))
+        with caplog.at_level(logging.INFO, logger="bridge.reload"):
+            client.app[RELOADER].reload()
+        status, answered, _, _ = await post(client, *c2c(BEFORE, "reload-1"))
+        assert (status, orjson.loads(answered)) == (200, DENY)
+        url_file.write_text("not a url\n")
+        with caplog.at_level(logging.INFO, logger="bridge.reload"):
+            client.app[RELOADER].reload()
+        status, answered, _, _ = await post(client, *c2c(BEFORE, "reload-2"))
+        assert (status, orjson.loads(answered)) == (200, DENY), "the last good URL stays in use"
+        counts = client.app[RELOADER].counts
+        assert (counts[FORWARD_URL_FILE, RELOADED], counts[FORWARD_URL_FILE, FAILED]) == (1, 1)
+    finally:
+        await client.close()
+    assert [got.authorization for got in app_server.received] == [
+        "moderator:s3cret-pw",
+        *["moderator:n3w-pw"] * 2,
+    ]
+    assert "pw" not in caplog.text
+    assert str(url_file) in caplog.text
+
+
+def test_a_forward_url_and_a_forward_url_file_are_refused_together(tmp_path: Path) -> None:
+    url_file = tmp_path / "forward-url"
+    url_file.write_text("http://127.0.0.1:9/tencent\n")
+    with pytest.raises(SettingsError, match="not both"):
+        build(
+            "serve",
+            {},
+            {"BRIDGE_FORWARD_URL": "http://127.0.0.1:9/tencent", "BRIDGE_FORWARD_URL_FILE": str(url_file)},
+        )
 
 
 async def test_consume_passes_over_the_app_decisions_and_prints_only_the_callbacks(

@@ -13,26 +13,28 @@ runs: they stay, beside the file's, and a SIGHUP with no file to read says it ha
 
 Other secrets read from files join through `Reloader.add`: a name (the metric's `source` label) and a
 function that reads its file again and puts the new value in use, raising `ValueError` to keep the old one.
-Forward mode's URL credentials are meant to be one (`--forward-url`, issue 16); `--sasl-password-file` is
-not one (the producer's SASL login would have to be rebuilt).
+`--forward-url-file` is one (`reread_forward_url`: forward mode's URL and the credentials in it);
+`--sasl-password-file` is not (the producer's SASL login would have to be rebuilt).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge.secret import TokenFile
 from bridge.settings import ServeSettings
-from bridge.settings.values import token_file
+from bridge.settings.values import forward_url_file, token_file
 from bridge.tencent.signature import SignatureCheck
 
 log = logging.getLogger("bridge.reload")  # see `bridge.logs.LOGGERS`
 
 CALLBACK_TOKEN_FILE = "callback_token_file"  # noqa: S105 - a metric label, the name of a source
+FORWARD_URL_FILE = "forward_url_file"
 RELOADED, FAILED = "reloaded", "failed"
 
 Reread = Callable[[], str]
@@ -126,3 +128,20 @@ class ReloadCollector(Collector):
         )
         tokens.add_metric((), self._reloader.tokens_in_use)
         yield tokens
+
+
+class _UrlHolder(Protocol):
+    url: str
+
+
+def reread_forward_url(path: str, forwarder: _UrlHolder) -> Reread:
+    """`--forward-url-file` read again: the next forwards go to its URL; one under way keeps the old."""
+
+    def reread() -> str:
+        try:
+            forwarder.url = forward_url_file(path).url
+        except ValueError as exc:
+            raise ValueError(f"--forward-url-file {path}: {exc}") from None
+        return f"the forward URL from {path}"
+
+    return reread

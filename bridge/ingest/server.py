@@ -48,7 +48,7 @@ from bridge.ingest.metrics import (
 )
 from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes, outcome_of
 from bridge.ingest.rejected import DeadLetters
-from bridge.ingest.reload import ReloadCollector, Reloader
+from bridge.ingest.reload import FORWARD_URL_FILE, ReloadCollector, Reloader, reread_forward_url
 from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import REQUEST_ID, LineBudget
 from bridge.settings import ServeSettings
@@ -115,9 +115,13 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
         app.cleanup_ctx.append(_kafka_publisher)
     else:
         app[PUBLISHER] = publisher
-    if settings.forward_url is not None:
-        app[FORWARDER] = Forwarder.of(settings, settings.forward_url)
+    if (target := settings.forward_target) is not None:
+        app[FORWARDER] = Forwarder.of(settings, target)
         app.cleanup_ctx.append(app[FORWARDER].lifetime)
+        if settings.forward_url_file is not None:
+            app[RELOADER].add(
+                FORWARD_URL_FILE, reread_forward_url(settings.forward_url_file.path, app[FORWARDER])
+            )
     app.router.add_route("*", settings.path, handle_callback)
     app.router.add_get("/healthz", healthz)
     if on_this_port:
@@ -189,7 +193,7 @@ async def handle_callback(request: web.Request) -> web.Response:
         # Until the write answers: a handler cancelled from here on (at shutdown) leaves a record that may
         # still land, its own or an identical callback's, and either is followed.
         request[OUTCOME] = Outcome.AMBIGUOUS
-        if settings.forward_url is not None:
+        if FORWARDER in app:
             return await relay(
                 request,
                 forwarder=app[FORWARDER],

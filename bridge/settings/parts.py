@@ -12,7 +12,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.secret import Secret, TokenFile
+from bridge.secret import Secret, TokenFile, UrlFile
 from bridge.tencent.commands import TopicGroup
 
 
@@ -255,8 +255,15 @@ class Forwarding:
     """Forward mode (`bridge.ingest.forward`): each accepted callback also goes to the app's own server."""
 
     forward_url: str | None = None
+    forward_url_file: UrlFile | None = None
+    """The forward URL read from `--forward-url-file`, and its path (read again on SIGHUP)."""
     forward_timeout: float = 1.5
     forward_max_connections: int = 100
+
+    @property
+    def forward_target(self) -> str | None:
+        """The app server's URL, from `--forward-url` or `--forward-url-file`; None: no forward mode."""
+        return self.forward_url_file.url if self.forward_url_file is not None else self.forward_url
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +277,11 @@ class ServeSettings(TopicsSettings, HttpLimits, Authentication, Delivery, Forwar
     create the topics too, and the HTTP side."""
 
     create_topics: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.forward_url is not None and self.forward_url_file is not None:
+            raise SettingsError("give --forward-url or --forward-url-file, not both")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -315,6 +315,14 @@ FORWARD: tuple[Option, ...] = (
         unset="(none)",
     ),
     Option(
+        "forward_url_file",
+        "File holding the forward URL on one line, for a URL with credentials (a container secret); serve "
+        "reads it again on SIGHUP. Instead of --forward-url.",
+        values.forward_url_file,
+        "FILE",
+        unset="(none)",
+    ),
+    Option(
         "forward_timeout",
         "Longest wait, in seconds, for the app server's answer (within the callback's own deadline).",
         values.seconds,

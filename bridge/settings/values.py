@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from bridge.secret import CallbackToken, Secret, TokenFile
+from bridge.secret import CallbackToken, Secret, TokenFile, UrlFile
 
 # Paths the bridge serves itself; the callback path must be another one.
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
@@ -129,6 +129,17 @@ def forward_url(text: str) -> str:
     if parts.query or parts.fragment or text.endswith(("?", "#")):
         raise ValueError("must have no query or fragment: each callback's own query is appended to it")
     return text
+
+
+def forward_url_file(path: str) -> UrlFile:
+    """The forward URL in the file at `path` (its first line; credentials in it stay out of the settings'
+    repr and the logs), checked as `forward_url` checks one given directly."""
+    text = _read_secret_file(path).strip()
+    if not text:
+        raise ValueError("the file holds no URL")
+    if "\n" in text:
+        raise ValueError("the file holds more than one line: one URL is expected")
+    return UrlFile(path, forward_url(text))
 
 
 def callback_token(text: str) -> CallbackToken:

@@ -7,6 +7,7 @@ It keeps every request it got, raw query and body, for the tests to compare byte
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ class Received:
     raw_query: str
     body: bytes
     content_type: str
+    authorization: str | None = None
+    """`user:password` of a Basic `Authorization` header (credentials in the forward URL), if any."""
 
 
 @dataclass
@@ -43,7 +46,13 @@ class AppServer:
     async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.received.append(
-            Received(request.path, request.rel_url.raw_query_string, body, request.content_type)
+            Received(
+                request.path,
+                request.rel_url.raw_query_string,
+                body,
+                request.content_type,
+                _basic_credentials(request.headers.get("Authorization")),
+            )
         )
         behaviour = request.match_info["behaviour"]
         if behaviour == "slow":
@@ -65,3 +74,9 @@ def down_url() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}/callback"
+
+
+def _basic_credentials(header: str | None) -> str | None:
+    if header is None or not header.startswith("Basic "):
+        return None
+    return base64.b64decode(header.removeprefix("Basic ")).decode()
