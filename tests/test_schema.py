@@ -41,6 +41,7 @@ from bridge.tencent.callback import parse_callback
 from bridge.tencent.commands import COMMANDS, FAMILIES, CommandSpec, TopicGroup
 from bridge.tencent.partitioner import partition_for
 from bridge.tencent.protocol import parse_query
+from bridge.tencent.rejected import json_schema as rejected_json_schema
 from tests.conftest import BridgeClient
 from tests.support import flink_parser
 from tests.support.records import read_records
@@ -713,6 +714,19 @@ def test_bridge_schema_prints_the_json_schema_that_validates_a_whole_record(
     assert schema == json_schema(by_command(command))
     _, query, raw = next(c for c in FIXTURE_CALLBACKS if c[1]["CallbackCommand"] == command)
     jsonschema.validate(orjson.loads(record_value(query, raw)[0]), schema)
+
+
+def test_bridge_schema_of_the_dead_letter_topic_is_the_json_schema_of_what_consume_prints_of_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its values are refused bodies as posted, maybe not JSON: no columns to give, one JSON Schema; the
+    topic's name follows --rejected-topic's variable as the callback topics follow theirs."""
+    environ = {"BRIDGE_REJECTED_TOPIC": "app7.rejected"}
+    status, out, _ = run(["--format", "json-schema", "--topic", "app7.rejected"], capsys, environ)
+    assert (status, orjson.loads(out)) == (0, rejected_json_schema())
+    status, _, err = run(["--format", "clickhouse", "--topic", "app7.rejected"], capsys, environ)
+    assert status == 2
+    assert "app7.rejected is the dead-letter topic" in err
 
 
 @pytest.mark.parametrize("output_format", ["json-schema", "clickhouse", "clickhouse-query", "flink", "spark"])

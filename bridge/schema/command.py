@@ -19,6 +19,7 @@ from bridge.schema.json_schema import json_schema
 from bridge.schema.model import SchemaError, Selection, TopicFor, select
 from bridge.settings import COMMANDS, SchemaSettings, SettingsError, TopicLayout
 from bridge.settings.service_options import TOPIC_NAMES
+from bridge.tencent.rejected import json_schema as rejected_schema
 
 
 def topic_layout(environ: Mapping[str, str]) -> TopicLayout:
@@ -54,11 +55,28 @@ def render(settings: SchemaSettings, selection: Selection) -> str:
 
 def run_schema(settings: SchemaSettings, environ: Mapping[str, str], output: IO[str] | None = None) -> int:
     try:
-        topic_for: TopicFor = topic_layout(environ).topic_for
+        layout = topic_layout(environ)
+        if settings.topic is not None and settings.topic == layout.rejected_topic:
+            return _dead_letter_schema(settings, output)
+        topic_for: TopicFor = layout.topic_for
         selection = select(
             command=settings.command, family=settings.family, topic=settings.topic, topic_for=topic_for
         )
     except (SchemaError, SettingsError) as exc:
         raise CommandError(str(exc), ExitStatus.USAGE) from None
     (output or sys.stdout).write(render(settings, selection))
+    return ExitStatus.OK
+
+
+def _dead_letter_schema(settings: SchemaSettings, output: IO[str] | None) -> int:
+    """The dead-letter topic's records are the refused bodies as posted, not envelopes: the one schema
+    there is the JSON Schema of what `bridge consume` prints of them (`bridge.tencent.rejected`)."""
+    if settings.format != "json-schema":
+        raise CommandError(
+            f"{settings.topic} is the dead-letter topic: its values are refused bodies as posted (maybe not "
+            "JSON), so it has no column schema; --format json-schema prints the JSON Schema of the lines "
+            "bridge consume prints of it",
+            ExitStatus.USAGE,
+        )
+    (output or sys.stdout).write(orjson.dumps(rejected_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
     return ExitStatus.OK
