@@ -54,7 +54,8 @@ from bridge.tencent.partitioner import partition_for
 log = logging.getLogger("bridge.publisher")  # see `bridge.logs.LOGGERS`
 
 EXPIRY_TICK_S = 0.01
-"""The width of a bucket of deadlines (see `_Expiries`): a record expires at most this late, never early."""
+"""The width of a bucket of deadlines (see `_Expiries`): a record expires at most this early, never late:
+the producer's own timeout, at the deadline, must not come first (its error would read as a refusal)."""
 
 
 class Publisher(Protocol):
@@ -127,7 +128,7 @@ class _Expiries:
         self, deadline: float, delivery: asyncio.Future[None], batches: PartitionBatches
     ) -> dict[asyncio.Future[None], PartitionBatches]:
         """Expire `delivery` of `batches` at `deadline` unless it leaves the bucket returned before."""
-        key = -int(-deadline // EXPIRY_TICK_S)  # the bucket ending at or after the deadline
+        key = int(deadline // EXPIRY_TICK_S)  # the bucket starting at or before the deadline
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = {}
