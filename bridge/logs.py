@@ -12,10 +12,10 @@ import asyncio
 import contextvars
 import datetime
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
+from random import getrandbits
 from typing import Any, TextIO
 
 import orjson
@@ -45,8 +45,11 @@ _STANDARD_ATTRIBUTES = frozenset(
 
 
 def new_request_id() -> str:
-    """A fresh request id, for a request that brought no usable one of its own."""
-    return os.urandom(8).hex()
+    """A fresh request id, for a request that brought no usable one of its own: 16 hex digits.
+
+    From `random`, not `os.urandom`: an id is no secret (a caller may bring its own), and the system call
+    cost 0.7 us per callback against 0.17 us (`random` reseeds itself in a forked child)."""
+    return getrandbits(64).to_bytes(8).hex()
 
 
 class RequestIdFilter(logging.Filter):

@@ -3,8 +3,9 @@
 Tencent sends a callback again when it timed out waiting (with "retry on timeout" on), and a second copy
 often arrives while the first is still waiting for the broker. The copy waits for the first write's outcome
 instead of writing again; a copy of one confirmed within the window is answered at once. The handler holds
-a `Claim` (`async with dedup.claim(identity, deadline) as claim:`) and writes only when the claim says the
-callback is no duplicate; the block's end tells the claim how the write went. This is an
+a `Claim` (`async with dedup.claim(identity, deadline) as claim:`, or on the request path the same as plain
+calls: `begin`, `wait` when it says so, `end`) and writes only when the claim says the callback is no
+duplicate; the block's end tells the claim how the write went. This is an
 optimisation, not a guarantee: restarts, several replicas and ambiguous outcomes still let duplicates into
 Kafka, so consumers deduplicate by key too.
 
@@ -169,11 +170,23 @@ class Claim:
         """What the copy's 200 says: its own write confirmed, or which kind of duplicate it is."""
         return Outcome.CONFIRMED if self.duplicate is None else self.duplicate
 
-    async def __aenter__(self) -> Claim:
+    def begin(self) -> bool:
+        """The claim without waiting, as plain calls on the request path (`async with` costs two coroutines
+        more per callback): True once decided (`duplicate`, or this copy writes and then calls `end`); False
+        when an identical callback's write is under way, to be waited for with `wait`."""
         dedup, callback_id = self._dedup, self._callback_id
         if dedup._confirmed_recently(callback_id):
             self.duplicate = Outcome.DUPLICATE_CONFIRMED
-            return self
+            return True
+        if callback_id in dedup._writing:
+            return False
+        self._write = dedup._writing[callback_id] = _Write()
+        return True
+
+    async def wait(self) -> None:
+        """After `begin` said False: wait for the earlier copies' writes (until the deadline: then an
+        ambiguous `DeliveryTimeout`), then decide as `begin` does."""
+        dedup, callback_id = self._dedup, self._callback_id
         while (earlier := dedup._writing.get(callback_id)) is not None:
             try:
                 async with asyncio.timeout_at(self._deadline):
@@ -190,17 +203,13 @@ class Claim:
                 raise
             if earlier.confirmed:
                 self.duplicate = Outcome.DUPLICATE_IN_FLIGHT
-                return self
+                return
             # The earlier write failed: this copy tries for itself, unless another copy already does.
         self._write = dedup._writing[callback_id] = _Write()
-        return self
 
-    async def __aexit__(
-        self,
-        _type: type[BaseException] | None,
-        failure: BaseException | None,
-        _traceback: TracebackType | None,
-    ) -> None:
+    def end(self, failure: BaseException | None) -> None:
+        """This copy's write is over: confirmed (`failure` None) or failed with `failure`. Nothing to do for
+        a duplicate."""
         write = self._write
         if write is None:
             return
@@ -214,3 +223,16 @@ class Claim:
         del dedup._writing[self._callback_id]
         if write.followers:
             dedup._settle_followers(write, write.followers)
+
+    async def __aenter__(self) -> Claim:
+        if not self.begin():
+            await self.wait()
+        return self
+
+    async def __aexit__(
+        self,
+        _type: type[BaseException] | None,
+        failure: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        self.end(failure)

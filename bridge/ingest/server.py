@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import istr
 
 from bridge.errors import (
     BodyTimeout,
@@ -39,6 +40,7 @@ from bridge.ingest.forward import Forwarder, relay
 from bridge.ingest.metrics import (
     METRICS,
     NOT_CALLBACKS,
+    REQUEST_ID_HEADER,
     count_request,
     install_metrics,
     note_command,
@@ -79,7 +81,7 @@ HTTP parser, and the connections refused over `--max-connections`."""
 
 _JSON = "application/json"
 # Each answer to a callback says what became of it: confirmed, a duplicate, rejected, failed, ambiguous.
-OUTCOME_HEADER = "X-Bridge-Outcome"
+OUTCOME_HEADER = istr("X-Bridge-Outcome")  # an `istr`: see `bridge.ingest.metrics.REQUEST_ID_HEADER`
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -205,11 +207,18 @@ async def handle_callback(request: web.Request) -> web.Response:
                 publisher=publisher,
                 fail=_fail_post,
             )
-        async with app[DEDUP].claim(callback.identity, deadline) as claim:
-            if claim.duplicate is None:
+        claim = app[DEDUP].claim(callback.identity, deadline)  # plain calls: see `Claim.begin`
+        if not claim.begin():
+            await claim.wait()  # an identical callback's write is under way
+        if claim.duplicate is None:
+            try:
                 started = time.perf_counter()
                 await publisher.publish(record, deadline)
                 observe_publish(request, record, time.perf_counter() - started)
+            except BaseException as failure:
+                claim.end(failure)
+                raise
+            claim.end(None)
         request[OUTCOME] = claim.outcome
     finally:
         admission.release(holds_slot)
@@ -254,9 +263,9 @@ def statistics(app: web.Application) -> web.Response:
 
 
 async def _read_body(request: web.Request, limit: int, timeout: float, admission: Admission) -> bytes:
-    too_large = BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    content_length = request.content_length
+    if content_length is not None and content_length > limit:
+        raise _too_large(limit)
     try:
         if request.content.is_eof():  # the whole body came with the headers: no wait, no timer, no place
             return await request.read()
@@ -264,7 +273,7 @@ async def _read_body(request: web.Request, limit: int, timeout: float, admission
             async with asyncio.timeout(timeout):
                 return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(limit) from None
     except TimeoutError:
         raise BodyTimeout(f"the body did not arrive within {timeout:g} s") from None
     except (HttpProcessingError, web.RequestPayloadError) as exc:
@@ -272,6 +281,10 @@ async def _read_body(request: web.Request, limit: int, timeout: float, admission
         raise UnreadableBody(f"the body could not be read: {detail}") from None
     except (ConnectionError, ClientPayloadError):
         raise UnreadableBody("the client closed the connection before the body arrived") from None
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the body is larger than the limit of {limit} bytes")
 
 
 @web.middleware
@@ -309,12 +322,12 @@ async def answer_requests(request: web.Request, handler: Handler) -> web.StreamR
             if outcome is not None:
                 response.headers[OUTCOME_HEADER] = outcome.value
             status = response.status
-            response.headers["X-Request-Id"] = request_id
+            response.headers[REQUEST_ID_HEADER] = request_id
             return response
         request[OUTCOME] = outcome_of(error)
         response = _fail(request, error, allow)
         status = response.status
-        response.headers["X-Request-Id"] = request_id
+        response.headers[REQUEST_ID_HEADER] = request_id
         return response
     finally:
         # Also for a callback's handler cancelled at shutdown, past the drain, which sends no answer: it
