@@ -3,16 +3,13 @@ per machine and cached outside git (as the Kafka broker's are), the small Java d
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support.kafka.jars import cache_root, tools_present
+from tests.support.kafka.jars import cache_root, cached_folder, tools_present
 
 HERE = Path(__file__).parent / "flink"
 POM = HERE / "pom.xml"
@@ -31,37 +28,26 @@ def available() -> bool:
 def _classpath() -> Path:
     key = hashlib.sha256(POM.read_bytes() + DRIVER.read_bytes()).hexdigest()[:16]
     target = cache_root() / f"flink-sql-parser-{key}"
-    if (target / ".complete").exists():
-        return target
-    if not available():
+    if not (target / ".complete").exists() and not available():
         raise ParserUnavailable("java, javac and mvn are needed to run Apache Flink's SQL parser")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f"{target.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / ".complete").exists():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
-        try:
-            _run(
-                [
-                    "mvn",
-                    "--batch-mode",
-                    "--quiet",
-                    "--file",
-                    str(POM),
-                    "dependency:copy-dependencies",
-                    f"-DoutputDirectory={staging}",
-                    "-DincludeScope=runtime",
-                ]
-            )
-            _run(["javac", "-cp", f"{staging}/*", "-d", str(staging), str(DRIVER)])
-            (staging / ".complete").touch()
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return cached_folder(target, _build)
+
+
+def _build(staging: Path) -> None:
+    """The parser's jars copied by Maven, and the driver compiled beside them."""
+    _run(
+        [
+            "mvn",
+            "--batch-mode",
+            "--quiet",
+            "--file",
+            str(POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
+        ]
+    )
+    _run(["javac", "-cp", f"{staging}/*", "-d", str(staging), str(DRIVER)])
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -46,12 +47,17 @@ def libs() -> Path:
     Keyed by the pom's hash, so changing the pinned version resolves anew. A lock file keeps two test
     processes from resolving at once, and the folder appears only when complete.
     """
-    key = hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
-    target = cache_root() / f"kafka-{kafka_version()}-{key}"
+    target = cache_root() / f"kafka-{kafka_version()}-{hashlib.sha256(POM.read_bytes()).hexdigest()[:16]}"
+    if not (target / ".complete").exists() and not tools_present():
+        raise KafkaUnavailable("java and mvn are needed to run the local Apache Kafka")
+    return cached_folder(target, _copy_dependencies)
+
+
+def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, made by `build` (into a staging folder) unless a complete one is there already. A lock file
+    keeps two test processes from building it at once, and the folder appears only when complete."""
     if (target / ".complete").exists():
         return target
-    if not tools_present():
-        raise KafkaUnavailable("java and mvn are needed to run the local Apache Kafka")
     target.parent.mkdir(parents=True, exist_ok=True)
     with (target.parent / f"{target.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -59,7 +65,7 @@ def libs() -> Path:
             return target
         staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
         try:
-            _copy_dependencies(staging)
+            build(staging)
             (staging / ".complete").touch()
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(target)
