@@ -43,30 +43,31 @@ def checked_query(
 
 @dataclass(slots=True)  # not frozen: see `bridge.tencent.envelope.Record`
 class ParsedCallback:
-    """A callback checked and routed, with its record but for the topic and partition."""
+    """A callback checked and routed: all its record is made of, but the topic and the format."""
 
     routed: RoutedCallback
     """The command, its family and topic group, the owning entity, the key and the event time."""
     identity: CallbackId
-    value: bytes
-    """The envelope, with the posted body embedded byte for byte."""
     timestamp_ms: int
-    headers: tuple[tuple[str, bytes], ...]
     body: bytes = field(repr=False)
-    """The body as posted, byte for byte: the value of the `cloudevents` format."""
+    """The body as posted, byte for byte: inside the envelope, or the value of the `cloudevents` format."""
     query: dict[str, str] = field(repr=False)
+    """The query as received, without `Sign`."""
     received_at_ms: int
 
     def record(self, topic: str, record_format: str = "envelope") -> Record:
         """The record of this callback on `topic`, in `record_format` (`--record-format`): `envelope`, or
         `cloudevents` (the body as the value, the metadata in `ce_*` headers, see `cloudevents`)."""
         routed = self.routed
-        value, headers = self.value, self.headers
-        if record_format == "cloudevents":
+        sdk_app_id = self.query["SdkAppid"]
+        if record_format == "envelope":  # each built here, for the format chosen only
+            value = envelope(self.body, self.query, self.received_at_ms)
+            headers = record_headers(routed.command, sdk_app_id, routed.entity, self.received_at_ms)
+        else:
             value = self.body
             headers = cloudevents.headers(
                 command=routed.command,
-                sdk_app_id=self.query["SdkAppid"],
+                sdk_app_id=sdk_app_id,
                 entity=routed.entity,
                 key=routed.key,
                 query=self.query,
@@ -104,9 +105,7 @@ def parse_callback(
     return ParsedCallback(
         routed=routed,
         identity=callback_id(query.sdk_app_id, command, routed.key),
-        value=envelope(raw_body, query.params, received_at_ms),
         timestamp_ms=record_timestamp(routed.event_time_ms, received_at_ms, max_event_age_ms),
-        headers=record_headers(command, query.sdk_app_id, routed.entity, received_at_ms),
         body=raw_body,
         query=query.params,
         received_at_ms=received_at_ms,
