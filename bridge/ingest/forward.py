@@ -30,8 +30,8 @@ import orjson
 from aiohttp import web
 
 from bridge.errors import BridgeError
-from bridge.ingest.dedup import EdgeDedup
-from bridge.ingest.metrics import METRICS, observe_publish
+from bridge.ingest.dedup import EdgeDedup, write_once
+from bridge.ingest.metrics import METRICS
 from bridge.ingest.outcomes import OUTCOME, outcome_of
 from bridge.kafka.publisher import Publisher
 from bridge.logs import REQUEST_ID
@@ -201,12 +201,9 @@ async def relay(
     write_error: BridgeError | None = None
     try:
         # A duplicate is forwarded again (the app server decides again), but not written again.
-        async with dedup.claim(callback.identity, deadline) as claim:
-            if claim.duplicate is None:
-                write_started = time.perf_counter()
-                await publisher.publish(record, deadline)
-                observe_publish(request, record, time.perf_counter() - write_started)
-        request[OUTCOME] = claim.outcome
+        request[OUTCOME] = await write_once(
+            request, dedup, publisher, record, identity=callback.identity, deadline=deadline
+        )
     except BridgeError as exc:
         write_error = exc
         request[OUTCOME] = outcome_of(exc)

@@ -35,7 +35,7 @@ from bridge.errors import (
     UnreadableBody,
 )
 from bridge.ingest.admission import Admission
-from bridge.ingest.dedup import EdgeDedup
+from bridge.ingest.dedup import EdgeDedup, write_once
 from bridge.ingest.forward import Forwarder, relay
 from bridge.ingest.metrics import (
     METRICS,
@@ -45,7 +45,6 @@ from bridge.ingest.metrics import (
     install_metrics,
     note_command,
     note_failure,
-    observe_publish,
     request_id_of,
 )
 from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes, outcome_of
@@ -207,19 +206,9 @@ async def handle_callback(request: web.Request) -> web.Response:
                 publisher=publisher,
                 fail=_fail_post,
             )
-        claim = app[DEDUP].claim(callback.identity, deadline)  # plain calls: see `Claim.begin`
-        if not claim.begin():
-            await claim.wait()  # an identical callback's write is under way
-        if claim.duplicate is None:
-            try:
-                started = time.perf_counter()
-                await publisher.publish(record, deadline)
-                observe_publish(request, record, time.perf_counter() - started)
-            except BaseException as failure:
-                claim.end(failure)
-                raise
-            claim.end(None)
-        request[OUTCOME] = claim.outcome
+        request[OUTCOME] = await write_once(
+            request, app[DEDUP], publisher, record, identity=callback.identity, deadline=deadline
+        )
     finally:
         admission.release(holds_slot)
     return web.Response(body=OK_BODY, content_type=_JSON)
