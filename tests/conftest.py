@@ -12,6 +12,7 @@ import functools
 import io
 import logging
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,8 @@ from bridge.ingest.server import create_app
 from bridge.logs import configure_logging
 from bridge.settings import ServeSettings
 from bridge.tools.embedded import EmbeddedBroker
-from tests.support.broker import broker_choice, kafka_broker
+from tests.support.app_server import AppServer
+from tests.support.broker import FaultBroker, broker_choice, fault_broker, kafka_broker
 from tests.support.fakes import FakePublisher
 from tests.support.kafka import jars
 from tests.support.readback import Posted, Receiver, post_through_a_bridge, three_days
@@ -173,6 +175,22 @@ async def posted(settings: ServeSettings) -> list[Posted]:
     callbacks = three_days()
     await post_through_a_bridge(settings, callbacks)
     return callbacks
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[FaultBroker]:
+    """A broker of this test's own, so that pausing it disturbs no other test."""
+    with fault_broker(tmp_path) as broker:
+        yield broker
+
+
+@pytest.fixture
+async def app_server() -> AsyncIterator[AppServer]:
+    """A stand-in for the app's own callback server (forward mode), serving until the test ends."""
+    target = AppServer()
+    target.server = TestServer(target.app(), host="127.0.0.1")
+    async with target.server:
+        yield target
 
 
 @pytest.fixture

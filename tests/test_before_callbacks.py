@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -19,7 +18,7 @@ from bridge.tencent.commands import BEFORE_COMMANDS, COMMANDS, runs_before
 from bridge.tencent.envelope import Record
 from tests.conftest import BridgeClient
 from tests.support.app_server import ALLOW, AppServer
-from tests.support.broker import FaultBroker, fault_broker
+from tests.support.broker import FaultBroker
 from tests.support.fakes import FakePublisher
 from tests.support.records import read_records
 from tests.support.requests import fixture
@@ -132,20 +131,6 @@ async def test_a_confirmed_before_callback_is_answered_ok_and_in_kafka(
 
 
 # --- a paused broker (a broker of the test's own) -------------------------------------------------------
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[FaultBroker]:
-    with fault_broker(tmp_path) as broker:
-        yield broker
-
-
-@pytest.fixture
-async def app_server() -> AsyncIterator[AppServer]:
-    target = AppServer()
-    target.server = TestServer(target.app(), host="127.0.0.1")
-    async with target.server:
-        yield target
 
 
 async def _timed(client: BridgeClient, command: str, key: str) -> tuple[int, dict[str, object], float]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 
 import orjson
 import pytest
@@ -15,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.ingest.server import create_app
 from bridge.settings import ServeSettings
 from tests.conftest import BridgeClient
-from tests.support.broker import FaultBroker, fault_broker
+from tests.support.broker import FaultBroker
 from tests.support.records import read_records
 from tests.support.requests import fixture
 from tests.support.serve import wait_until_ready
@@ -29,13 +28,6 @@ DELIVERY_TIMEOUT_S = 1.0
 
 def callback(msg_key: str) -> bytes:
     return orjson.dumps({**SEED.body, "MsgKey": msg_key})
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[FaultBroker]:
-    """A broker of this test's own, so that pausing it disturbs no other test."""
-    with fault_broker(tmp_path) as broker:
-        yield broker
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,14 +61,6 @@ def forward_settings(bootstrap_servers: str, url: str, **overrides: Any) -> Serv
         callback_token=(Secret(TOKEN),),
         **overrides,
     )
-
-
-@pytest.fixture
-async def app_server() -> AsyncIterator[AppServer]:
-    target = AppServer()
-    target.server = TestServer(target.app(), host="127.0.0.1")
-    async with target.server:
-        yield target
 
 
 async def post(client: BridgeClient, query: str, body: bytes) -> tuple[int, bytes, dict[str, str], float]:
