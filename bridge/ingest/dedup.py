@@ -23,10 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
 
-from aiohttp import web
-
 from bridge.errors import DeliveryTimeout, Unavailable
-from bridge.ingest.metrics import observe_publish
+from bridge.ingest.metrics import Call
 from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.kafka.publisher import Publisher
 from bridge.tencent.envelope import CallbackId, Record
@@ -243,7 +241,7 @@ class Claim:
 
 
 async def write_once(
-    request: web.Request,
+    call: Call,
     dedup: EdgeDedup,
     publisher: Publisher,
     record: Record,
@@ -253,7 +251,8 @@ async def write_once(
 ) -> Outcome:
     """`record` of the callback `identity` written once, however many copies of it come: the claim
     held around the publish, as plain calls (`async with` costs two coroutines more per callback). The
-    outcome its 200 says (confirmed, or which duplicate); raises the write's failure, or the wait's."""
+    outcome its 200 says (confirmed, or which duplicate); raises the write's failure, or the wait's. The
+    write's acknowledgement is left in `call`, for the metrics."""
     claim = dedup.claim(identity, deadline)
     if not claim.begin():
         await claim.wait()  # an identical callback's write is under way
@@ -261,7 +260,7 @@ async def write_once(
         try:
             started = time.perf_counter()
             await publisher.publish(record, deadline)
-            observe_publish(request, record, time.perf_counter() - started)
+            call.published(record, time.perf_counter() - started)
         except BaseException as failure:
             claim.end(failure)
             raise

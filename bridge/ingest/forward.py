@@ -31,8 +31,8 @@ from aiohttp import web
 
 from bridge.errors import BridgeError
 from bridge.ingest.dedup import EdgeDedup, write_once
-from bridge.ingest.metrics import METRICS
-from bridge.ingest.outcomes import OUTCOME, outcome_of
+from bridge.ingest.metrics import Call
+from bridge.ingest.outcomes import outcome_of
 from bridge.kafka.publisher import Publisher
 from bridge.logs import REQUEST_ID
 from bridge.settings import ServeSettings
@@ -176,11 +176,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-Fail = Callable[[web.Request, BridgeError], web.Response]
+Fail = Callable[[web.BaseRequest, Call, BridgeError], web.Response]
 
 
 async def relay(
-    request: web.Request,
+    request: web.BaseRequest,
+    call: Call,
     *,
     forwarder: Forwarder,
     callback: ParsedCallback,
@@ -192,8 +193,8 @@ async def relay(
     fail: Fail,
 ) -> web.Response:
     """The write and the forward at once, then Tencent's answer (see the module's docstring). `fail` is
-    the server's FAIL answer (logged and counted there)."""
-    metrics = request.app[METRICS]
+    the server's FAIL answer (logged and counted there); `call` gets the outcome of the write."""
+    metrics = call.metrics
     started = time.perf_counter()
     forwarding = asyncio.ensure_future(
         forwarder.forward(request.rel_url.raw_query_string, callback.body, deadline)
@@ -201,12 +202,12 @@ async def relay(
     write_error: BridgeError | None = None
     try:
         # A duplicate is forwarded again (the app server decides again), but not written again.
-        request[OUTCOME] = await write_once(
-            request, dedup, publisher, record, identity=callback.identity, deadline=deadline
+        call.outcome = await write_once(
+            call, dedup, publisher, record, identity=callback.identity, deadline=deadline
         )
     except BridgeError as exc:
         write_error = exc
-        request[OUTCOME] = outcome_of(exc)
+        call.outcome = outcome_of(exc)
     except BaseException:
         forwarding.cancel()
         raise
@@ -225,10 +226,10 @@ async def relay(
             else f"the forward failed too: {answer.info}"
         )
         write_error.info = f"{write_error.info}; {told}"
-        response = fail(request, write_error)
+        response = fail(request, call, write_error)
     elif isinstance(answer, ForwardFailed):
         answer.info = f"written to Kafka, but not forwarded: {answer.info}"
-        response = fail(request, answer)
+        response = fail(request, call, answer)
     elif before:
         # A 5xx of the app server is relayed as 502 (its body as it is): the bridge never answers 500, and to
         # Tencent any status but 200 is the same failed callback.
@@ -239,7 +240,7 @@ async def relay(
         response.headers[DECISION_HEADER] = "written" if written else "unwritten"
     elif answer.status != 200:
         refused = AppServerRefused(f"written to Kafka, but the app server answered {answer.status}")
-        response = fail(request, refused)
+        response = fail(request, call, refused)
     else:
         response = web.Response(body=OK_BODY, content_type=_JSON)
     response.headers[FORWARD_HEADER] = note

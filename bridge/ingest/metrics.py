@@ -6,7 +6,12 @@ own topics (from its settings). Never an account, a group, a `MsgKey` or a topic
 
 Each callback ends in one `bridge.ingest.outcomes.Outcome` (confirmed, a duplicate, rejected, failed,
 overloaded, ambiguous), counted by family in `bridge_callbacks`; `bridge_outcomes` adds how ambiguous records
-ended."""
+ended.
+
+The request path makes one call per callback: `Metrics.answered`, with the callback's `Call` (its family,
+outcome and write), its status and its duration. It adds one to a single count by (family, status,
+outcome) and observes the duration; the per-family, per-status and per-outcome counters are sums of that
+count, made when scraped."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from bridge.errors import BridgeError, BrokerNotReady, DeliveryTimeout, PublishError
-from bridge.ingest.outcomes import OUTCOME, Outcome, Outcomes
+from bridge.ingest.outcomes import Outcome, Outcomes
 from bridge.logs import new_request_id
 from bridge.settings.values import RESERVED_PATHS
 from bridge.tencent.commands import FAMILIES
@@ -46,8 +51,6 @@ _BUCKET_BOUNDS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REQUEST_ID_HEADER = istr("X-Request-Id")
 """An `istr`: multidict folds a plain string's case on every lookup (0.46 us against 0.03 us)."""
-
-_FAMILY = web.RequestKey("metrics_family", str)
 
 
 class _Histogram:
@@ -78,10 +81,9 @@ class Metrics:
     def __init__(self, outcomes: Outcomes, is_ready: Callable[[], bool]) -> None:
         self._outcomes = outcomes
         self._is_ready = is_ready
-        self.requests: dict[tuple[str, str], int] = {}
-        """Callback requests answered, by (family, status)."""
-        self.callbacks: dict[tuple[str, str], int] = {}
-        """Callbacks by (family, outcome)."""
+        self.answers: dict[tuple[str, int, Outcome], int] = {}
+        """Callback requests answered, by (family, status, outcome): `requests` and `callbacks` are its
+        sums."""
         self.request_seconds: dict[str, _Histogram] = {}
         self.ack_seconds = _Histogram()
         self.records: dict[str, int] = {}
@@ -89,7 +91,6 @@ class Metrics:
         self.publish_errors: dict[str, int] = {}
         self.broker_errors: dict[str, int] = {}
         self.below_min_isr: dict[str, int] = {}
-        self.overloaded = 0
         self.dead_letters: dict[str, int] = {}
         """Refused callbacks kept in the dead-letter topic, by reason (`bridge.tencent.rejected.REASONS`)."""
         self.dead_letter_failures: dict[str, int] = {}
@@ -100,13 +101,61 @@ class Metrics:
         """The app server's answers to before-callbacks, by whether their record was written."""
         self.in_flight = 0
         self.queued = 0
-        self.last_request_at = time.time()
+        self._started_at = (time.time(), time.perf_counter())
+        self.last_request_perf = self._started_at[1]
+        """When the last callback whose command could be read arrived, on `time.perf_counter`'s clock."""
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.registry.register(_Collector(self))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def answered(self, call: Call, status: int, elapsed: float) -> None:
+        """A callback's request was answered with `status` after `elapsed` seconds: the one call the
+        request path makes (its write's acknowledgement, records and bytes included)."""
+        family, outcome = call.family, call.outcome
+        answers, key = self.answers, (family, status, outcome)
+        answers[key] = answers.get(key, 0) + 1
+        self._outcomes.counts[outcome] += 1
+        histogram = self.request_seconds.get(family)
+        if histogram is None:
+            histogram = self.request_seconds[family] = _Histogram()
+        histogram.observe(elapsed)
+        if call.published_bytes:  # its own write was confirmed
+            self.ack_seconds.observe(call.ack_seconds)
+            records, published = self.records, self.bytes
+            records[family] = records.get(family, 0) + 1
+            published[family] = published.get(family, 0) + call.published_bytes
+
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        """Callback requests answered, by (family, status)."""
+        counts: dict[tuple[str, str], int] = {}
+        for (family, status, _), count in self.answers.items():
+            _count(counts, (family, str(status)), count)
+        return counts
+
+    @property
+    def callbacks(self) -> dict[tuple[str, str], int]:
+        """Callbacks by (family, outcome)."""
+        counts: dict[tuple[str, str], int] = {}
+        for (family, _, outcome), count in self.answers.items():
+            _count(counts, (family, outcome.value), count)
+        return counts
+
+    @property
+    def overloaded(self) -> int:
+        """Callbacks refused at once because too many were in flight."""
+        return sum(count for (_, _, outcome), count in self.answers.items() if outcome is Outcome.OVERLOADED)
+
+    @property
+    def last_request_at(self) -> float:
+        """When the last callback whose command could be read arrived (Unix time); the start until one
+        did. Kept on the performance counter's clock, turned into Unix time when read: no `time.time()`
+        per callback."""
+        wall, perf = self._started_at
+        return wall + (self.last_request_perf - perf)
 
     # The publisher's `DeliveryListener`.
 
@@ -330,15 +379,6 @@ def family_of(command: str) -> str:
     return family if family in FAMILIES else UNKNOWN_FAMILY
 
 
-def note_command(request: web.Request, command: str) -> None:
-    """Hook: the callback's command is known; its family labels the request's metrics.
-
-    Only then does the request count as a callback received: a scanner's 404 or garbage does not.
-    """
-    request[_FAMILY] = family_of(command)
-    request.app[METRICS].last_request_at = time.time()
-
-
 def publish_error_kind(error: BaseException) -> str:
     """A bounded name for what went wrong in a write: the bridge's error, or the Kafka error behind it."""
     if isinstance(error, BrokerNotReady):
@@ -351,41 +391,44 @@ def publish_error_kind(error: BaseException) -> str:
     return type(error).__name__
 
 
-def note_failure(request: web.Request, error: BridgeError) -> None:
-    """Hook: the request failed with `error`; a failed write counts by kind."""
+def note_failure(metrics: Metrics, error: BridgeError) -> None:
+    """Hook: a request failed with `error`; a failed write counts by kind."""
     if isinstance(error, PublishError):
-        _count(request.app[METRICS].publish_errors, publish_error_kind(error))
+        _count(metrics.publish_errors, publish_error_kind(error))
 
 
-def observe_publish(request: web.Request, record: Record, seconds: float) -> None:
-    """Hook: the broker confirmed `record` after `seconds`: acknowledgement time, records and bytes."""
-    metrics = request.app[METRICS]
-    family = request.get(_FAMILY, UNKNOWN_FAMILY)
-    metrics.ack_seconds.observe(seconds)
-    _count(metrics.records, family)
-    _count(metrics.bytes, family, len(record.key) + len(record.value))
-
-
-def request_id_of(request: web.Request) -> str:
+def request_id_of(request: web.BaseRequest) -> str:
     """The request's id: the caller's `X-Request-Id` when it is a usable one, else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER)
     return given if given is not None and _REQUEST_ID.fullmatch(given) else new_request_id()
 
 
-def count_request(metrics: Metrics, request: web.Request, status: int, elapsed: float) -> None:
-    """Count a callback's request answered with `status` after `elapsed` seconds: by family, status and
-    outcome."""
-    family = request.get(_FAMILY, NO_FAMILY)
-    # Every callback's request leaves its outcome (`bridge.ingest.server.answer_requests`); the default is
-    # for safety only.
-    outcome = request.get(OUTCOME, Outcome.AMBIGUOUS)
-    if outcome is Outcome.OVERLOADED:
-        metrics.overloaded += 1
-    _count(metrics.requests, (family, str(status)))
-    _count(metrics.callbacks, (family, outcome.value))
-    histogram = metrics.request_seconds.get(family)
-    if histogram is None:
-        histogram = metrics.request_seconds[family] = _Histogram()
-    histogram.observe(elapsed)
-    if status < 400 and log.isEnabledFor(logging.DEBUG):
-        log.debug("%s %s -> %d in %.3f s", request.method, request.path, status, elapsed)
+class Call:
+    """One callback's request as the metrics and outcomes see it: plain attributes, not the request's
+    mapping, set along the request path and counted once, by `Metrics.answered`."""
+
+    __slots__ = ("ack_seconds", "family", "metrics", "outcome", "published_bytes", "started")
+
+    def __init__(self, metrics: Metrics, started: float) -> None:
+        self.metrics = metrics
+        self.started = started
+        """When it arrived, on `time.perf_counter`'s clock."""
+        self.family = NO_FAMILY
+        """Its command family once its command is known (`command_known`)."""
+        self.outcome = Outcome.FAILED
+        """What became of it: failed until it gets further (the handler cancelled before it writes)."""
+        self.ack_seconds = 0.0
+        self.published_bytes = 0
+        """The key and value bytes of its own write once the broker confirmed it (after `ack_seconds`);
+        0 while it has none."""
+
+    def command_known(self, command: str) -> None:
+        """Its command is known: its family labels its metrics, and it counts as a callback received (a
+        scanner's 404 or garbage does not)."""
+        self.family = family_of(command)
+        self.metrics.last_request_perf = self.started
+
+    def published(self, record: Record, seconds: float) -> None:
+        """The broker confirmed its `record` after `seconds`."""
+        self.ack_seconds = seconds
+        self.published_bytes = len(record.key) + len(record.value)

@@ -8,10 +8,7 @@ Ambiguous records are followed to their end: `ambiguous_landed` or `ambiguous_lo
 
 from __future__ import annotations
 
-from collections import Counter
 from enum import StrEnum
-
-from aiohttp import web
 
 from bridge.errors import BridgeError, Overloaded, Unavailable
 
@@ -28,10 +25,6 @@ class Outcome(StrEnum):
     AMBIGUOUS_LOST = "ambiguous_lost"
 
 
-OUTCOME = web.RequestKey("outcome", Outcome)
-"""Where a request's outcome is left: by the handler for a 200, by the error middleware otherwise."""
-
-
 def outcome_of(error: BridgeError) -> Outcome:
     """The outcome of a callback answered with `error`."""
     if isinstance(error, Overloaded):
@@ -45,14 +38,15 @@ class Outcomes:
     """Counters of outcomes, one per `Outcome`; every counter starts at zero so none goes unreported."""
 
     def __init__(self) -> None:
-        self._counts: Counter[Outcome] = Counter(dict.fromkeys(Outcome, 0))
+        self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        """A plain dict: the request path adds to it directly (`bridge.ingest.metrics.Metrics.answered`)."""
 
     def record(self, outcome: Outcome) -> None:
-        self._counts[outcome] += 1
+        self.counts[outcome] += 1
 
     def ambiguous_ended(self, landed: bool) -> None:
         """A record answered ambiguous has ended: it landed, or it was given up."""
-        self._counts[Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST] += 1
+        self.counts[Outcome.AMBIGUOUS_LANDED if landed else Outcome.AMBIGUOUS_LOST] += 1
 
     def snapshot(self) -> dict[str, int]:
-        return {outcome.value: self._counts[outcome] for outcome in Outcome}
+        return {outcome.value: self.counts[outcome] for outcome in Outcome}

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from aiohttp import web
-
 from bridge.errors import BadCallback, PublishError, RecordTooLarge
-from bridge.ingest.metrics import Metrics
-from bridge.ingest.outcomes import OUTCOME, Outcome
+from bridge.ingest.metrics import Call, Metrics
+from bridge.ingest.outcomes import Outcome
 from bridge.kafka.publisher import Publisher
 from bridge.tencent.protocol import CallbackQuery
 from bridge.tencent.rejected import reason_of, rejected_record
@@ -43,7 +41,7 @@ class DeadLetters:
 
     async def keep(
         self,
-        request: web.Request,
+        call: Call,
         error: BadCallback,
         query: CallbackQuery,
         raw_body: bytes,
@@ -58,7 +56,7 @@ class DeadLetters:
         reason = reason_of(error)
         record = rejected_record(self.topic, query, raw_body, error, received_at_ms)
         # Until the write answers: a handler cancelled now (at shutdown) leaves a record that may still land.
-        request[OUTCOME] = Outcome.AMBIGUOUS
+        call.outcome = Outcome.AMBIGUOUS
         try:
             await self._publisher().publish(record, deadline)
         except PublishError as failure:
