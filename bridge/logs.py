@@ -2,7 +2,7 @@
 
 Every line logged while a request is handled carries that request's id (`request_id`), which is also the
 `X-Request-Id` of the answer, so a log line and a caller's report of a failure can be matched. Successful
-callbacks are logged only at debug level; a failed one is logged once, by the error middleware, with its
+callbacks are logged only at debug level; a failed one is logged once, where it is answered, with its
 status and reason. The lines of 4xx answers, which any client can cause, pass a `LineBudget`.
 """
 
