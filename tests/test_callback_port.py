@@ -30,7 +30,7 @@ from tests.support.requests import fixture
 from tests.support.serve import BridgeTestServer
 
 SEED = fixture("oa-after-send-text")
-TOKEN = "port-token"
+TOKEN = "port-token"  # noqa: S105 - a test token
 SETTINGS = ServeSettings(callback_token=(Secret(TOKEN),), max_body_bytes=4096)
 COMPARED_HEADERS = ("Content-Type", "X-Bridge-Outcome", "Retry-After", "Allow")
 
@@ -68,7 +68,7 @@ def _app(settings: ServeSettings, publisher: FakePublisher, seen: list[str]) -> 
 @pytest.fixture
 async def direct() -> AsyncIterator[Served]:
     """`bridge serve`'s way: `BridgeRunner`, the callback path first."""
-    publisher, seen = FakePublisher(), []
+    publisher, seen = FakePublisher(), list[str]()
     publisher.confirm.set()
     server = BridgeTestServer(_app(SETTINGS, publisher, seen))
     await server.start_server(**request_handler_options(SETTINGS))
@@ -79,7 +79,7 @@ async def direct() -> AsyncIterator[Served]:
 @pytest.fixture
 async def routed() -> AsyncIterator[Served]:
     """The application's own way: aiohttp's runner, the router, the middleware."""
-    publisher, seen = FakePublisher(), []
+    publisher, seen = FakePublisher(), list[str]()
     publisher.confirm.set()
     async for served in _served(TestServer(_app(SETTINGS, publisher, seen)), publisher, seen):
         yield served
@@ -109,7 +109,7 @@ async def _scrape(served: Served) -> dict[tuple[str, frozenset[tuple[str, str]]]
 async def _cases(served: Served) -> list[dict[str, Any]]:
     """OK, a duplicate, a bad signature, a body too large, a body not JSON, a field of the wrong type, the
     broker failing and not ready, a method not allowed: each with a request id of the caller's."""
-    answers = []
+    answers: list[dict[str, Any]] = []
     body = SEED.raw_body
     for name, params, data, failure, ready in [
         ("ok", signed(SEED.query), body, None, True),
@@ -121,7 +121,8 @@ async def _cases(served: Served) -> list[dict[str, Any]]:
         ("broker failed", signed(SEED.query), orjson.dumps({**SEED.body, "MsgKey": "71_2_1"}), "fail", True),
         ("not ready", signed(SEED.query), orjson.dumps({**SEED.body, "MsgKey": "71_3_1"}), None, False),
     ]:
-        served.publisher.failure = DeliveryTimeout("Kafka did not confirm", ambiguous=True) if failure else None
+        timeout = DeliveryTimeout("Kafka did not confirm", ambiguous=True)
+        served.publisher.failure = timeout if failure else None
         served.publisher.partitions = 12 if ready else None
         answer = await _post(served, params, data, **{"X-Request-Id": f"case-{len(answers)}"})
         answers.append({"case": name, **answer})
@@ -200,7 +201,7 @@ async def test_the_other_paths_still_answer_on_the_callback_port(direct: Served)
 
 async def test_with_an_admin_port_the_callback_port_serves_the_callback_path_and_healthz_only() -> None:
     settings = replace(SETTINGS, admin_port=0)
-    publisher, seen = FakePublisher(), []
+    publisher, seen = FakePublisher(), list[str]()
     publisher.confirm.set()
     app = _app(settings, publisher, seen)
     server = BridgeTestServer(app)
