@@ -14,7 +14,8 @@ malformed request line or header, bad chunked framing: aiohttp answers these its
 no hook for that answer (aio-libs/aiohttp#3287), so `BridgeRunner` serves the application through a
 `web.Server` whose request handlers override `handle_error`. aiohttp still logs the refusal (one INFO line,
 see `bridge.logs`, within the application's budget of lines for 4xx answers) and closes the connection; the
-bridge only replaces the answer's body and headers.
+bridge only replaces the answer's body and headers. The same server hands the callback path straight to
+`bridge.ingest.server.CallbackPort.handle` and every other path to the application (`callback_first`).
 
 The same server caps the connections open at once (`--max-connections`): one more is answered 503 with a
 Tencent-style body as soon as it is accepted, and closed, before anything of it is read.
@@ -175,14 +176,15 @@ RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 def callback_first(port: CallbackPort, application: RequestHandler) -> RequestHandler:
     """The request handler of the callback port: a request to the callback path goes straight to
-    `port.handle`, without the application's `_handle`, its router or its middleware (measured at about
-    20 us per callback at load, README, "Performance"); every other path to the `application`'s own
+    `port.handle`, without the application's `_handle`, its router or its middleware (15-25 us per
+    callback at load, README, "Performance"); every other path to the `application`'s own
     handler (the probes, `/metrics`, `/stats`, the 404s). A plain function returning the awaitable: no
     coroutine layer of its own.
 
     A request that skipped the application has no match info: `request.app` and `request.match_info`
     fail on it, and nothing on the callback path reads them. One that asks for `100-continue` goes the
-    application's way, whose router answers the expectation (rare: Tencent sends its small bodies whole)."""
+    application's way, whose router answers the expectation (rare: a client asks only when it holds its body
+    back until told to send it)."""
     path, handle = port.path, port.handle
 
     def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
