@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote
 
 import orjson
 
@@ -58,10 +58,33 @@ _MILLISECOND = timedelta(milliseconds=1)
 _SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
 
 
+_DAY_MS = 86_400_000
+_CACHED_DAYS = 64
+_DAYS: dict[int, str] = {}
+"""The date part (`2024-05-01T`) of the days recently written, by days since the epoch: `datetime` and
+`strftime` cost 3-4 us, twice per record of this format."""
+
+
 def rfc3339(epoch_ms: int) -> str:
     """`epoch_ms` as an RFC 3339 timestamp in UTC with milliseconds: `2024-05-01T00:30:00.000Z`."""
-    instant = _EPOCH + timedelta(milliseconds=epoch_ms)
-    return instant.strftime("%Y-%m-%dT%H:%M:%S") + f".{epoch_ms % 1000:03d}Z"
+    day, in_day = divmod(epoch_ms, _DAY_MS)
+    date = _DAYS.get(day)
+    if date is None:
+        date = _date(day)
+    seconds, milliseconds = divmod(in_day, 1000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{date}{hour:02d}:{minute:02d}:{second:02d}.{milliseconds:03d}Z"
+
+
+def _date(day: int) -> str:
+    """The date part of `day` (days since the epoch), as `strftime` writes it (which raises for a day beyond
+    the years `datetime` has), remembered for the next records."""
+    date = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+    if len(_DAYS) >= _CACHED_DAYS:
+        _DAYS.clear()
+    _DAYS[day] = date
+    return date
 
 
 def epoch_ms(text: str) -> int:
@@ -79,6 +102,36 @@ def event_id(sdk_app_id: str, command: str, key: str) -> str:
     return f"{sdk_app_id}/{command}/{key}"
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+"""What `quote(text, safe="")` leaves as it is: a name or value of only these is its own encoding."""
+_CACHED_PAIRS = 1024
+_SOURCE_PAIRS: dict[str, tuple[str, bytes]] = {}
+_TYPE_PAIRS: dict[str, tuple[str, bytes]] = {}
+_SPEC_VERSION_PAIR = ("ce_specversion", SPEC_VERSION.encode("ascii"))
+_CONTENT_TYPE_PAIR = ("content-type", CONTENT_TYPE.encode("ascii"))
+
+
+def _pair(cache: dict[str, tuple[str, bytes]], of: str, name: str, value: str) -> tuple[str, bytes]:
+    """The header `name` holding `value`, encoded once per app or command (`of`); the cache emptied, not
+    grown, past `_CACHED_PAIRS` (any dotted name is a command)."""
+    if len(cache) >= _CACHED_PAIRS:
+        cache.clear()
+    pair = cache[of] = (name, value.encode("utf-8"))
+    return pair
+
+
+def form_urlencoded(query: Mapping[str, str]) -> str:
+    """`ce_query`: `urlencode(query, quote_via=quote, safe="")`, a fifth of its cost for Tencent's queries,
+    whose names and values are mostly letters and digits."""
+    unreserved = _UNRESERVED.fullmatch
+    return "&".join(
+        (name if unreserved(name) else quote(name, safe=""))
+        + "="
+        + (value if unreserved(value) else quote(value, safe=""))
+        for name, value in query.items()
+    )
+
+
 def headers(
     *,
     command: str,
@@ -90,16 +143,20 @@ def headers(
     timestamp_ms: int,
 ) -> tuple[tuple[str, bytes], ...]:
     """The headers of a callback's record in the `cloudevents` format, in `HEADER_NAMES` order."""
+    source = _SOURCE_PAIRS.get(sdk_app_id) or _pair(
+        _SOURCE_PAIRS, sdk_app_id, "ce_source", SOURCE_PREFIX + sdk_app_id
+    )
+    kind = _TYPE_PAIRS.get(command) or _pair(_TYPE_PAIRS, command, "ce_type", TYPE_PREFIX + command)
     return (
-        ("ce_specversion", SPEC_VERSION.encode("ascii")),
+        _SPEC_VERSION_PAIR,
         ("ce_id", event_id(sdk_app_id, command, key).encode("utf-8")),
-        ("ce_source", (SOURCE_PREFIX + sdk_app_id).encode("ascii")),
-        ("ce_type", (TYPE_PREFIX + command).encode("utf-8")),
+        source,
+        kind,
         ("ce_time", rfc3339(timestamp_ms).encode("ascii")),
-        ("content-type", CONTENT_TYPE.encode("ascii")),
+        _CONTENT_TYPE_PAIR,
         ("ce_partitionkey", entity.encode("utf-8")),
         ("ce_receivedat", rfc3339(received_at_ms).encode("ascii")),
-        ("ce_query", urlencode(query, quote_via=quote, safe="").encode("ascii")),
+        ("ce_query", form_urlencoded(query).encode("ascii")),
     )
 
 
