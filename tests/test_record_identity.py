@@ -4,6 +4,7 @@ at receive times across days; and the caches that made it cheaper stay bounded."
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, urlencode
@@ -11,6 +12,7 @@ from urllib.parse import quote, urlencode
 import orjson
 import pytest
 
+from bridge.errors import CommandMismatch, InvalidQuery
 from bridge.kafka.sizes import record_bytes
 from bridge.tencent import cloudevents, envelope, protocol
 from bridge.tencent.callback import checked_query, parse_callback
@@ -75,7 +77,7 @@ def reference_cloudevents_headers(
 
 # --- the comparison ----------------------------------------------------------------------------------------
 
-EXTRA_QUERIES = (
+EXTRA_QUERIES: tuple[dict[str, str], ...] = (
     {},
     {"RequestTime": "1764143520", "Sign": "ab" * 32},  # Sign is in neither format
     {
@@ -162,7 +164,21 @@ def test_rfc3339_beyond_datetimes_years_raises_as_before() -> None:
 
 
 def test_the_form_encoded_query_is_urlencodes_for_every_kind_of_character() -> None:
-    texts = ["", "a", "AZaz09", "_.-~", " ", "+", "/", "%20", "a=b&c", "é", "公众号", "\U0001f600", "\x00\x7f"]
+    texts = [
+        "",
+        "a",
+        "AZaz09",
+        "_.-~",
+        " ",
+        "+",
+        "/",
+        "%20",
+        "a=b&c",
+        "é",
+        "公众号",
+        "\U0001f600",
+        "\x00\x7f",
+    ]
     texts += ["*", "'", "(", ")", "!", ",", ";", ":", "@", "$", "*'()!"]
     query = {f"{name}{n}": value for n, (name, value) in enumerate(zip(texts, reversed(texts), strict=True))}
     for _ in range(2):
@@ -189,7 +205,7 @@ def test_the_header_and_check_caches_stay_bounded_under_ever_new_commands_and_ap
         )
         assert headers == reference_cloudevents_headers(command, app, "e", "k", {"v": str(n)}, n * 1000, n)
         protocol.parse_query([("SdkAppid", app), ("CallbackCommand", command)])
-    bounded = {
+    bounded: dict[str, tuple[Sized, int]] = {
         "envelope commands": (envelope._COMMAND_PAIRS, envelope._CACHED_PAIRS),
         "envelope apps": (envelope._APP_PAIRS, envelope._CACHED_PAIRS),
         "ce_source": (cloudevents._SOURCE_PAIRS, cloudevents._CACHED),
@@ -206,9 +222,9 @@ def test_the_header_and_check_caches_stay_bounded_under_ever_new_commands_and_ap
 def test_a_command_or_app_checked_once_is_still_refused_when_it_is_bad() -> None:
     """The sets of checked names hold only names that passed: a bad one is refused every time."""
     for _ in range(2):
-        with pytest.raises(protocol.InvalidQuery):
+        with pytest.raises(InvalidQuery):
             protocol.parse_query([("SdkAppid", "0123")])
-        with pytest.raises(protocol.CommandMismatch):
+        with pytest.raises(CommandMismatch):
             protocol.parse_query([("SdkAppid", "1400000000"), ("CallbackCommand", "not a command")])
 
 
