@@ -112,12 +112,14 @@ _SPEC_VERSION_PAIR = ("ce_specversion", SPEC_VERSION.encode("ascii"))
 _CONTENT_TYPE_PAIR = ("content-type", CONTENT_TYPE.encode("ascii"))
 
 
-def _pair(cache: dict[str, tuple[str, bytes]], of: str, name: str, value: str) -> tuple[str, bytes]:
+def _pair(
+    cache: dict[str, tuple[str, bytes]], of: str, name: str, value: str, encoding: str
+) -> tuple[str, bytes]:
     """The header `name` holding `value`, encoded once per app or command (`of`); the cache emptied, not
     grown, past `_CACHED` (any dotted name is a command)."""
     if len(cache) >= _CACHED:
         cache.clear()
-    pair = cache[of] = (name, value.encode("utf-8"))
+    pair = cache[of] = (name, value.encode(encoding))
     return pair
 
 
@@ -152,9 +154,9 @@ def headers(
 ) -> tuple[tuple[str, bytes], ...]:
     """The headers of a callback's record in the `cloudevents` format, in `HEADER_NAMES` order."""
     source = _SOURCE_PAIRS.get(sdk_app_id) or _pair(
-        _SOURCE_PAIRS, sdk_app_id, "ce_source", SOURCE_PREFIX + sdk_app_id
+        _SOURCE_PAIRS, sdk_app_id, "ce_source", SOURCE_PREFIX + sdk_app_id, "ascii"
     )
-    kind = _TYPE_PAIRS.get(command) or _pair(_TYPE_PAIRS, command, "ce_type", TYPE_PREFIX + command)
+    kind = _TYPE_PAIRS.get(command) or _pair(_TYPE_PAIRS, command, "ce_type", TYPE_PREFIX + command, "utf-8")
     return (
         _SPEC_VERSION_PAIR,
         ("ce_id", event_id(sdk_app_id, command, key).encode("utf-8")),
