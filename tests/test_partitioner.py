@@ -38,3 +38,18 @@ def test_partition_agrees_with_aiokafkas_key_partitioner(entity: str) -> None:
     """Another implementation of the same formula (aiokafka's, used for keys) puts the entity alike."""
     partitions = list(range(12))
     assert partition_for(entity, 12) == DefaultPartitioner()(entity.encode(), partitions, partitions)
+
+
+def test_the_partition_of_every_entity_is_the_formulas_cached_or_not() -> None:
+    """10,000 entities of every shape the bridge sees (accounts, groups, pairs, apps, non-ASCII), each asked
+    twice (the second from the cache) for topics of several sizes: always `toPositive(murmur2) % n`, as
+    aiokafka's own key partitioner computes it."""
+    partitioner = DefaultPartitioner()
+    shapes = ("bench_account_{}", "@TOA#_{}", "@TGS#{}", "user{}:peer{}", "14000{}", "公众号_{}", "{}")
+    for n in range(10_000):
+        entity = shapes[n % len(shapes)].format(n, n)
+        for partitions in (1, 3, 12, 100):
+            expected = (murmur2(entity.encode("utf-8")) & 0x7FFFFFFF) % partitions
+            assert partition_for(entity, partitions) == expected == partition_for(entity, partitions)
+        every = list(range(12))
+        assert partition_for(entity, 12) == partitioner(entity.encode(), every, every)

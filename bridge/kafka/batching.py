@@ -118,13 +118,29 @@ class PartitionBatches:
         if queue is None:
             queue = self._queues[partition] = deque()
             self._emptied.clear()
-        if not queue or not self._fits(queue[-1], record) or not self._append(queue[-1], record):
+        # `_fits` and `_append` written out for the open batch: this runs for every callback.
+        batch = queue[-1] if queue else None
+        if (
+            batch is None
+            or (self._batch_limits and not self._fits(batch, record))
+            or batch.builder.append(
+                timestamp=record.timestamp_ms,
+                key=record.key,
+                value=record.value,
+                headers=list(record.headers),
+            )
+            is None
+        ):
             batch = _Batch(self._producer.create_batch())
             queue.append(batch)
             self._append(batch, record)  # the first record always fits, however large
+            waiter = batch.waiters[-1]
+        else:
+            waiter = self._loop.create_future()
+            batch.waiters.append(waiter)
         if self._flusher is None and self._free(partition):
             self._flusher = self._loop.create_task(self._flush(), name="kafka-batches")
-        return queue[-1].waiters[-1]
+        return waiter
 
     def expire(self, waiter: asyncio.Future[None]) -> None:
         """The callback's deadline: fail `waiter` with `Expired` and follow its record to its end.

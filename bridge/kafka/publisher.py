@@ -46,7 +46,7 @@ from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, descr
 from bridge.kafka.batching import Expired, NotHandedOver, Partition, PartitionBatches
 from bridge.kafka.producer import ProducerSupervisor, ProducerWatch, stop_producer
 from bridge.kafka.readiness import InSyncReplicas, TopicsAtStart, isr_problems
-from bridge.kafka.sizes import BATCH_BYTES, check_record_size
+from bridge.kafka.sizes import BATCH_BYTES, check_record_size, record_bytes
 from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tencent.partitioner import partition_for
@@ -122,13 +122,13 @@ class _Expiries:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._buckets: dict[int, dict[asyncio.Future[None], PartitionBatches]] = {}
+        self._buckets: dict[float, dict[asyncio.Future[None], PartitionBatches]] = {}
 
     def add(
         self, deadline: float, delivery: asyncio.Future[None], batches: PartitionBatches
     ) -> dict[asyncio.Future[None], PartitionBatches]:
         """Expire `delivery` of `batches` at `deadline` unless it leaves the bucket returned before."""
-        key = int(deadline // EXPIRY_TICK_S)  # the bucket starting at or before the deadline
+        key = deadline // EXPIRY_TICK_S  # the bucket starting at or before the deadline (a whole float)
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = {}
@@ -136,7 +136,7 @@ class _Expiries:
         bucket[delivery] = batches
         return bucket
 
-    def _expire(self, key: int) -> None:
+    def _expire(self, key: float) -> None:
         for delivery, batches in self._buckets.pop(key).items():
             batches.expire(delivery)
 
@@ -161,6 +161,7 @@ class KafkaPublisher:
         """Each topic's partition count when the bridge first became ready: the one `partition_for` uses."""
         self._topics = TopicsAtStart(settings)
         self._max_record_bytes = settings.max_record_bytes  # read once: `publish` is on every callback's path
+        self._compressed = settings.compression != "none"
         self._isr = InSyncReplicas(settings.topics, self._listener.partitions_below_min_isr)
         self._refusals: dict[Partition, str] = {}
         """The broker's error for the last batch of a partition it refused, until one of its batches is
@@ -241,9 +242,16 @@ class KafkaPublisher:
             raise DeliveryTimeout(
                 "no time was left to write the callback; it was not written", ambiguous=False
             )
-        check_record_size(
-            record, self._supervisor.record_limits, self._max_record_bytes, self._settings.compression
-        )
+        # The size check's common case written out (`check_record_size` has the rest): a record's bound, once
+        # computed, within its topic's limit.
+        limits = self._supervisor.record_limits
+        size = record.size
+        if size < 0:
+            size = record_bytes(record)
+        if self._compressed or size > (
+            limits.get(record.topic, self._max_record_bytes) if limits else self._max_record_bytes
+        ):
+            check_record_size(record, limits, self._max_record_bytes, self._settings.compression)
         number = self.partition_of(record, partitions)
         try:
             delivery = batches.add(record, number)

@@ -37,10 +37,14 @@ def _headers(record: Record) -> list[tuple[str, bytes | None]]:
 
 def record_bytes(record: Record) -> int:
     """At most how many bytes `record` takes in a batch of its own, uncompressed (and so at most what it
-    adds to a batch). A bound, not aiokafka's exact count, which costs several times more per callback."""
-    size = _BATCH_HEADER_BYTES + _RECORD_OVERHEAD_BYTES + len(record.key) + len(record.value)
-    for name, value in record.headers:
-        size += 10 + 4 * len(name) + len(value)  # two varints, and a name's UTF-8 at most 4 bytes a character
+    adds to a batch). A bound, not aiokafka's exact count, which costs several times more per callback.
+    Computed once per record (`Record.size`): the size check and a topic of small batches both ask."""
+    size = record.size
+    if size < 0:
+        size = _BATCH_HEADER_BYTES + _RECORD_OVERHEAD_BYTES + len(record.key) + len(record.value)
+        for name, value in record.headers:
+            size += 10 + 4 * len(name) + len(value)  # two varints, and a name's UTF-8 at most 4 bytes a char
+        record.size = size
     return size
 
 
@@ -57,8 +61,10 @@ def batch_bytes(record: Record, compression: str) -> int:
 def check_record_size(record: Record, limits: Mapping[str, int], own_limit: int, compression: str) -> None:
     """Refuse a record its topic would refuse (`limits`, each topic's `max.message.bytes` where it is below
     `own_limit`), or over the bridge's own limit (`own_limit`), compressed with `compression`."""
-    limit = limits.get(record.topic, own_limit)
-    bound = record_bytes(record)
+    limit = limits.get(record.topic, own_limit) if limits else own_limit
+    bound = record.size
+    if bound < 0:
+        bound = record_bytes(record)
     if compression != "none":
         # aiokafka's C batch builder keeps a compressed batch even when it came out larger (by 28-240
         # bytes for a megabyte that does not compress): bound what a codec can add.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote
 
 import orjson
 
@@ -58,10 +58,31 @@ _MILLISECOND = timedelta(milliseconds=1)
 _SDK_APP_ID = re.compile(r"[1-9][0-9]{0,18}")
 
 
+_CACHED_SECONDS = 4096
+_SECONDS: dict[int, str] = {}
+"""The text up to the milliseconds (`2024-05-01T00:30:00.`) of the seconds recently written, by seconds
+since the epoch: `datetime` and `strftime` cost 3-4 us, twice per record of this format, and the records
+of one second share it."""
+_MILLISECONDS = tuple(f"{n:03d}Z" for n in range(1000))
+
+
 def rfc3339(epoch_ms: int) -> str:
     """`epoch_ms` as an RFC 3339 timestamp in UTC with milliseconds: `2024-05-01T00:30:00.000Z`."""
-    instant = _EPOCH + timedelta(milliseconds=epoch_ms)
-    return instant.strftime("%Y-%m-%dT%H:%M:%S") + f".{epoch_ms % 1000:03d}Z"
+    second, millisecond = divmod(epoch_ms, 1000)
+    head = _SECONDS.get(second)
+    if head is None:
+        head = _second(second)
+    return head + _MILLISECONDS[millisecond]
+
+
+def _second(second: int) -> str:
+    """The text of `second` (since the epoch) up to its milliseconds, as `strftime` writes it (which
+    raises for a time beyond the years `datetime` has), remembered for the next records."""
+    head = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S.")
+    if len(_SECONDS) >= _CACHED_SECONDS:
+        _SECONDS.clear()
+    _SECONDS[second] = head
+    return head
 
 
 def epoch_ms(text: str) -> int:
@@ -79,6 +100,48 @@ def event_id(sdk_app_id: str, command: str, key: str) -> str:
     return f"{sdk_app_id}/{command}/{key}"
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+"""What `quote(text, safe="")` leaves as it is: a name or value of only these is its own encoding."""
+_CACHED = 4096
+_QUOTED: dict[str, str] = {}
+"""Query names and values recently encoded (most repeat from callback to callback), emptied past
+`_CACHED` entries rather than grown."""
+_SOURCE_PAIRS: dict[str, tuple[str, bytes]] = {}
+_TYPE_PAIRS: dict[str, tuple[str, bytes]] = {}
+_SPEC_VERSION_PAIR = ("ce_specversion", SPEC_VERSION.encode("ascii"))
+_CONTENT_TYPE_PAIR = ("content-type", CONTENT_TYPE.encode("ascii"))
+
+
+def _pair(
+    cache: dict[str, tuple[str, bytes]], of: str, name: str, value: str, encoding: str
+) -> tuple[str, bytes]:
+    """The header `name` holding `value`, encoded once per app or command (`of`); the cache emptied, not
+    grown, past `_CACHED` (any dotted name is a command)."""
+    if len(cache) >= _CACHED:
+        cache.clear()
+    pair = cache[of] = (name, value.encode(encoding))
+    return pair
+
+
+def _quote(text: str) -> str:
+    quoted = text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
+    if len(_QUOTED) >= _CACHED:
+        _QUOTED.clear()
+    _QUOTED[text] = quoted
+    return quoted
+
+
+def form_urlencoded(query: Mapping[str, str]) -> str:
+    """`ce_query`: what `urlencode(query, quote_via=quote, safe="")` gives, at a fifth of its cost."""
+    quoted = _QUOTED.get
+    return "&".join(
+        [
+            (quoted(name) or _quote(name)) + "=" + (quoted(value) or _quote(value))
+            for name, value in query.items()
+        ]
+    )
+
+
 def headers(
     *,
     command: str,
@@ -90,16 +153,20 @@ def headers(
     timestamp_ms: int,
 ) -> tuple[tuple[str, bytes], ...]:
     """The headers of a callback's record in the `cloudevents` format, in `HEADER_NAMES` order."""
+    source = _SOURCE_PAIRS.get(sdk_app_id) or _pair(
+        _SOURCE_PAIRS, sdk_app_id, "ce_source", SOURCE_PREFIX + sdk_app_id, "ascii"
+    )
+    kind = _TYPE_PAIRS.get(command) or _pair(_TYPE_PAIRS, command, "ce_type", TYPE_PREFIX + command, "utf-8")
     return (
-        ("ce_specversion", SPEC_VERSION.encode("ascii")),
+        _SPEC_VERSION_PAIR,
         ("ce_id", event_id(sdk_app_id, command, key).encode("utf-8")),
-        ("ce_source", (SOURCE_PREFIX + sdk_app_id).encode("ascii")),
-        ("ce_type", (TYPE_PREFIX + command).encode("utf-8")),
+        source,
+        kind,
         ("ce_time", rfc3339(timestamp_ms).encode("ascii")),
-        ("content-type", CONTENT_TYPE.encode("ascii")),
+        _CONTENT_TYPE_PAIR,
         ("ce_partitionkey", entity.encode("utf-8")),
         ("ce_receivedat", rfc3339(received_at_ms).encode("ascii")),
-        ("ce_query", urlencode(query, quote_via=quote, safe="").encode("ascii")),
+        ("ce_query", form_urlencoded(query).encode("ascii")),
     )
 
 

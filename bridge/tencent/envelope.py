@@ -9,7 +9,7 @@ embedded as the exact bytes Tencent posted (already parsed and checked), so noth
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -52,6 +52,10 @@ class Record:
     value: bytes
     timestamp_ms: int
     headers: tuple[tuple[str, bytes], ...]
+    size: int = field(default=-1, init=False, compare=False, repr=False)
+    """`bridge.kafka.sizes.record_bytes` of this record, once computed (-1: not yet): the publisher checks
+    it against the topic's limit and, for a topic of small records, each batch. Not an argument, so that
+    `dataclasses.replace` never copies it to a record of another value."""
 
 
 def envelope(raw_body: bytes, query: dict[str, str], received_at_ms: int) -> bytes:
@@ -75,19 +79,40 @@ def is_decision_record(headers: Iterable[tuple[str, bytes]]) -> bool:
     return DECISION_RECORD_HEADER in headers
 
 
+_CONTENT_TYPE_PAIR = ("content-type", CONTENT_TYPE)
+_SCHEMA_PAIR = ("schema", SCHEMA_HEADER)
+_CACHED_PAIRS = 1024
+"""At most so many commands, and so many apps, keep their headers encoded: hostile callbacks of ever new
+commands (any dotted name is one) or apps (with no `--sdk-app-id`) empty the cache, not grow it."""
+_COMMAND_PAIRS: dict[str, tuple[str, bytes]] = {}
+_APP_PAIRS: dict[str, tuple[str, bytes]] = {}
+
+
+def _pair(cache: dict[str, tuple[str, bytes]], name: str, text: str, encoding: str) -> tuple[str, bytes]:
+    """The header `name` holding `text`, encoded, kept for the next record of that command or app."""
+    if len(cache) >= _CACHED_PAIRS:
+        cache.clear()
+    pair = cache[text] = (name, text.encode(encoding))
+    return pair
+
+
 def record_headers(
     command: str, sdk_app_id: str, entity: str, received_at_ms: int
 ) -> tuple[tuple[str, bytes], ...]:
     """The headers of a callback's record: its command, its app, the value's content type, the owning entity,
     the receive time (epoch ms, decimal) and the envelope's version. An engine that reads headers but not
-    the value (ClickHouse's `_headers`, Flink's `METADATA FROM 'headers'`) filters and groups on them."""
+    the value (ClickHouse's `_headers`, Flink's `METADATA FROM 'headers'`) filters and groups on them.
+
+    The command's, the app's and the constant headers are encoded once, not per callback."""
+    command_pair = _COMMAND_PAIRS.get(command) or _pair(_COMMAND_PAIRS, "CallbackCommand", command, "utf-8")
+    app_pair = _APP_PAIRS.get(sdk_app_id) or _pair(_APP_PAIRS, "SdkAppid", sdk_app_id, "ascii")
     return (
-        ("CallbackCommand", command.encode("utf-8")),
-        ("SdkAppid", sdk_app_id.encode("ascii")),
-        ("content-type", CONTENT_TYPE),
+        command_pair,
+        app_pair,
+        _CONTENT_TYPE_PAIR,
         ("entity", entity.encode("utf-8")),
-        ("received_at", str(received_at_ms).encode("ascii")),
-        ("schema", SCHEMA_HEADER),
+        ("received_at", b"%d" % received_at_ms),
+        _SCHEMA_PAIR,
     )
 
 

@@ -63,6 +63,7 @@ class PartitionCache:
         return len(self._partitions)
 
     def partition_for(self, entity: str, partitions: int) -> int:
+        """The partition of `entity` in a topic of `partitions` partitions."""
         key = (entity, partitions)
         partition = self._partitions.get(key)
         if partition is None:
@@ -82,6 +83,6 @@ class PartitionCache:
 _CACHE = PartitionCache(max_entries=65_536, max_bytes=16 << 20)
 
 
-def partition_for(entity: str, partitions: int) -> int:
-    """The partition of `entity` in a topic of `partitions` partitions."""
-    return _CACHE.partition_for(entity, partitions)
+partition_for = _CACHE.partition_for
+"""`partition_for(entity, partitions)`: the partition of `entity` in a topic of `partitions` partitions (the
+cache's method itself: one call fewer per callback than a function calling it)."""
