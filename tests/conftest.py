@@ -8,6 +8,7 @@ is an error (`_KafkaTierOnly`), so a missing mark fails the test rather than qui
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import logging
@@ -29,6 +30,7 @@ from tests.support.broker import FaultBroker, broker_choice, fault_broker, kafka
 from tests.support.fakes import FakePublisher
 from tests.support.kafka import jars
 from tests.support.readback import Posted, Receiver, post_through_a_bridge, three_days
+from tests.support.records import delete_topics_since, topic_names
 from tests.support.serve import wait_until_ready
 from tests.support.settings import NO_BROKER, unique_settings
 
@@ -110,6 +112,22 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap servers of a real Kafka-protocol broker, shared by the whole session."""
     with kafka_broker(tmp_path_factory.mktemp("kafka")) as bootstrap_servers:
         yield bootstrap_servers
+
+
+@pytest.fixture(autouse=True)
+def _own_topics_deleted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test on the session's broker, its topics are deleted: the broker stays as small as it
+    started, so every metadata request (each bridge probes every second) stays as quick as in the first test.
+
+    Set up after the module's and the session's fixtures (pytest sets up wider scopes first), so a topic a
+    module-scoped fixture made before this test is kept for the module's later tests."""
+    if "kafka" not in request.fixturenames:
+        yield
+        return
+    bootstrap_servers: str = request.getfixturevalue("kafka")
+    before = asyncio.run(topic_names(bootstrap_servers))
+    yield
+    asyncio.run(delete_topics_since(bootstrap_servers, before))
 
 
 @pytest.fixture

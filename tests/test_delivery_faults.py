@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -65,19 +64,27 @@ class Rig:
         return stats
 
 
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultBroker]:
+    """One broker of the module's own, advertising the port each test's proxy takes. A JVM start is the
+    costly part (5-8 s a test); the tests that pause it resume it before they end, and each test writes to
+    topics of its own through a proxy of its own, so none sees another's faults or records."""
+    with fault_broker(tmp_path_factory.mktemp("delivery-faults"), advertised_port=free_port()) as broker:
+        yield broker
+
+
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(module_broker: FaultBroker) -> AsyncIterator[Rig]:
     """A bridge -> proxy -> broker chain, ready, with a one-second delivery deadline."""
-    proxy_port = free_port()
-    with fault_broker(tmp_path, advertised_port=proxy_port) as broker:
-        proxy = await KafkaProxy(broker.port, proxy_port).start()
-        settings = unique_settings(proxy.bootstrap_servers, delivery_timeout=DEADLINE_S)
-        try:
-            async with TestClient(TestServer(create_app(settings))) as client:
-                await wait_until_ready(client)
-                yield Rig(broker, proxy, settings, client)
-        finally:
-            await proxy.close()
+    broker = module_broker
+    proxy = await KafkaProxy(broker.port, broker.advertised_port).start()
+    settings = unique_settings(proxy.bootstrap_servers, delivery_timeout=DEADLINE_S)
+    try:
+        async with TestClient(TestServer(create_app(settings))) as client:
+            await wait_until_ready(client)
+            yield Rig(broker, proxy, settings, client)
+    finally:
+        await proxy.close()
 
 
 async def test_a_slow_broker_within_the_deadline_delays_the_200_and_writes_once(rig: Rig) -> None:

@@ -445,6 +445,7 @@ class NativeStack(Started):
             client_port=self.kafka_client_port(name),
             exact_properties=properties,
             standalone=False,  # the image formats with the cluster id only, never --standalone
+            short_lived=True,  # a stack lives for one test: the quicker start (nodes.py), not the image's G1
         )
 
     def _start_bridge(self, name: str) -> None:
