@@ -112,8 +112,8 @@ def freeze(pid: int, timeout: float = PAUSE_TIMEOUT_S) -> None:
     thread, which on its way back to user mode asks every other thread to stop, and each stops when it next
     runs. Meanwhile the JVM's network and request threads go on serving: measured on a two-core machine
     under load, a Kafka node's 87 threads were all stopped 4.5 ms after `kill()` at the median and 44 ms
-    at worst, and a produce request sent 1.2 ms after `kill()` was acknowledged 2.4 ms later. A test that sends right after `pause()` would see a live
-    broker.
+    at worst, and a produce request sent 1.2 ms after `kill()` was acknowledged 2.4 ms later: a test that
+    sends right after a plain `kill()` may find the broker still serving.
     """
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + timeout
