@@ -15,6 +15,7 @@ from bridge.ingest.server import create_app
 from bridge.settings import ServeSettings
 from tests.conftest import BridgeClient
 from tests.support.broker import FaultBroker
+from tests.support.kafka.nodes import running_threads
 from tests.support.records import read_records
 from tests.support.requests import fixture
 from tests.support.serve import wait_until_ready
@@ -70,6 +71,20 @@ async def test_a_paused_broker_gets_503_within_the_deadline_and_the_next_request
     assert keys.count(b"after") == 1
     # The write answered 503 may still have landed (an ambiguous outcome), but at most once.
     assert keys.count(b"during") <= 1
+
+
+def test_pause_returns_only_once_every_thread_of_the_broker_is_stopped(own_broker: FaultBroker) -> None:
+    # `kill(SIGSTOP)` returns before the broker's threads stop: a callback posted at once could reach a
+    # broker still serving and be confirmed, which made the test above see a 200 on a loaded machine.
+    assert own_broker.process is not None
+    pid = own_broker.process.pid
+    assert running_threads(pid)  # it serves
+    for _ in range(100):  # an idle JVM had threads still running after kill() in 13 pauses of 100
+        own_broker.pause()
+        try:
+            assert running_threads(pid) == []
+        finally:
+            own_broker.resume()
 
 
 async def test_a_bridge_started_while_the_broker_is_down_answers_503_fast_and_becomes_ready(

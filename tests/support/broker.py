@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.tools.embedded import EmbeddedBroker
+from bridge.tools.embedded import EmbeddedBroker, EmbeddedBrokerError
 from tests.support.kafka import jars
-from tests.support.kafka.nodes import KafkaNode
+from tests.support.kafka.nodes import KafkaNode, freeze
 
 CONTAINER_IMAGE = "confluentinc/cp-kafka:8.1.0"
 
@@ -112,6 +112,15 @@ def kafka_broker(directory: Path) -> Iterator[str]:
             yield broker.bootstrap_servers
 
 
+class FaultTansu(EmbeddedBroker):
+    """The embedded Tansu as a fault test's broker: `pause()` returns once all its threads are stopped."""
+
+    def pause(self) -> None:
+        if self.process is None:
+            raise EmbeddedBrokerError("the embedded broker is not running")
+        freeze(self.process.pid)
+
+
 FaultBroker = KafkaNode | EmbeddedBroker
 """A broker a test may pause, kill or restart: both have `start`, `pause`, `resume`, `stop` and `port`."""
 
@@ -124,5 +133,5 @@ def fault_broker(
     A restart keeps its data: `stop()` then `start()` brings the same node back on the same port.
     """
     if broker_choice().kind == "tansu" or not jars.tools_present():
-        return EmbeddedBroker(port=port, advertised_port=advertised_port)
+        return FaultTansu(port=port, advertised_port=advertised_port)
     return KafkaNode(directory, client_port=port, advertised_port=advertised_port, short_lived=True)
