@@ -63,7 +63,7 @@ from bridge.logs import REQUEST_ID, LineBudget
 from bridge.settings import ServeSettings
 from bridge.tencent.callback import checked_query, parse_callback
 from bridge.tencent.commands import TopicGroup, runs_before
-from bridge.tencent.protocol import OK_BODY, fail_body
+from bridge.tencent.protocol import OK_BODY, fail_body, parse_raw_query
 from bridge.tencent.rejected import DEAD_LETTERED
 from bridge.tencent.signature import SignatureCheck
 
@@ -153,7 +153,10 @@ class CallbackPort:
                 assert publisher is not None  # noqa: S101 - given before the application serves
                 admission.admit()
                 admitted = True
-                query = checked_query(request.query.items(), self.signature, self.sdk_app_ids)
+                # The raw query string split by the bridge; yarl's decoded `query` only when it holds a `%`.
+                parsed = parse_raw_query(request.rel_url.raw_query_string)
+                pairs = request.query.items() if parsed is None else parsed
+                query = checked_query(pairs, self.signature, self.sdk_app_ids)
                 raw_body = await _read_body(request, self.max_body_bytes, self.body_timeout, admission)
                 # The in-flight slot only now: a client slow to send its body holds a pending-body place.
                 admission.take_slot(publisher.abandoned)

@@ -29,11 +29,14 @@ from bridge.tencent.signature import SignatureCheck
 
 
 def checked_query(
-    pairs: Iterable[tuple[str, str]], signature: SignatureCheck | None, sdk_app_ids: tuple[str, ...]
+    pairs: Iterable[tuple[str, str]] | CallbackQuery,
+    signature: SignatureCheck | None,
+    sdk_app_ids: tuple[str, ...],
 ) -> CallbackQuery:
     """The query of a callback, checked, signed (when `signature` is set) and of one of `sdk_app_ids`
-    (any app when empty): everything the bridge decides before it reads the body. Raises `BridgeError`."""
-    query = parse_query(pairs)
+    (any app when empty): everything the bridge decides before it reads the body. Raises `BridgeError`.
+    `pairs` are the query's (name, value) pairs, or the query already parsed (`parse_raw_query`)."""
+    query = pairs if isinstance(pairs, CallbackQuery) else parse_query(pairs)
     if signature is not None:
         signature.verify(query.sign, query.params.get("RequestTime"), query.sdk_app_id)
     if sdk_app_ids and query.sdk_app_id not in sdk_app_ids:

@@ -79,6 +79,52 @@ def parse_query(pairs: Iterable[tuple[str, str]]) -> CallbackQuery:
         if name in query:
             raise InvalidQuery(f"query parameter {name!r} is given more than once")
         query[name] = value
+    return _checked_query(query)
+
+
+def parse_raw_query(raw: str) -> CallbackQuery | None:
+    """`parse_query` of the raw (still percent-encoded) query string `raw` of a request, when nothing in it
+    is percent-encoded; None when something is: the caller then gives `parse_query` the request's decoded
+    pairs (aiohttp's `request.query`, decoded by yarl).
+
+    Split as yarl's `URL.query` splits (the same as `urllib.parse.parse_qsl` keeping blank values): `&`
+    separates the parameters, empty ones are skipped, the first `=` ends the name (none: an empty value),
+    and `+` is a space. Without a `%` that is all the decoding there is, so the pairs are the same as
+    `request.query`'s; the saving is yarl's list of pairs, its `MultiDict` and its proxy, built for every
+    request whose URL yarl has not cached (a signed callback's is new every second: `Sign`, `RequestTime`).
+    A query string seen before (the same command, client and second) is answered from a bounded map of
+    the last ones parsed: parsing is pure, and nothing changes a `CallbackQuery` once made."""
+    known = _PARSED.get(raw)
+    if known is not None:
+        return known
+    if "%" in raw:
+        return None
+    query: dict[str, str] = {}
+    for part in (raw.replace("+", " ") if "+" in raw else raw).split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        # The same checks as `parse_query`'s, in the same order.
+        if not ((name.isascii() or _is_text(name)) and (value.isascii() or _is_text(value))):
+            raise InvalidQuery(f"query parameter {_shorten(name)!r} is not UTF-8 text")
+        if name in query:
+            raise InvalidQuery(f"query parameter {name!r} is given more than once")
+        query[name] = value
+    parsed = _checked_query(query)
+    if len(_PARSED) >= _PARSED_QUERIES:
+        _PARSED.clear()
+    _PARSED[raw] = parsed
+    return parsed
+
+
+_PARSED_QUERIES = 1024
+"""At most so many raw query strings are remembered with their `CallbackQuery` (a few hundred bytes each);
+new ones past that empty the map rather than grow it."""
+_PARSED: dict[str, CallbackQuery] = {}
+
+
+def _checked_query(query: dict[str, str]) -> CallbackQuery:
+    """The checks of a query given as a dict of its parameters (each name once), past the pairs' own."""
     sdk_app_id = query.get("SdkAppid")
     if sdk_app_id is None:
         raise InvalidQuery("query parameter 'SdkAppid' is missing")
