@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import RequestTimedOutError
 
 from bridge.errors import BrokerNotReady, DeliveryTimeout, PublishError, RecordTooLarge
 from bridge.ingest.metrics import Metrics
@@ -470,3 +471,28 @@ async def test_batches_of_a_topic_with_a_small_message_limit_are_cut_at_that_lim
     producer.sent[2][1].set_result(None)
     await asyncio.gather(*waiters)
     assert [len(batch.records) for batch, _ in producer.sent] == [1, 1, 1]
+
+
+async def test_aiokafkas_own_request_timeout_is_not_counted_or_logged_as_a_refusal_by_the_broker(
+    offline_settings: ServeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka raises its client-side request timeout as `RequestTimedOutError` (the broker's
+    REQUEST_TIMED_OUT), from an `asyncio.TimeoutError`: a silent broker, not one that refused the batch.
+    Only the broker's own answer counts in `bridge_broker_errors_total` and logs a refusal."""
+    producer, outcomes = _Producer(), Outcomes()
+    metrics = Metrics(outcomes, lambda: True)
+    publisher = KafkaPublisher(offline_settings, metrics)
+    _serve(publisher, producer)
+    producer.taking.set()
+    for number, silent in enumerate((True, False)):
+        error = RequestTimedOutError()
+        if silent:
+            error.__cause__ = TimeoutError()
+        write = asyncio.ensure_future(publisher.publish(_record("t", 0, number), _in(5.0)))
+        await _sent(producer, number + 1)
+        producer.sent[-1][1].set_exception(error)
+        with pytest.raises(PublishError):
+            await write
+        refusals = [r for r in caplog.records if "the broker refused a batch" in r.getMessage()]
+        assert len(refusals) == (0 if silent else 1)
+        assert metrics.broker_errors == ({} if silent else {"RequestTimedOutError": 1})

@@ -40,7 +40,7 @@ from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.cluster import ClusterMetadata
-from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError
+from aiokafka.errors import BrokerResponseError, KafkaConnectionError, KafkaError, RequestTimedOutError
 
 from bridge.errors import BrokerNotReady, BrokerRejected, DeliveryTimeout, describe
 from bridge.kafka.batching import Expired, NotHandedOver, Partition, PartitionBatches
@@ -358,6 +358,10 @@ class KafkaPublisher:
             return
         if not isinstance(error, BrokerResponseError):
             return  # not the broker's answer: a lost connection, the producer stopping
+        if isinstance(error, RequestTimedOutError) and isinstance(error.__cause__, TimeoutError):
+            # aiokafka's own request timeout, raised as the broker's REQUEST_TIMED_OUT (`client.send`): the
+            # broker said nothing, it refused nothing.
+            return
         refusal = f"{error.message} ({type(error).__name__})"
         if self._refusals.get(partition) != refusal:
             log.warning(
