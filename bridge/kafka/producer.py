@@ -10,7 +10,8 @@ producer's sender task ends (only a fatal error ends it), the user is told at on
 and a new one built. `status` says, in words, where that stands.
 
 Every metadata read names the bridge's topics and forbids their creation (`bridge.kafka.metadata`): the
-probe's, the start-up wait's and the producer's own refreshes. A cluster's other topics cost nothing.
+probe's, the start-up wait's and the producer's own refreshes: a cluster's other topics cost it nothing (on
+a broker below Metadata v4, which cannot forbid it, every topic is read instead).
 """
 
 from __future__ import annotations
