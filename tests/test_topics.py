@@ -12,7 +12,9 @@ import dataclasses
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.protocol.metadata import MetadataRequest
 
+from bridge.kafka.metadata import metadata_request
 from bridge.kafka.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
 from bridge.settings import ServeSettings
 from tests.support.broker import broker_choice
@@ -190,3 +192,17 @@ def test_the_ensure_command_without_brokers_says_how_to_give_them() -> None:
     result = run_bridge("topics", "ensure")
     assert result.returncode == 2
     assert "BRIDGE_BOOTSTRAP_SERVERS" in result.stderr
+
+
+def test_topics_are_named_with_creation_forbidden_from_metadata_v4_and_all_are_read_below() -> None:
+    topics = ["b.topic", "a.topic"]
+    modern = metadata_request({MetadataRequest.API_KEY: (0, 12)}, topics).prepare({3: (0, 12)})
+    assert modern.API_VERSION >= 4
+    assert modern.topics == ["a.topic", "b.topic"]
+    assert modern.allow_auto_topic_creation is False
+    old = metadata_request({MetadataRequest.API_KEY: (0, 3)}, topics).prepare({3: (0, 3)})
+    assert old.API_VERSION == 3
+    assert old.topics is None, "below v4 naming a topic could create it: every topic is read"
+    unknown = metadata_request({}, topics)
+    assert unknown.prepare({3: (0, 1)}).topics is None
+    assert metadata_request({3: (0, 12)}, []).prepare({3: (0, 12)}).topics is None

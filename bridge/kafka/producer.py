@@ -4,10 +4,14 @@ dies.
 `ProducerSupervisor.start()` returns at once and connects in the background: it waits for every topic (and
 creates the missing ones with `--create-topics`, before the bridge was first ready), for their leaders,
 reads the topics' `max.message.bytes` and `min.insync.replicas`, and then hands the producer to its user,
-the publisher (`ProducerUser`). While the producer serves, the supervisor reads the metadata of every topic
-each second and passes it on; two probes unanswered in a row make the bridge not ready. When the producer's
-sender task ends (only a fatal error ends it), the user is told at once, the producer is retired and a new
-one built. `status` says, in words, where that stands.
+the publisher (`ProducerUser`). While the producer serves, the supervisor reads the metadata of the bridge's
+topics each second and passes it on; two probes unanswered in a row make the bridge not ready. When the
+producer's sender task ends (only a fatal error ends it), the user is told at once, the producer is retired
+and a new one built. `status` says, in words, where that stands.
+
+Every metadata read names the bridge's topics and forbids their creation (`bridge.kafka.metadata`): the
+probe's, the start-up wait's and the producer's own refreshes: a cluster's other topics cost it nothing (on
+a broker below Metadata v4, which cannot forbid it, every topic is read instead).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from aiokafka.errors import KafkaError
 
 from bridge.errors import describe
 from bridge.kafka.batching import PartitionBatches
+from bridge.kafka.metadata import read_metadata, refresh_by_name
 from bridge.kafka.security import start_client
 from bridge.kafka.sizes import BATCH_BYTES
 from bridge.kafka.topics import await_leaders, create_topics, how_to_create, topic_limits
@@ -54,7 +59,7 @@ class ProducerUser(Protocol):
         ...
 
     def metadata_read(self, cluster: ClusterMetadata) -> None:
-        """A probe read the metadata of every topic."""
+        """A probe read the metadata of the bridge's topics (a deleted one is absent from `cluster`)."""
         ...
 
     def disconnected(self) -> None:
@@ -160,8 +165,8 @@ class ProducerSupervisor:
             await asyncio.sleep(_PROBE_INTERVAL_S)
             try:
                 async with asyncio.timeout(_PROBE_INTERVAL_S):
-                    # Metadata of every topic: asking for none by name, it can create none.
-                    cluster = await producer.client.fetch_all_metadata()
+                    # The bridge's topics by name, their creation forbidden: a deleted one stays deleted.
+                    cluster = await read_metadata(producer.client, self._settings.topics)
             except Exception as exc:  # noqa: BLE001 - however the probe fails, Kafka did not answer it
                 failures += 1
                 if failures >= 2 and self.answering:
@@ -181,6 +186,8 @@ class ProducerSupervisor:
         while True:
             # A producer whose start() failed hangs on send() (aiokafka #759): a new one for every attempt.
             producer = new_producer(settings, self._connection_options)
+            # Before its first refresh: every one, from now on, names the bridge's topics only.
+            refresh_by_name(producer.client, settings.topics)
             try:
                 async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
                     # A refused password or certificate is told as such, not as "Unable to bootstrap".
@@ -222,7 +229,7 @@ class ProducerSupervisor:
         reported: list[str] = []
         while True:
             async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
-                cluster = await producer.client.fetch_all_metadata()
+                cluster = await read_metadata(producer.client, settings.topics)
             missing = [topic for topic in settings.topics if topic not in cluster.topics()]
             if missing and settings.create_topics and not self._user.partitions_at_start:
                 try:
@@ -253,10 +260,9 @@ class ProducerSupervisor:
                 reported = missing
             await asyncio.sleep(_TOPIC_RECHECK_S)
         await self._read_limits()
-        # The producer's own metadata, refreshed for every topic: its list of topics is empty and stays so.
-        # `producer.partitions_for(topic)` would add the topic to that list, and every later refresh would
-        # name it: after a deletion, a broker that creates topics on demand would create it again. Last, so
-        # that the counts the caller reads are those of this refresh.
+        # The producer's own metadata, refreshed: its refreshes name the bridge's topics with their creation
+        # forbidden (`refresh_by_name`), its list of topics empty and staying so. Last, so that the counts
+        # the caller reads are those of this refresh.
         async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
             while any(producer.client.cluster.partitions_for_topic(t) is None for t in settings.topics):
                 await producer.client.force_metadata_update()

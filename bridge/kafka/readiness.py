@@ -3,8 +3,9 @@
 The publisher is ready only while each of its topics is present with the partition count it had when the
 bridge first became ready (`partition_for` maps entities with that count), and while every partition has at
 least its topic's `min.insync.replicas` in sync (fewer, and its leader refuses acks=all writes). Both are
-judged from metadata of every topic, read by the producer's probe each second and whenever the producer's
-own metadata changes; what changed is logged once, not at every read.
+judged from the metadata of the bridge's topics (asked for by name, their creation forbidden:
+`bridge.kafka.metadata`), read by the producer's probe each second and whenever the producer's own metadata
+changes; what changed is logged once, not at every read.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class TopicsAtStart:
         self.problems: dict[str, str] = {}
 
     def check(self, cluster: ClusterMetadata, at_start: Mapping[str, int]) -> None:
-        """Compare the topics in `cluster`, metadata of every topic, with `at_start` (each one's partition
-        count when the bridge first became ready); log what changed."""
+        """Compare the topics in `cluster`, metadata of the bridge's topics (a deleted one absent), with
+        `at_start` (each one's partition count when the bridge first became ready); log what changed."""
         problems = {}
         for topic in self._settings.topics:
             partitions = cluster.partitions_for_topic(topic)

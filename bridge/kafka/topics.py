@@ -19,6 +19,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
 
 from bridge.errors import CommandError, ExitStatus, describe
+from bridge.kafka.metadata import refresh_by_name
 from bridge.kafka.security import start_client
 from bridge.settings import KafkaConnection, TopicLayout, TopicsSettings
 
@@ -128,6 +129,9 @@ async def await_leaders(settings: KafkaConnection, topics: list[str]) -> None:
     Apache Kafka names a new partition's leader in its metadata a moment before that broker has opened the
     partition's log: a write in between gets NOT_LEADER_OR_FOLLOWER until the bridge's deadline. Asking each
     leader for the partition's end offset (ListOffsets) succeeds only once it is the leader in fact.
+
+    The consumer's metadata names `topics` with their creation forbidden (`refresh_by_name`), and holds
+    all of them before the first ListOffsets: left to itself, aiokafka would learn them one per 100 ms retry.
     """
     if not topics:
         return
@@ -138,14 +142,17 @@ async def await_leaders(settings: KafkaConnection, topics: list[str]) -> None:
         request_timeout_ms=int(_ADMIN_CALL_TIMEOUT_S * 1000),
         **settings.client_options(),
     )
+    client = consumer._client
+    refresh_by_name(client, topics)
     async with asyncio.timeout(_ADMIN_CALL_TIMEOUT_S):
         try:
             await start_client(consumer, settings.bootstrap_servers, settings.client_options())
-            # consumer.topics() throws the partitions away: read them from the metadata request itself.
-            cluster = await consumer._client.fetch_all_metadata()
+            # The client's own metadata, which ListOffsets looks the leaders up in.
+            await client.force_metadata_update()
+            cluster = client.cluster
             while not all(cluster.partitions_for_topic(topic) for topic in topics):
                 await asyncio.sleep(0.05)
-                cluster = await consumer._client.fetch_all_metadata()
+                await client.force_metadata_update()
             partitions = [
                 TopicPartition(topic, partition)
                 for topic in topics
