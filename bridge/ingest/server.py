@@ -423,11 +423,10 @@ async def answer_others(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     request_id = request_id_of(request)
     token = REQUEST_ID.set(request_id)
-    metrics = None if request.path in NOT_CALLBACKS else app[METRICS]
-    call = None
-    if metrics is not None:
-        metrics.in_flight += 1
-        call = Call(metrics, time.perf_counter())
+    # Probes and scrapes are not counted in the callback metrics: no `Call` for them.
+    call = None if request.path in NOT_CALLBACKS else Call(app[METRICS], time.perf_counter())
+    if call is not None:
+        call.metrics.in_flight += 1
     status = BridgeError.status
     try:
         allow = "POST"
@@ -460,9 +459,9 @@ async def answer_others(request: web.Request, handler: Handler) -> web.StreamRes
         return response
     finally:
         REQUEST_ID.reset(token)
-        if metrics is not None and call is not None:
-            metrics.in_flight -= 1
-            metrics.answered(call, status, time.perf_counter() - call.started)
+        if call is not None:
+            call.metrics.in_flight -= 1
+            call.metrics.answered(call, status, time.perf_counter() - call.started)
 
 
 def _fail(
