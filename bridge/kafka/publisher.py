@@ -245,9 +245,7 @@ class KafkaPublisher:
         # The size check's common case written out (`check_record_size` has the rest): a record's bound, once
         # computed, within its topic's limit.
         limits = self._supervisor.record_limits
-        size = record.size
-        if size < 0:
-            size = record_bytes(record)
+        size = record_bytes(record)  # kept on the record: a topic of small batches asks again
         if self._compressed or size > (
             limits.get(record.topic, self._max_record_bytes) if limits else self._max_record_bytes
         ):

@@ -62,9 +62,7 @@ def check_record_size(record: Record, limits: Mapping[str, int], own_limit: int,
     """Refuse a record its topic would refuse (`limits`, each topic's `max.message.bytes` where it is below
     `own_limit`), or over the bridge's own limit (`own_limit`), compressed with `compression`."""
     limit = limits.get(record.topic, own_limit) if limits else own_limit
-    bound = record.size
-    if bound < 0:
-        bound = record_bytes(record)
+    bound = record_bytes(record)
     if compression != "none":
         # aiokafka's C batch builder keeps a compressed batch even when it came out larger (by 28-240
         # bytes for a megabyte that does not compress): bound what a codec can add.
