@@ -37,6 +37,8 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 
+from bridge.tencent.bounded import keep
+
 SPEC_VERSION = "1.0"
 TYPE_PREFIX = "com.tencentcloud.chat."
 SOURCE_PREFIX = "/tencent-cloud-chat/"
@@ -79,10 +81,7 @@ def _second(second: int) -> str:
     """The text of `second` (since the epoch) up to its milliseconds, as `strftime` writes it (which
     raises for a time beyond the years `datetime` has), remembered for the next records."""
     head = (_EPOCH + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S.")
-    if len(_SECONDS) >= _CACHED_SECONDS:
-        _SECONDS.clear()
-    _SECONDS[second] = head
-    return head
+    return keep(_SECONDS, second, head, _CACHED_SECONDS)
 
 
 def epoch_ms(text: str) -> int:
@@ -117,18 +116,11 @@ def _pair(
 ) -> tuple[str, bytes]:
     """The header `name` holding `value`, encoded once per app or command (`of`); the cache emptied, not
     grown, past `_CACHED` (any dotted name is a command)."""
-    if len(cache) >= _CACHED:
-        cache.clear()
-    pair = cache[of] = (name, value.encode(encoding))
-    return pair
+    return keep(cache, of, (name, value.encode(encoding)), _CACHED)
 
 
 def _quote(text: str) -> str:
-    quoted = text if _UNRESERVED.fullmatch(text) else quote(text, safe="")
-    if len(_QUOTED) >= _CACHED:
-        _QUOTED.clear()
-    _QUOTED[text] = quoted
-    return quoted
+    return keep(_QUOTED, text, text if _UNRESERVED.fullmatch(text) else quote(text, safe=""), _CACHED)
 
 
 def form_urlencoded(query: Mapping[str, str]) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from bridge.tencent.bounded import keep
+
 SCHEMA = "tencent-chat-callback/1"
 # An EventTime further ahead of the receive time is a broken clock, and Kafka 4 refuses records more than an
 # hour ahead of the broker (message.timestamp.after.max.ms): the receive time stands in for it.
@@ -90,10 +92,7 @@ _APP_PAIRS: dict[str, tuple[str, bytes]] = {}
 
 def _pair(cache: dict[str, tuple[str, bytes]], name: str, text: str, encoding: str) -> tuple[str, bytes]:
     """The header `name` holding `text`, encoded, kept for the next record of that command or app."""
-    if len(cache) >= _CACHED_PAIRS:
-        cache.clear()
-    pair = cache[text] = (name, text.encode(encoding))
-    return pair
+    return keep(cache, text, (name, text.encode(encoding)), _CACHED_PAIRS)
 
 
 def record_headers(

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from bridge.errors import BridgeError, CommandMismatch, InvalidJson, InvalidQuery
+from bridge.tencent.bounded import keep
 
 OK_BODY = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
 
@@ -102,10 +103,7 @@ def parse_raw_query(raw: str) -> CallbackQuery | None:
     text = raw.replace("+", " ") if "+" in raw else raw
     # (name, value) pairs, checked by `parse_query` as the decoded ones are: no second copy of its checks.
     parsed = parse_query(part.partition("=")[::2] for part in text.split("&") if part)
-    if len(_PARSED) >= _PARSED_QUERIES:
-        _PARSED.clear()
-    _PARSED[raw] = parsed
-    return parsed
+    return keep(_PARSED, raw, parsed, _PARSED_QUERIES)
 
 
 _PARSED_QUERIES = 1024
@@ -124,7 +122,7 @@ def _checked_query(query: dict[str, str]) -> CallbackQuery:
             raise InvalidQuery(
                 f"query parameter 'SdkAppid' must be a positive decimal integer, got {_shorten(sdk_app_id)!r}"
             )
-        _remember(_CHECKED_APPS, sdk_app_id)
+        keep(_CHECKED_APPS, sdk_app_id, None, _CHECKED)
     command = query.get("CallbackCommand")
     if command is not None and command not in _CHECKED_COMMANDS:
         _check_command(command, "query parameter 'CallbackCommand'")
@@ -139,14 +137,9 @@ def _checked_query(query: dict[str, str]) -> CallbackQuery:
 _CHECKED = 1024
 """At most so many app ids, and so many commands, are remembered as checked (the regular expressions cost
 0.3 us each, three per callback); new ones past that empty the set rather than grow it."""
-_CHECKED_APPS: set[str] = set()
-_CHECKED_COMMANDS: set[str] = set()
-
-
-def _remember(checked: set[str], text: str) -> None:
-    if len(checked) >= _CHECKED:
-        checked.clear()
-    checked.add(text)
+_CHECKED_APPS: dict[str, None] = {}
+_CHECKED_COMMANDS: dict[str, None] = {}
+"""Dicts used as sets, to be kept by the one rule of bounded caches (`bridge.tencent.bounded.keep`)."""
 
 
 def _is_text(text: str) -> bool:
@@ -201,7 +194,7 @@ def _check_command(command: str, where: str) -> None:
             f"{where} must be a dotted command name such as 'OfficialAccount.CallbackAfterSendMsg', "
             f"got {_shorten(command)!r}"
         )
-    _remember(_CHECKED_COMMANDS, command)
+    keep(_CHECKED_COMMANDS, command, None, _CHECKED)
 
 
 def _depth(value: Any) -> int:
