@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support.kafka.jars import cache_root, cached_folder, tools_present
+from tests.support.kafka.jars import cache_root, cached_folder, copy_dependencies_command, tools_present
 
 HERE = Path(__file__).parent / "flink"
 POM = HERE / "pom.xml"
@@ -35,18 +35,7 @@ def _classpath() -> Path:
 
 def _build(staging: Path) -> None:
     """The parser's jars copied by Maven, and the driver compiled beside them."""
-    _run(
-        [
-            "mvn",
-            "--batch-mode",
-            "--quiet",
-            "--file",
-            str(POM),
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={staging}",
-            "-DincludeScope=runtime",
-        ]
-    )
+    _run(copy_dependencies_command(POM, staging))
     _run(["javac", "-cp", f"{staging}/*", "-d", str(staging), str(DRIVER)])
 
 

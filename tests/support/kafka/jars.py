@@ -75,17 +75,22 @@ def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def _copy_dependencies(output: Path) -> None:
-    command = [
+def copy_dependencies_command(pom: Path, output: Path) -> list[str]:
+    """Maven's command copying the runtime jars `pom` depends on into `output`."""
+    return [
         "mvn",
         "--batch-mode",
         "--quiet",
         "--file",
-        str(POM),
+        str(pom),
         "dependency:copy-dependencies",
         f"-DoutputDirectory={output}",
         "-DincludeScope=runtime",
     ]
+
+
+def _copy_dependencies(output: Path) -> None:
+    command = copy_dependencies_command(POM, output)
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=_RESOLVE_TIMEOUT_S, check=False
