@@ -35,7 +35,7 @@ from tests.conftest import BridgeClient
 from tests.support.kafka import jars
 from tests.support.kafka.nodes import KafkaNode
 from tests.support.requests import fixture
-from tests.support.serve import wait_until_ready
+from tests.support.serve import not_ready, wait_until_ready
 from tests.support.settings import unique_settings
 
 pytestmark = [
@@ -206,12 +206,7 @@ async def test_a_topic_deleted_on_a_broker_that_creates_topics_on_demand_is_noti
     caplog.set_level(logging.INFO, logger="bridge")
     producer = the_producer(bridge)
     await admin.delete_topics([settings.topic])
-    async with asyncio.timeout(NOTICE_S):
-        while True:
-            response = await bridge.get("/readyz")
-            if response.status == 503 and "missing" in (await response.json())["detail"]:
-                break
-            await asyncio.sleep(0.05)
+    await not_ready(bridge, "missing", NOTICE_S)
     assert f"not ready: topic {settings.topic} is missing" in caplog.text
     # Probes go on, the producer refreshes its own metadata (as after a NOT_LEADER), a write is tried.
     for number in range(3):

@@ -24,6 +24,7 @@ from bridge.kafka.publisher import KafkaPublisher
 from bridge.settings import ServeSettings
 from bridge.tencent.partitioner import partition_for
 from tests.conftest import BridgeClient
+from tests.support import serve
 from tests.support.records import read_records
 from tests.support.requests import fixture
 from tests.support.serve import wait_until_ready
@@ -41,14 +42,8 @@ async def post(client: BridgeClient, msg_key: str) -> tuple[int, dict[str, Any]]
 
 
 async def not_ready(client: BridgeClient, phrase: str) -> str:
-    """Wait until `/readyz` says 503 with `phrase` in its detail; return the detail."""
-    async with asyncio.timeout(NOTICE_S):
-        while True:
-            response = await client.get("/readyz")
-            detail: str = (await response.json())["detail"]
-            if response.status == 503 and phrase in detail:
-                return detail
-            await asyncio.sleep(0.05)
+    """Wait until `/readyz` says 503 with `phrase` in its detail, within `NOTICE_S`; return the detail."""
+    return await serve.not_ready(client, phrase, NOTICE_S)
 
 
 async def gone(admin: AIOKafkaAdminClient, topic: str) -> None:

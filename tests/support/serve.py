@@ -37,6 +37,18 @@ async def wait_until_ready(client: TestClient[web.Request, web.Application]) -> 
     await until_ready(client.session, str(client.make_url("")).rstrip("/"), READY_TIMEOUT_S)
 
 
+async def not_ready(client: TestClient[web.Request, web.Application], phrase: str, timeout: float) -> str:
+    """Wait until the bridge under the test client answers `/readyz` with 503 and `phrase` in its detail;
+    return the detail."""
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await client.get("/readyz")
+            detail: str = (await response.json())["detail"]
+            if response.status == 503 and phrase in detail:
+                return detail
+            await asyncio.sleep(0.05)
+
+
 async def until_ready(session: aiohttp.ClientSession, url: str, timeout: float = 60.0) -> None:
     """Wait until the bridge at `url` answers `/readyz` with 200; refused connections are waited out."""
     async with asyncio.timeout(timeout):
