@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,21 @@ def test_the_partition_example_is_right() -> None:
     match = re.search(r"`(@TOA#_\w+)` is on partition (\d+) of (\d+)", README)
     assert match is not None
     assert partition_for(match.group(1), int(match.group(3))) == int(match.group(2))
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but hyphens dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_within_the_readme_names_one_of_its_headings() -> None:
+    prose = re.sub(r"```.*?```", "", README, flags=re.DOTALL)  # a "#" line in a code block is no heading
+    seen: Counter[str] = Counter()
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", prose, flags=re.MULTILINE):
+        anchor = heading_anchor(heading)
+        anchors.add(anchor if not seen[anchor] else f"{anchor}-{seen[anchor]}")  # a repeated one gets -1, -2
+        seen[anchor] += 1
+    links = re.findall(r"\]\(#([^)]+)\)", prose)
+    assert links, "the README links none of its sections: the pattern is wrong"
+    assert [link for link in links if link not in anchors] == []
