@@ -8,12 +8,15 @@ embedded Tansu has neither, so those two tests need Apache Kafka). Ensure itself
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.protocol.metadata import MetadataRequest
 
+from bridge.kafka import topics
 from bridge.kafka.metadata import metadata_request
 from bridge.kafka.topics import Drift, IntendedTopic, describe_reports, ensure_topics, intended_topic
 from bridge.settings import ServeSettings
@@ -206,3 +209,36 @@ def test_topics_are_named_with_creation_forbidden_from_metadata_v4_and_all_are_r
     unknown = metadata_request({}, topics)
     assert unknown.prepare({3: (0, 1)}).topics is None
     assert metadata_request({3: (0, 12)}, []).prepare({3: (0, 12)}).topics is None
+
+
+class CatchingUpAdmin:
+    """An admin client whose broker answers the metadata of a topic just created as unknown `behind` times,
+    as a KRaft broker does until it has applied the controller's record (seen in CI: a topic made by
+    another client, then described at once, had 0 partitions)."""
+
+    def __init__(self, behind: int) -> None:
+        self.behind, self.asked = behind, 0
+
+    async def describe_topics(self, names: list[str]) -> list[dict[str, Any]]:
+        self.asked += 1
+        if self.asked <= self.behind:
+            return [{"topic": name, "error_code": 3, "partitions": []} for name in names]
+        return [
+            {"topic": name, "error_code": 0, "partitions": [{"partition": 0}, {"partition": 1}]}
+            for name in names
+        ]
+
+
+async def test_a_topic_the_broker_has_not_caught_up_with_is_described_again_not_taken_as_empty() -> None:
+    admin = CatchingUpAdmin(behind=2)
+    described = await topics._describe_topics(admin, ["t"])
+    assert len(described["t"]["partitions"]) == 2
+    assert admin.asked == 3
+
+
+async def test_a_topic_the_broker_never_describes_is_an_error_not_a_drift(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(topics, "_DESCRIBE_WAIT_S", 0.3)
+    with pytest.raises(UnknownTopicOrPartitionError, match="cannot describe topic t"):
+        await topics._describe_topics(CatchingUpAdmin(behind=1_000), ["t"])

@@ -12,11 +12,19 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    IncompatibleBrokerVersion,
+    KafkaError,
+    LeaderNotAvailableError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 
 from bridge.errors import CommandError, ExitStatus, describe
 from bridge.kafka.metadata import refresh_by_name
@@ -206,7 +214,7 @@ async def ensure_topics(settings: TopicsSettings) -> list[TopicReport]:
 
 async def _check(admin: AIOKafkaAdminClient, reports: list[TopicReport]) -> None:
     names = [report.topic for report in reports]
-    described = {topic["topic"]: topic for topic in await admin.describe_topics(names)}
+    described = await _describe_topics(admin, names)
     configs, unchecked = await _describe_configs(admin, names)
     for report in reports:
         intended = report.intended
@@ -227,6 +235,33 @@ async def _check(admin: AIOKafkaAdminClient, reports: list[TopicReport]) -> None
             found = actual.get(name, "(not set)")
             if found != value:
                 report.drifts.append(Drift(name, found, value))
+
+
+# A topic just created (by another process, or this one a moment ago) can be known to the controller before
+# the broker that answers has applied it: the broker says it does not know the topic, or knows no leader yet.
+_NOT_THERE_YET = frozenset({UnknownTopicOrPartitionError.errno, LeaderNotAvailableError.errno})
+_DESCRIBE_RETRY_S = 0.1
+_DESCRIBE_WAIT_S = 10.0
+
+
+async def _describe_topics(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The metadata of topics that exist, asked again while the broker has not caught up with them (for up
+    to `_DESCRIBE_WAIT_S`): their partitions are not to be taken for zero. Raises the broker's error for a
+    topic it still cannot describe, or for any other error."""
+    described: dict[str, dict[str, Any]] = {}
+    waiting = list(names)
+    deadline = asyncio.get_running_loop().time() + _DESCRIBE_WAIT_S
+    while True:
+        for topic in await admin.describe_topics(waiting):
+            described[topic["topic"]] = topic
+        waiting = [name for name in waiting if described[name]["error_code"] in _NOT_THERE_YET]
+        if not waiting or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(_DESCRIBE_RETRY_S)
+    for name in names:
+        if code := described[name]["error_code"]:
+            raise for_code(code)(f"cannot describe topic {name}")
+    return described
 
 
 async def _describe_configs(
