@@ -15,6 +15,12 @@ stopped with Ctrl-C and run again copies every record once. After a crash, recor
 write are copied again. The checkpoint names the replay it belongs to (topic, window, offsets, filters,
 destination): a different replay refuses it rather than skip what it never copied.
 
+Forward mode's decision records (`--decisions`): `auto` copies them to `--to-topic` (a copy of the topic
+as the bridge wrote it, which analytics jobs join with the callbacks) and passes over them for `--to-file`
+(consume's callback lines) and `--to-url` (a decision is not a callback: it is never posted). A decision
+copied is delivered only once its callback's delivery (read before it) has finished, so it lands after it.
+`--dedup` drops callbacks only: each decision is one answer of the app server.
+
 Before reading anything, the destination file, the skipped file and the checkpoint are checked to be
 writable.
 """
@@ -37,11 +43,14 @@ from aiokafka.errors import KafkaError
 from bridge.errors import CommandError, ExitStatus
 from bridge.process import kafka_failed, stop_signals
 from bridge.readback import durable_files
+from bridge.readback.decisions import DecisionEvent
 from bridge.readback.events import BadRecord, Deduplicator, Event, EventFilter
 from bridge.readback.progress import Progress, Tally
 from bridge.readback.reader import EventReader, ReaderError
 from bridge.readback.sinks import DeliveryFailed, Failure, Sink, sink_for
 from bridge.settings import ReaderSettings, ReplaySettings
+from bridge.tencent.commands import runs_before
+from bridge.tencent.envelope import CallbackId
 
 _CHECKPOINT_EVERY_S = 1.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
@@ -51,14 +60,25 @@ class ReplayError(RuntimeError):
     """The replay cannot start or cannot go on; the message says why."""
 
 
+def copies_decisions(settings: ReplaySettings) -> bool:
+    """Whether this replay copies forward mode's decision records: `--decisions include`, or `auto` for a
+    `--to-topic`."""
+    if settings.decisions == "auto":
+        return settings.to_topic is not None
+    return settings.decisions == "include"
+
+
 def replay_identity(settings: ReplaySettings) -> dict[str, Any]:
-    """What makes two runs the same replay: a checkpoint is only valid for the replay that wrote it."""
+    """What makes two runs the same replay: a checkpoint is only valid for the replay that wrote it. A
+    replay that copies decisions says so; one that does not is named as before decisions were copied, so
+    its older checkpoints stay valid."""
     if settings.to_file is not None:
         destination = f"file:{os.path.abspath(settings.to_file)}"
     elif settings.to_topic is not None:
         destination = f"topic:{settings.to_topic}"
     else:
         destination = f"url:{settings.to_url}"
+    decisions = {"decisions": "include"} if copies_decisions(settings) else {}
     return {
         "topic": settings.topic,
         "since": settings.since,
@@ -68,6 +88,7 @@ def replay_identity(settings: ReplaySettings) -> dict[str, Any]:
         "command": sorted(settings.command),
         "account": settings.account,
         "destination": destination,
+        **decisions,
     }
 
 
@@ -121,7 +142,7 @@ class SkippedRecords:
         self.path = path
         self._file: BinaryIO | None = None
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event | DecisionEvent) -> None:
         try:
             if self._file is None:
                 self._file = durable_files.open_append(self.path)
@@ -173,6 +194,9 @@ class Replay:
         self._rate = RateLimit(settings.rate)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._reader: EventReader | None = None
+        self._copies_decisions = copies_decisions(settings)
+        self._before_callbacks_in_flight: dict[CallbackId, asyncio.Task[None]] = {}
+        """The deliveries of before-callbacks under way, which a decision read after one waits for."""
 
     def interrupt(self) -> None:
         """Stop reading (Ctrl-C); deliveries in flight finish and the checkpoint covers them."""
@@ -212,12 +236,13 @@ class Replay:
     async def _copy(self, reader: EventReader, progress: Progress | None) -> None:
         last_saved = time.monotonic()
         try:
-            async with contextlib.aclosing(reader.events()) as events:
+            read = reader.records if self._copies_decisions else reader.events
+            async with contextlib.aclosing(read()) as events:
                 async for event in events:
                     if self.stop.is_set():
                         break
                     await self._start_delivery(reader, event)
-                    self.tally.filtered_out = reader.stats.filtered_out
+                    self._count(reader)
                     if progress is not None:
                         progress.update(self.tally, reader.progress())
                     if time.monotonic() - last_saved >= _CHECKPOINT_EVERY_S:
@@ -227,11 +252,17 @@ class Replay:
             # Stopped or not, what is in flight finishes, so the checkpoint covers exactly what was copied.
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             self.interrupted = self.stop.is_set() and self.failure is None
-            self.tally.filtered_out = reader.stats.filtered_out
+            self._count(reader)
             await self._save(reader)
 
-    async def _start_delivery(self, reader: EventReader, event: Event) -> None:
-        if self._dedup is not None and not self._dedup.first_time(event):
+    def _count(self, reader: EventReader) -> None:
+        self.tally.filtered_out = reader.stats.filtered_out
+        if not self._copies_decisions:
+            self.tally.decisions_passed_over = reader.stats.decisions
+
+    async def _start_delivery(self, reader: EventReader, event: Event | DecisionEvent) -> None:
+        # A decision is never dropped as a duplicate: each is one answer of the app server.
+        if self._dedup is not None and isinstance(event, Event) and not self._dedup.first_time(event):
             self.tally.duplicates += 1
             reader.done(event)
             return
@@ -240,13 +271,31 @@ class Replay:
         if self.stop.is_set():  # stopped while waiting: this record is left for the next run
             self._slots.release()
             return
-        task = asyncio.create_task(self._deliver(reader, event))
+        after: asyncio.Task[None] | None = None
+        if isinstance(event, DecisionEvent):
+            after = self._before_callbacks_in_flight.get(event.identity)
+        task = asyncio.create_task(self._deliver(reader, event, after))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+        if self._copies_decisions and isinstance(event, Event) and runs_before(event.command):
+            identity = event.identity
+            self._before_callbacks_in_flight[identity] = task
+            task.add_done_callback(lambda done: self._forget(identity, done))
 
-    async def _deliver(self, reader: EventReader, event: Event) -> None:
+    def _forget(self, identity: CallbackId, task: asyncio.Task[None]) -> None:
+        if self._before_callbacks_in_flight.get(identity) is task:
+            del self._before_callbacks_in_flight[identity]
+
+    async def _deliver(
+        self, reader: EventReader, event: Event | DecisionEvent, after: asyncio.Task[None] | None = None
+    ) -> None:
+        """Deliver `event`, once `after` (the delivery of the callback a decision follows) has finished."""
         delay = _RETRY_FIRST_S
         try:
+            if after is not None:
+                await asyncio.wait([after])
+                if self.failure is not None:  # the replay stopped: the decision waits for the next run
+                    return
             for attempt in range(self._settings.retries + 1):
                 try:
                     await self._sink.deliver(event)
@@ -266,12 +315,14 @@ class Replay:
                     delay = min(delay * 2, _RETRY_MAX_S)
                 else:
                     self.tally.copied += 1
+                    if isinstance(event, DecisionEvent):
+                        self.tally.decisions += 1
                     reader.done(event)
                     return
         finally:
             self._slots.release()
 
-    def _set_aside(self, reader: EventReader, event: Event, reason: str) -> None:
+    def _set_aside(self, reader: EventReader, event: Event | DecisionEvent, reason: str) -> None:
         try:
             self.skipped.add(event)
         except ReplayError as exc:
@@ -335,6 +386,11 @@ def run_replay(settings: ReplaySettings) -> int:
         problem = "give exactly one destination: --to-topic, --to-file or --to-url"
     elif settings.to_topic == settings.topic:
         problem = "--to-topic must differ from --topic"
+    elif settings.to_url is not None and settings.decisions == "include":
+        problem = (
+            "--to-url never posts a decision record (it is not a callback): "
+            "give --decisions auto or skip, or --to-topic"
+        )
     if problem is None:
         try:
             _check_files(settings)
