@@ -17,9 +17,10 @@ destination): a different replay refuses it rather than skip what it never copie
 
 Forward mode's decision records (`--decisions`): `auto` copies them to `--to-topic` (a copy of the topic
 as the bridge wrote it, which analytics jobs join with the callbacks) and passes over them for `--to-file`
-(consume's callback lines) and `--to-url` (a decision is not a callback: it is never posted). A decision
-copied is delivered only once its callback's delivery (read before it) has finished, so it lands after it.
-`--dedup` drops callbacks only: each decision is one answer of the app server.
+(consume's callback lines) and `--to-url` (a decision is not a callback: it is never posted). Deliveries
+start in the order records are read, and the producer keeps that order per partition, so a decision lands
+after its callback; when its callback's delivery failed and waits to be tried again, the decision waits
+for it. `--dedup` drops callbacks only: each decision is one answer of the app server.
 
 Before reading anything, the destination file, the skipped file and the checkpoint are checked to be
 writable.
@@ -195,8 +196,9 @@ class Replay:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._reader: EventReader | None = None
         self._copies_decisions = copies_decisions(settings)
-        self._before_callbacks_in_flight: dict[CallbackId, asyncio.Task[None]] = {}
-        """The deliveries of before-callbacks under way, which a decision read after one waits for."""
+        self._retried_callbacks: dict[CallbackId, asyncio.Event] = {}
+        """The before-callbacks whose delivery failed and is tried again: a decision read after one waits
+        until that delivery has ended (not in the common case, where deliveries keep the read order)."""
 
     def interrupt(self) -> None:
         """Stop reading (Ctrl-C); deliveries in flight finish and the checkpoint covers them."""
@@ -271,56 +273,61 @@ class Replay:
         if self.stop.is_set():  # stopped while waiting: this record is left for the next run
             self._slots.release()
             return
-        after: asyncio.Task[None] | None = None
-        if isinstance(event, DecisionEvent):
-            after = self._before_callbacks_in_flight.get(event.identity)
-        task = asyncio.create_task(self._deliver(reader, event, after))
+        task = asyncio.create_task(self._deliver(reader, event))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-        if self._copies_decisions and isinstance(event, Event) and runs_before(event.command):
-            identity = event.identity
-            self._before_callbacks_in_flight[identity] = task
-            task.add_done_callback(lambda done: self._forget(identity, done))
 
-    def _forget(self, identity: CallbackId, task: asyncio.Task[None]) -> None:
-        if self._before_callbacks_in_flight.get(identity) is task:
-            del self._before_callbacks_in_flight[identity]
-
-    async def _deliver(
-        self, reader: EventReader, event: Event | DecisionEvent, after: asyncio.Task[None] | None = None
-    ) -> None:
-        """Deliver `event`, once `after` (the delivery of the callback a decision follows) has finished."""
-        delay = _RETRY_FIRST_S
+    async def _deliver(self, reader: EventReader, event: Event | DecisionEvent) -> None:
         try:
-            if after is not None:
-                await asyncio.wait([after])
+            if isinstance(event, DecisionEvent) and (callback := self._retried_callbacks.get(event.identity)):
+                await callback.wait()  # its callback's delivery is being tried again: land after it
                 if self.failure is not None:  # the replay stopped: the decision waits for the next run
                     return
+            if await self._attempts(reader, event):
+                self.tally.copied += 1
+                if isinstance(event, DecisionEvent):
+                    self.tally.decisions += 1
+                reader.done(event)
+        finally:
+            self._slots.release()
+
+    async def _attempts(self, reader: EventReader, event: Event | DecisionEvent) -> bool:
+        """Deliver `event`, trying again after a passing failure; False when it was not delivered (set aside,
+        or the replay stopped)."""
+        delay = _RETRY_FIRST_S
+        retried: asyncio.Event | None = None
+        try:
             for attempt in range(self._settings.retries + 1):
                 try:
                     await self._sink.deliver(event)
                 except DeliveryFailed as exc:
                     if exc.failure is Failure.RECORD:
                         self._set_aside(reader, event, exc.reason)
-                        return
+                        return False
                     if exc.failure is Failure.DESTINATION:
                         self._fail(f"{event.coordinates}: {exc.reason}")
-                        return
+                        return False
                     if attempt == self._settings.retries:
                         self._fail(f"{event.coordinates}: {exc.reason} (after {attempt} retries)")
-                        return
+                        return False
                     if self.failure is not None:  # another delivery stopped the replay: no more retries
-                        return
+                        return False
+                    if retried is None and self._decided(event):
+                        retried = self._retried_callbacks[event.identity] = asyncio.Event()
                     await asyncio.sleep(delay)  # backoff before a retry
                     delay = min(delay * 2, _RETRY_MAX_S)
                 else:
-                    self.tally.copied += 1
-                    if isinstance(event, DecisionEvent):
-                        self.tally.decisions += 1
-                    reader.done(event)
-                    return
+                    return True
+            return False
         finally:
-            self._slots.release()
+            if retried is not None:
+                retried.set()
+                if self._retried_callbacks.get(event.identity) is retried:
+                    del self._retried_callbacks[event.identity]
+
+    def _decided(self, event: Event | DecisionEvent) -> bool:
+        """Whether a decision record copied after `event` may follow it: a before-callback's."""
+        return self._copies_decisions and isinstance(event, Event) and runs_before(event.command)
 
     def _set_aside(self, reader: EventReader, event: Event | DecisionEvent, reason: str) -> None:
         try:
