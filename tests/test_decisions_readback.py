@@ -28,7 +28,7 @@ from bridge.readback.decisions import DECISION_SCHEMA, DecisionEvent
 from bridge.readback.events import Event, EventFilter
 from bridge.readback.reader import EventReader
 from bridge.readback.replay import Replay
-from bridge.readback.sinks import TopicSink, UrlSink
+from bridge.readback.sinks import DeliveryFailed, Failure, FileSink, TopicSink, UrlSink
 from bridge.settings import ReplaySettings, ServeSettings
 from bridge.tencent.commands import route
 from bridge.tencent.envelope import SCHEMA
@@ -438,3 +438,44 @@ def test_replay_to_a_file_with_decisions_included_writes_consumes_lines(topic: T
     assert_in_partition_order(
         alone.read_bytes().splitlines(), [r for r in topic.records if not is_decision(r)]
     )
+
+
+class FlakyFile(FileSink):
+    """A file whose first write of each before-callback fails for a passing reason, so that the callback
+    is tried again after the records read after it have been written."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.failed: set[str] = set()
+
+    async def deliver(self, event: Event | DecisionEvent) -> None:
+        if isinstance(event, Event) and event.command == BEFORE and event.identity not in self.failed:
+            self.failed.add(event.identity)
+            raise DeliveryFailed("the disk is busy", Failure.PASSING)
+        await super().deliver(event)
+
+
+async def test_a_decision_waits_for_its_callback_whose_delivery_is_tried_again(
+    topic: Topic, tmp_path: Path
+) -> None:
+    """Every before-callback's first delivery fails and is tried again 0.2 s later: each decision still
+    lands after its callback, and every record once."""
+    out = tmp_path / "flaky.jsonl"
+    settings = reading(
+        ReplaySettings, topic.settings, topic=topic.name, to_file=str(out), decisions="include", concurrency=8
+    )
+    replay = Replay(settings, FlakyFile(str(out)), report=io.StringIO())
+    async with asyncio.timeout(60):
+        await replay.run()
+    assert (replay.tally.copied, replay.tally.decisions, replay.tally.errors) == (
+        CALLBACKS + DECISIONS,
+        DECISIONS,
+        0,
+    )
+    lines = out.read_bytes().splitlines()
+    assert Counter(lines) == Counter(line_of(r) for r in topic.records)
+    position = {line: index for index, line in enumerate(lines)}
+    for record in topic.records:
+        if is_decision(record):
+            [callback] = [r for r in topic.records if not is_decision(r) and r.key == record.key]
+            assert position[line_of(callback)] < position[line_of(record)]

@@ -32,7 +32,8 @@ class Tally:
 
     def summary(self, seconds: float) -> str:
         rate = self.copied / seconds if seconds > 0 else 0.0
-        decisions = f" ({self.decisions} app decisions)" if self.decisions else ""
+        noun = "app decision" if self.decisions == 1 else "app decisions"
+        decisions = f" ({self.decisions} {noun})" if self.decisions else ""
         passed_over = (
             f", app decisions passed over {self.decisions_passed_over}" if self.decisions_passed_over else ""
         )
