@@ -479,3 +479,42 @@ async def test_a_decision_waits_for_its_callback_whose_delivery_is_tried_again(
         if is_decision(record):
             [callback] = [r for r in topic.records if not is_decision(r) and r.key == record.key]
             assert position[line_of(callback)] < position[line_of(record)]
+
+
+@pytest.mark.parametrize("partitions", [12, 3])
+async def test_a_decision_replayed_without_its_callback_keeps_its_partition_or_is_set_aside(
+    topic: Topic, tmp_path: Path, partitions: int
+) -> None:
+    """`--from-offset 1` starts each partition after its first record, a before-callback: its decision
+    has no known entity. Into a topic of as many partitions it keeps the partition it was read from; into
+    one of 3 its callback's partition cannot be known, so it is set aside in `--skipped`, an error."""
+    destination = f"{topic.name}.from-1-of-{partitions}"
+    await create_topic(topic.bootstrap_servers, destination, partitions)
+    skipped = tmp_path / "skipped.jsonl"
+    settings = reading(
+        ReplaySettings,
+        topic.settings,
+        topic=topic.name,
+        to_topic=destination,
+        from_offset=1,
+        skipped=str(skipped),
+    )
+    replay = await replay_to(settings, TopicSink(settings, destination))
+    read = [r for r in topic.records if r.offset >= 1]
+    callback_offsets = {(r.partition, r.key): r.offset for r in topic.records if not is_decision(r)}
+    orphans = [r for r in read if is_decision(r) and callback_offsets[(r.partition, r.key)] < 1]
+    assert orphans
+    kept = len(read) if partitions == 12 else len(read) - len(orphans)
+    copies = await read_records(topic.bootstrap_servers, [destination], expect=kept)
+    if partitions == 12:
+        assert (replay.tally.copied, replay.tally.errors) == (len(read), 0)
+        where = {(r.key, r.value): r.partition for r in topic.records}
+        assert all(where[(c.key, c.value)] == c.partition for c in copies)
+    else:
+        assert (replay.tally.copied, replay.tally.refused, replay.tally.errors) == (
+            len(read) - len(orphans),
+            len(orphans),
+            len(orphans),
+        )
+        assert Counter(skipped.read_bytes().splitlines()) == Counter(line_of(r) for r in orphans)
+        assert len(copies) == len(read) - len(orphans)
