@@ -4,6 +4,10 @@ Records of either record format print alike: a `cloudevents` record as the envel
 would have written for it (`Event.json_line`), so a job downstream never needs to know which format a
 bridge was told to write, and a topic holding both reads as one.
 
+Forward mode's decision records are passed over (counted) unless `--decisions include` (or `only`) asks
+for them: each is printed as its record value, of schema `tencent-chat-kafka-bridge/app-decision/1`, after
+its callback's line (`EventReader.records`).
+
 With `--group`, an event is committed only after its line is written and flushed, and before each commit
 an `--output` file is fsynced, so after a power loss the commits are never ahead of the file. An `--output`
 file is created 0600: it holds user messages.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections import Counter
 from typing import IO
 
 from aiokafka.errors import KafkaError
@@ -21,8 +26,9 @@ from aiokafka.errors import KafkaError
 from bridge.errors import CommandError, ExitStatus
 from bridge.process import kafka_failed, stop_signals
 from bridge.readback import durable_files
-from bridge.readback.events import BadRecord
-from bridge.readback.reader import EventReader, ReaderError
+from bridge.readback.decisions import DecisionEvent
+from bridge.readback.events import BadRecord, Event
+from bridge.readback.reader import EventReader, ReaderError, ReaderStats
 from bridge.readback.replay import plural, select_of, window_problem
 from bridge.settings import ConsumeSettings
 
@@ -68,10 +74,12 @@ async def _consume(settings: ConsumeSettings, output: IO[bytes]) -> int:
     )
     # Line by line when someone watches or a group commits what was written; else in blocks, for speed.
     flush_each = settings.follow or settings.group is not None or output.isatty()
-    written = 0
+    written = callbacks_passed_over = 0
+    kinds = Counter[str]()
     try:
         with stop_signals(reader.stop_reading):
-            async with reader, contextlib.aclosing(reader.events()) as events:
+            read = reader.events if settings.decisions == "skip" else reader.records
+            async with reader, contextlib.aclosing(read()) as events:
                 if not (from_start or settings.follow or settings.group):
                     print(
                         "consume: reading from the end of the topic; give --from-beginning, --since, "
@@ -79,11 +87,16 @@ async def _consume(settings: ConsumeSettings, output: IO[bytes]) -> int:
                         file=sys.stderr,
                     )
                 async for event in events:
+                    if settings.decisions == "only" and isinstance(event, Event):
+                        reader.done(event)
+                        callbacks_passed_over += 1
+                        continue
                     output.write(event.json_line())
                     if flush_each:
                         output.flush()
                     reader.done(event)
                     written += 1
+                    kinds["decision" if isinstance(event, DecisionEvent) else "callback"] += 1
                     if settings.max is not None and written >= settings.max:
                         break
                 output.flush()
@@ -97,9 +110,26 @@ async def _consume(settings: ConsumeSettings, output: IO[bytes]) -> int:
         raise CommandError(f"cannot write --output {settings.output}: {exc}") from None
     stats = reader.stats
     print(
-        f"consume: {plural(written, 'event')} written, {stats.filtered_out} filtered out, "
-        f"{plural(stats.bad, 'bad record')}"
-        + (f", {plural(stats.decisions, 'app decision')} passed over" if stats.decisions else ""),
+        f"consume: {_summary(settings.decisions, written, kinds, stats, callbacks_passed_over)}",
         file=sys.stderr,
     )
     return ExitStatus.OK
+
+
+def _summary(
+    decisions: str, written: int, kinds: Counter[str], stats: ReaderStats, callbacks_passed_over: int
+) -> str:
+    """What was written and what was not, by kind of record when decisions were asked for."""
+    if decisions == "skip":
+        what = plural(written, "event") + " written"
+    elif decisions == "include":
+        callbacks, decided = plural(kinds["callback"], "callback"), plural(kinds["decision"], "app decision")
+        what = f"{plural(written, 'event')} written ({callbacks}, {decided})"
+    else:
+        what = f"{plural(written, 'app decision')} written"
+    line = f"{what}, {stats.filtered_out} filtered out, {plural(stats.bad, 'bad record')}"
+    if decisions == "skip" and stats.decisions:
+        line += f", {plural(stats.decisions, 'app decision')} passed over"
+    if callbacks_passed_over:
+        line += f", {plural(callbacks_passed_over, 'callback')} passed over"
+    return line

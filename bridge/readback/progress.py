@@ -21,6 +21,10 @@ class Tally:
     errors: int = 0
     refused: int = 0
     """Of the errors, the records the destination refused for good, set aside in the skipped file."""
+    decisions: int = 0
+    """Of the records copied, forward mode's decision records (`--decisions include`)."""
+    decisions_passed_over: int = 0
+    """Forward mode's decision records read and not copied (`--decisions skip`, or `--to-url`)."""
 
     @property
     def handled(self) -> int:
@@ -28,9 +32,15 @@ class Tally:
 
     def summary(self, seconds: float) -> str:
         rate = self.copied / seconds if seconds > 0 else 0.0
+        noun = "app decision" if self.decisions == 1 else "app decisions"
+        decisions = f" ({self.decisions} {noun})" if self.decisions else ""
+        passed_over = (
+            f", app decisions passed over {self.decisions_passed_over}" if self.decisions_passed_over else ""
+        )
         return (
-            f"copied {self.copied}, skipped as duplicates {self.duplicates}, filtered out "
-            f"{self.filtered_out}, errors {self.errors} in {seconds:.1f} s ({rate:.0f} records/s)"
+            f"copied {self.copied}{decisions}, skipped as duplicates {self.duplicates}, filtered out "
+            f"{self.filtered_out}, errors {self.errors}{passed_over} in {seconds:.1f} s "
+            f"({rate:.0f} records/s)"
         )
 
 

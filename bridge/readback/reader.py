@@ -13,12 +13,16 @@ it failed on); with `manual_done=True` the job calls `done(event)`, in any order
 of a partition is its lowest event not yet done. A group's commit also never passes a partition's first
 event at or after `until` (the window's end): the same group's next window starts there, not after it.
 The events of this window read after that one are read again if this window is run again.
+
+Forward mode's decision records (`bridge.readback.decisions`) share their callbacks' partitions: iterating
+the reader (`events()`) passes over them, counted; `records()` yields them too, each with its callback.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,14 +32,19 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from bridge.kafka.security import start_client
+from bridge.readback.decisions import CallbackSeen, DecisionEvent, decode_decision
 from bridge.readback.events import BadRecord, Event, EventFilter, InvalidEnvelope, coordinates_of
 from bridge.readback.rejected import decode_any
-from bridge.tencent.envelope import is_decision_record
+from bridge.tencent.commands import runs_before
+from bridge.tencent.envelope import CallbackId, is_decision_record
 from bridge.tencent.partitioner import partition_for
 
 log = logging.getLogger("bridge.consumer")  # see `bridge.logs.LOGGERS`
 
 _POLL_MS = 250
+_CALLBACKS_REMEMBERED = 100_000
+"""How many before-callbacks `records()` remembers for the decisions that follow them: a decision is
+written a few milliseconds after its callback, so it is read soon after it in the partition."""
 
 
 class ReaderError(RuntimeError):
@@ -72,7 +81,9 @@ class ReaderStats:
     filtered_out: int = 0
     bad: int = 0
     decisions: int = 0
-    """Forward mode's records of an app server's decisions, passed over: they are not callbacks."""
+    """Forward mode's records of an app server's decisions read: `events()` passes over them all (they
+    are not callbacks); `records()` yields those its filter selects (`decisions_yielded`)."""
+    decisions_yielded: int = 0
 
 
 def log_bad_record(bad: BadRecord) -> None:
@@ -80,7 +91,11 @@ def log_bad_record(bad: BadRecord) -> None:
 
 
 class EventReader:
-    """Async iteration over the events of a topic: `async with EventReader(...) as r: async for e in r`."""
+    """Async iteration over the events of a topic: `async with EventReader(...) as r: async for e in r`.
+
+    `async for` (and `events()`) yields the callbacks alone, passing over forward mode's decision records
+    (counted in `stats.decisions`); `records()` yields both, each decision as a `DecisionEvent` after its
+    callback, in partition order."""
 
     def __init__(
         self,
@@ -128,6 +143,7 @@ class EventReader:
         )
         self._parts: dict[TopicPartition, PartitionState] = {}
         self._last_commit = time.monotonic()
+        self._before_callbacks: OrderedDict[CallbackId, CallbackSeen] = OrderedDict()
 
     async def __aenter__(self) -> EventReader:
         await self.start()
@@ -176,7 +192,7 @@ class EventReader:
         for tp in self._parts:
             self._finish(tp)
 
-    def done(self, event: Event) -> None:
+    def done(self, event: Event | DecisionEvent) -> None:
         """With `manual_done`: the job has finished `event`, so its offset may be committed."""
         state = self._parts.get(TopicPartition(event.coordinates.topic, event.coordinates.partition))
         if state is not None:
@@ -200,29 +216,102 @@ class EventReader:
                 self._parts[tp].committed = meta.offset
 
     async def events(self) -> AsyncGenerator[Event, None]:
+        """The callbacks the filter selects; forward mode's decision records are passed over, counted."""
         async for record in self._records():
             state = self._parts[TopicPartition(record.topic, record.partition)]
             state.read_to = record.offset + 1
             if is_decision_record(record.headers):
                 self.stats.decisions += 1
                 continue
-            try:
-                event = decode_any(record)  # a callback's envelope, or a dead-letter record
-            except InvalidEnvelope as exc:
-                self.stats.bad += 1
-                self._on_bad_record(BadRecord(coordinates_of(record), str(exc)))
-                continue
-            if not self.select.matches(event):
-                self.stats.filtered_out += 1
-                until = self.select.until_ms
-                if state.held is None and until is not None and event.event_time_ms >= until:
-                    state.held = record.offset
-                continue
-            self.stats.events += 1
-            state.outstanding.add(record.offset)
-            yield event
-            if not self._manual_done:
-                state.outstanding.discard(record.offset)
+            event = self._callback(record, state)
+            if event is not None:
+                self.stats.events += 1
+                state.outstanding.add(record.offset)
+                yield event
+                if not self._manual_done:
+                    state.outstanding.discard(record.offset)
+
+    async def records(self) -> AsyncGenerator[Event | DecisionEvent, None]:
+        """The callbacks and forward mode's decision records the filter selects, in partition order.
+
+        A decision goes with its callback: selected when the callback read before it was selected, whatever
+        the filter says of the decision alone, so a job gets each callback of a window with its decisions.
+        A decision whose callback was not read in this run (it started between the two) is judged by
+        itself: its command (`decision-of`) and family, and its receive time as its event time; it has no
+        entity, so a filter that names entities leaves it out."""
+        async for record in self._records():
+            state = self._parts[TopicPartition(record.topic, record.partition)]
+            state.read_to = record.offset + 1
+            item: Event | DecisionEvent | None
+            if is_decision_record(record.headers):
+                self.stats.decisions += 1
+                item = self._decision(record, state)
+                if item is not None:
+                    self.stats.decisions_yielded += 1
+            else:
+                item = self._callback(record, state, remember=True)
+                if item is not None:
+                    self.stats.events += 1
+            if item is not None:
+                state.outstanding.add(record.offset)
+                yield item
+                if not self._manual_done:
+                    state.outstanding.discard(record.offset)
+
+    def _callback(
+        self, record: ConsumerRecord[bytes, bytes], state: PartitionState, *, remember: bool = False
+    ) -> Event | None:
+        """The callback in `record` if the filter selects it; None (counted) if not, or if it is bad."""
+        try:
+            event = decode_any(record)  # a callback's envelope, or a dead-letter record
+        except InvalidEnvelope as exc:
+            self.stats.bad += 1
+            self._on_bad_record(BadRecord(coordinates_of(record), str(exc)))
+            return None
+        selected = self.select.matches(event)
+        if remember and runs_before(event.command):
+            seen = CallbackSeen(event.entity, event.event_time_ms, event.coordinates, selected)
+            self._before_callbacks[event.identity] = seen
+            self._before_callbacks.move_to_end(event.identity)
+            if len(self._before_callbacks) > _CALLBACKS_REMEMBERED:
+                self._before_callbacks.popitem(last=False)
+        if not selected:
+            self._filtered_out(record, state, event.event_time_ms)
+            return None
+        return event
+
+    def _decision(self, record: ConsumerRecord[bytes, bytes], state: PartitionState) -> DecisionEvent | None:
+        """The decision in `record` if it goes with a selected callback (or, its callback unread, the filter
+        selects it); None (counted) if not, or if it is bad."""
+        try:
+            decision = decode_decision(record)
+        except InvalidEnvelope as exc:
+            self.stats.bad += 1
+            self._on_bad_record(BadRecord(coordinates_of(record), str(exc)))
+            return None
+        select = self.select
+        seen = self._before_callbacks.get(decision.identity)
+        if seen is not None:
+            decision = decision.following(seen)
+            selected = seen.selected
+        else:
+            selected = (
+                (not select.commands or bool({decision.command, decision.family} & select.commands))
+                and not select.entities
+                and select.in_window(decision.event_time_ms)
+            )
+        if not selected:
+            self._filtered_out(record, state, decision.event_time_ms)
+            return None
+        return decision
+
+    def _filtered_out(
+        self, record: ConsumerRecord[bytes, bytes], state: PartitionState, event_time_ms: int
+    ) -> None:
+        self.stats.filtered_out += 1
+        until = self.select.until_ms
+        if state.held is None and until is not None and event_time_ms >= until:
+            state.held = record.offset
 
     async def _records(self) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
         while active := [tp for tp, state in self._parts.items() if not state.finished]:

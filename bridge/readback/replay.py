@@ -15,6 +15,13 @@ stopped with Ctrl-C and run again copies every record once. After a crash, recor
 write are copied again. The checkpoint names the replay it belongs to (topic, window, offsets, filters,
 destination): a different replay refuses it rather than skip what it never copied.
 
+Forward mode's decision records (`--decisions`): `auto` copies them to `--to-topic` (a copy of the topic
+as the bridge wrote it, which analytics jobs join with the callbacks) and passes over them for `--to-file`
+(consume's callback lines) and `--to-url` (a decision is not a callback: it is never posted). Deliveries
+start in the order records are read, and the producer keeps that order per partition, so a decision lands
+after its callback; when its callback's delivery failed and waits to be tried again, the decision waits
+for it. `--dedup` drops callbacks only: each decision is one answer of the app server.
+
 Before reading anything, the destination file, the skipped file and the checkpoint are checked to be
 writable.
 """
@@ -37,11 +44,14 @@ from aiokafka.errors import KafkaError
 from bridge.errors import CommandError, ExitStatus
 from bridge.process import kafka_failed, stop_signals
 from bridge.readback import durable_files
+from bridge.readback.decisions import DecisionEvent
 from bridge.readback.events import BadRecord, Deduplicator, Event, EventFilter
 from bridge.readback.progress import Progress, Tally
 from bridge.readback.reader import EventReader, ReaderError
 from bridge.readback.sinks import DeliveryFailed, Failure, Sink, sink_for
 from bridge.settings import ReaderSettings, ReplaySettings
+from bridge.tencent.commands import runs_before
+from bridge.tencent.envelope import CallbackId
 
 _CHECKPOINT_EVERY_S = 1.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
@@ -51,14 +61,25 @@ class ReplayError(RuntimeError):
     """The replay cannot start or cannot go on; the message says why."""
 
 
+def copies_decisions(settings: ReplaySettings) -> bool:
+    """Whether this replay copies forward mode's decision records: `--decisions include`, or `auto` for a
+    `--to-topic`."""
+    if settings.decisions == "auto":
+        return settings.to_topic is not None
+    return settings.decisions == "include"
+
+
 def replay_identity(settings: ReplaySettings) -> dict[str, Any]:
-    """What makes two runs the same replay: a checkpoint is only valid for the replay that wrote it."""
+    """What makes two runs the same replay: a checkpoint is only valid for the replay that wrote it. A
+    replay that copies decisions says so; one that does not is named as before decisions were copied, so
+    its older checkpoints stay valid."""
     if settings.to_file is not None:
         destination = f"file:{os.path.abspath(settings.to_file)}"
     elif settings.to_topic is not None:
         destination = f"topic:{settings.to_topic}"
     else:
         destination = f"url:{settings.to_url}"
+    decisions = {"decisions": "include"} if copies_decisions(settings) else {}
     return {
         "topic": settings.topic,
         "since": settings.since,
@@ -68,6 +89,7 @@ def replay_identity(settings: ReplaySettings) -> dict[str, Any]:
         "command": sorted(settings.command),
         "account": settings.account,
         "destination": destination,
+        **decisions,
     }
 
 
@@ -121,7 +143,7 @@ class SkippedRecords:
         self.path = path
         self._file: BinaryIO | None = None
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event | DecisionEvent) -> None:
         try:
             if self._file is None:
                 self._file = durable_files.open_append(self.path)
@@ -173,6 +195,10 @@ class Replay:
         self._rate = RateLimit(settings.rate)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._reader: EventReader | None = None
+        self._copies_decisions = copies_decisions(settings)
+        self._retried_callbacks: dict[CallbackId, asyncio.Event] = {}
+        """The before-callbacks whose delivery failed and is tried again: a decision read after one waits
+        until that delivery has ended (not in the common case, where deliveries keep the read order)."""
 
     def interrupt(self) -> None:
         """Stop reading (Ctrl-C); deliveries in flight finish and the checkpoint covers them."""
@@ -212,12 +238,13 @@ class Replay:
     async def _copy(self, reader: EventReader, progress: Progress | None) -> None:
         last_saved = time.monotonic()
         try:
-            async with contextlib.aclosing(reader.events()) as events:
+            read = reader.records if self._copies_decisions else reader.events
+            async with contextlib.aclosing(read()) as events:
                 async for event in events:
                     if self.stop.is_set():
                         break
                     await self._start_delivery(reader, event)
-                    self.tally.filtered_out = reader.stats.filtered_out
+                    self._count(reader)
                     if progress is not None:
                         progress.update(self.tally, reader.progress())
                     if time.monotonic() - last_saved >= _CHECKPOINT_EVERY_S:
@@ -227,11 +254,17 @@ class Replay:
             # Stopped or not, what is in flight finishes, so the checkpoint covers exactly what was copied.
             await asyncio.gather(*self._in_flight, return_exceptions=True)
             self.interrupted = self.stop.is_set() and self.failure is None
-            self.tally.filtered_out = reader.stats.filtered_out
+            self._count(reader)
             await self._save(reader)
 
-    async def _start_delivery(self, reader: EventReader, event: Event) -> None:
-        if self._dedup is not None and not self._dedup.first_time(event):
+    def _count(self, reader: EventReader) -> None:
+        self.tally.filtered_out = reader.stats.filtered_out
+        if not self._copies_decisions:
+            self.tally.decisions_passed_over = reader.stats.decisions
+
+    async def _start_delivery(self, reader: EventReader, event: Event | DecisionEvent) -> None:
+        # A decision is never dropped as a duplicate: each is one answer of the app server.
+        if self._dedup is not None and isinstance(event, Event) and not self._dedup.first_time(event):
             self.tally.duplicates += 1
             reader.done(event)
             return
@@ -244,8 +277,25 @@ class Replay:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _deliver(self, reader: EventReader, event: Event) -> None:
+    async def _deliver(self, reader: EventReader, event: Event | DecisionEvent) -> None:
+        try:
+            if isinstance(event, DecisionEvent) and (callback := self._retried_callbacks.get(event.identity)):
+                await callback.wait()  # its callback's delivery is being tried again: land after it
+                if self.failure is not None:  # the replay stopped: the decision waits for the next run
+                    return
+            if await self._attempts(reader, event):
+                self.tally.copied += 1
+                if isinstance(event, DecisionEvent):
+                    self.tally.decisions += 1
+                reader.done(event)
+        finally:
+            self._slots.release()
+
+    async def _attempts(self, reader: EventReader, event: Event | DecisionEvent) -> bool:
+        """Deliver `event`, trying again after a passing failure; False when it was not delivered (set aside,
+        or the replay stopped)."""
         delay = _RETRY_FIRST_S
+        retried: asyncio.Event | None = None
         try:
             for attempt in range(self._settings.retries + 1):
                 try:
@@ -253,25 +303,33 @@ class Replay:
                 except DeliveryFailed as exc:
                     if exc.failure is Failure.RECORD:
                         self._set_aside(reader, event, exc.reason)
-                        return
+                        return False
                     if exc.failure is Failure.DESTINATION:
                         self._fail(f"{event.coordinates}: {exc.reason}")
-                        return
+                        return False
                     if attempt == self._settings.retries:
                         self._fail(f"{event.coordinates}: {exc.reason} (after {attempt} retries)")
-                        return
+                        return False
                     if self.failure is not None:  # another delivery stopped the replay: no more retries
-                        return
+                        return False
+                    if retried is None and self._decided(event):
+                        retried = self._retried_callbacks[event.identity] = asyncio.Event()
                     await asyncio.sleep(delay)  # backoff before a retry
                     delay = min(delay * 2, _RETRY_MAX_S)
                 else:
-                    self.tally.copied += 1
-                    reader.done(event)
-                    return
+                    return True
+            return False
         finally:
-            self._slots.release()
+            if retried is not None:
+                retried.set()
+                if self._retried_callbacks.get(event.identity) is retried:
+                    del self._retried_callbacks[event.identity]
 
-    def _set_aside(self, reader: EventReader, event: Event, reason: str) -> None:
+    def _decided(self, event: Event | DecisionEvent) -> bool:
+        """Whether a decision record copied after `event` may follow it: a before-callback's."""
+        return self._copies_decisions and isinstance(event, Event) and runs_before(event.command)
+
+    def _set_aside(self, reader: EventReader, event: Event | DecisionEvent, reason: str) -> None:
         try:
             self.skipped.add(event)
         except ReplayError as exc:
@@ -335,6 +393,11 @@ def run_replay(settings: ReplaySettings) -> int:
         problem = "give exactly one destination: --to-topic, --to-file or --to-url"
     elif settings.to_topic == settings.topic:
         problem = "--to-topic must differ from --topic"
+    elif settings.to_url is not None and settings.decisions == "include":
+        problem = (
+            "--to-url never posts a decision record (it is not a callback): "
+            "give --decisions auto or skip, or --to-topic"
+        )
     if problem is None:
         try:
             _check_files(settings)

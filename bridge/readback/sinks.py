@@ -28,6 +28,7 @@ from yarl import URL
 
 from bridge.kafka.security import start_client
 from bridge.readback import durable_files
+from bridge.readback.decisions import DecisionEvent
 from bridge.readback.events import Event
 from bridge.settings import ReplaySettings
 from bridge.tencent.partitioner import partition_for
@@ -94,7 +95,9 @@ class Sink(Protocol):
 
     async def open(self) -> None: ...
 
-    async def deliver(self, event: Event) -> None: ...
+    async def deliver(self, event: Event | DecisionEvent) -> None:
+        """Deliver one callback, or (copied by `--to-topic` and `--to-file` only) one decision record."""
+        ...
 
     async def flush(self) -> None:
         """Make every delivered event durable (fsynced), before a checkpoint says it was copied."""
@@ -115,7 +118,7 @@ class FileSink:
     async def open(self) -> None:
         self._file = durable_files.open_append(self._path)
 
-    async def deliver(self, event: Event) -> None:
+    async def deliver(self, event: Event | DecisionEvent) -> None:
         if self._file is None:
             raise DeliveryFailed(f"{self._path} is not open", Failure.DESTINATION)
         try:
@@ -136,7 +139,9 @@ class FileSink:
 class TopicSink:
     """Produces to a topic of the same cluster with acks=all: same value, key, timestamp and headers (so
     the record format of each record is kept), and the partition the bridge would pick (the owning
-    entity's, for the destination's partition count).
+    entity's, for the destination's partition count). A decision record goes to its callback's partition:
+    its entity's, from the callback read before it; without one (the replay started between the two) the
+    partition it was read from, when the two topics have as many partitions, else it is set aside.
 
     Compression and the largest record are replay's own `--compression` and `--max-record-bytes`; the
     producer is a `producer_class` (aiokafka's, unless a test stands in for the broker's answers).
@@ -150,8 +155,9 @@ class TopicSink:
         producer_class: type[AIOKafkaProducer] = AIOKafkaProducer,
     ) -> None:
         self.name = topic
-        self._topic = topic
+        self._topic, self._source_topic = topic, settings.topic
         self._partitions = 0
+        self._source_partitions: int | None = None
         self._servers, self._kafka_options = settings.bootstrap_servers, settings.client_options()
         self._producer = producer_class(
             bootstrap_servers=list(settings.bootstrap_servers),
@@ -177,14 +183,18 @@ class TopicSink:
             raise DeliveryFailed(reason, Failure.DESTINATION) from None
         self._partitions = len(partitions)
 
-    async def deliver(self, event: Event) -> None:
+    async def deliver(self, event: Event | DecisionEvent) -> None:
+        if isinstance(event, DecisionEvent):
+            key, partition = event.record_key, await self._decision_partition(event)
+        else:
+            key, partition = event.key.encode("utf-8"), partition_for(event.entity, self._partitions)
         try:
             async with asyncio.timeout(_PRODUCE_TIMEOUT_S):
                 await self._producer.send_and_wait(
                     self._topic,
                     event.value,
-                    key=event.key.encode("utf-8"),
-                    partition=partition_for(event.entity, self._partitions),
+                    key=key,
+                    partition=partition,
                     timestamp_ms=event.coordinates.timestamp,
                     headers=list(event.headers),
                 )
@@ -198,6 +208,25 @@ class TopicSink:
 
     async def close(self) -> None:
         await self._producer.stop()
+
+    async def _decision_partition(self, decision: DecisionEvent) -> int:
+        if decision.entity is not None:
+            return partition_for(decision.entity, self._partitions)
+        if self._source_partitions is None:  # asked once, and only for a decision read without its callback
+            try:
+                self._source_partitions = len(await self._producer.partitions_for(self._source_topic))
+            except KafkaError as exc:
+                raise DeliveryFailed(
+                    f"the partitions of {self._source_topic!r}: {exc!r}", Failure.PASSING
+                ) from None
+        if self._source_partitions == self._partitions:
+            return decision.coordinates.partition
+        raise DeliveryFailed(
+            f"a decision read without its callback (read before the replay's start), so of no known entity: "
+            f"{self._source_topic!r} has {self._source_partitions} partitions and {self._topic!r} "
+            f"{self._partitions}, so its callback's partition there is unknown",
+            Failure.RECORD,
+        )
 
 
 class UrlSink:
@@ -215,7 +244,9 @@ class UrlSink:
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_HTTP_TIMEOUT_S))
 
-    async def deliver(self, event: Event) -> None:
+    async def deliver(self, event: Event | DecisionEvent) -> None:
+        if isinstance(event, DecisionEvent):  # never reached: the replay never hands one to a URL
+            raise DeliveryFailed("a decision record is not a callback: it is never posted", Failure.RECORD)
         if self._session is None:
             raise DeliveryFailed("the HTTP session is not open", Failure.DESTINATION)
         try:

@@ -67,7 +67,7 @@ SHARED_FIELDS = frozenset(
     {option.field for option in (SERVE_BOOTSTRAP, *KAFKA_CONNECTION, *LOGGING)} - {"client_id"}
 )
 # A tool's options that had no variable before they were scoped: nothing to stay compatible with.
-_NEW_IN_TOOLS = frozenset({"client_id", "compression", "max_record_bytes", "driver"})
+_NEW_IN_TOOLS = frozenset({"client_id", "compression", "max_record_bytes", "driver", "decisions"})
 Group = tuple[str, tuple[Option, ...]]
 
 

@@ -304,6 +304,8 @@ class ConsumeSettings(ReaderSettings):
     max: int | None = None
     group: str | None = None
     output: str = "-"
+    decisions: str = "skip"
+    """Forward mode's decision records: skip (passed over, counted), include (printed too) or only."""
 
 
 # The `max.message.bytes` of topics `bridge topics ensure` creates with its defaults.
@@ -328,6 +330,8 @@ class ReplaySettings(ReaderSettings):
     """The compression of the records written to `--to-topic`."""
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     """The largest record written to `--to-topic`; a larger one is refused and set aside."""
+    decisions: str = "auto"
+    """Forward mode's decision records: auto (copied to --to-topic, not to --to-file), include, skip."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,8 @@ from bridge.settings import values
 from bridge.settings.option import COMPRESSION_TYPES, Option
 
 _INSTANT = "ISO 8601 (UTC unless an offset is given) or epoch ms"
+CONSUME_DECISIONS = ("skip", "include", "only")
+REPLAY_DECISIONS = ("auto", "include", "skip")
 
 READING: tuple[Option, ...] = (
     Option(
@@ -64,6 +66,15 @@ CONSUME: tuple[Option, ...] = (
         unset="(none)",
     ),
     Option("output", "File to write JSON Lines to; - is standard output.", values.text, "FILE"),
+    Option(
+        "decisions",
+        "Forward mode's records of the app server's decisions on before-callbacks: skip (passed over and "
+        "counted), include (each printed after its callback, its value as written, of schema "
+        "tencent-chat-kafka-bridge/app-decision/1) or only (the decisions alone). --command, --account "
+        "and the window select a decision with its callback.",
+        values.one_of(CONSUME_DECISIONS),
+        "WHICH",
+    ),
 )
 REPLAY: tuple[Option, ...] = (
     Option(
@@ -125,6 +136,15 @@ REPLAY: tuple[Option, ...] = (
         "dedup",
         "Drop records of a callback already copied in this run (same SdkAppid, command and key).",
         values.boolean,
+    ),
+    Option(
+        "decisions",
+        "Forward mode's records of the app server's decisions on before-callbacks: include (copied, each "
+        "after its callback: --to-topic on its partition, value and headers byte for byte; --to-file as "
+        "consume --decisions include prints them), skip (passed over and counted), or auto: include for "
+        "--to-topic, skip for --to-file and --to-url. --to-url never posts a decision.",
+        values.one_of(REPLAY_DECISIONS),
+        "WHICH",
     ),
 )
 BENCH: tuple[Option, ...] = (
