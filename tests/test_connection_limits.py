@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from urllib.parse import urlencode
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
@@ -87,6 +88,19 @@ async def test_a_header_longer_than_the_limit_gets_a_tencent_400_and_the_connect
     status, body = refusal(await answer_to(server, head(TARGET, header, "Content-Length: 0")))
     assert (status, body["ErrorCode"]) == (400, 40006)
     assert body["ErrorInfo"] == "a header line is longer than the limit of 512 bytes"
+
+
+async def test_requests_the_parser_refuses_are_counted_in_stats_and_metrics(server: TestServer) -> None:
+    await answer_to(server, head(TARGET + "&pad=" + "a" * 1100, "Content-Length: 0"))
+    await answer_to(server, head(TARGET, "X-Padding: " + "a" * 600, "Content-Length: 0"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/stats")) as response:
+            outcomes = (await response.json())["outcomes"]
+        async with session.get(server.make_url("/metrics")) as response:
+            metrics = await response.text()
+    assert (outcomes["rejected"], outcomes["confirmed"]) == (2, 0)
+    assert 'bridge_requests_total{family="none",status="400"} 2.0' in metrics
+    assert 'bridge_callbacks_total{family="none",outcome="rejected"} 2.0' in metrics
 
 
 async def test_more_headers_than_the_limit_get_a_tencent_400_and_the_connection_is_closed(

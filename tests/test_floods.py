@@ -13,8 +13,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import BaseTestServer, TestServer
 
+from bridge.ingest.metrics import METRICS
 from bridge.ingest.runner import request_handler_options
-from bridge.ingest.server import ADMISSION, create_app
+from bridge.ingest.server import ADMISSION, OUTCOMES, create_app
 from bridge.logs import LineBudget
 from bridge.settings import ServeSettings
 from tests.support.fakes import FakePublisher
@@ -158,6 +159,21 @@ async def test_a_connection_over_the_cap_gets_a_tencent_503_and_is_closed_and_th
     assert (status, body["ErrorCode"]) == (503, 50304)
     assert "--max-connections" in str(body["ErrorInfo"])
     assert lines(caplog, "a connection was answered 503 and closed: 8 connections are already open")
+
+
+async def test_a_connection_over_the_cap_is_counted_as_overloaded(server: TestServer) -> None:
+    idle = [await connect(server) for _ in range(8)]
+    try:
+        reader, writer = await connect(server)
+        assert (await answer(reader))[0] == 503
+        writer.close()
+    finally:
+        for _, writer in idle:
+            writer.close()
+    # What /stats and /metrics show (a request for them would be one connection over the cap too).
+    assert server.app[OUTCOMES].snapshot()["overloaded"] == 1
+    assert server.app[METRICS].requests == {("none", "503"): 1}
+    assert server.app[METRICS].overloaded == 1
 
 
 async def test_once_connections_close_new_ones_are_served_again(server: TestServer) -> None:

@@ -128,6 +128,14 @@ class Metrics:
             records[family] = records.get(family, 0) + 1
             published[family] = published.get(family, 0) + call.published_bytes
 
+    def refused(self, status: int, outcome: Outcome) -> None:
+        """A request was answered `status` before any handler ran: aiohttp's parser refused it (400, outcome
+        rejected) or its connection was one over `--max-connections` (503, overloaded). Its command is not
+        known and no duration is observed: its request was never read whole."""
+        answers, key = self.answers, (NO_FAMILY, status, outcome)
+        answers[key] = answers.get(key, 0) + 1
+        self._outcomes.counts[outcome] += 1
+
     @property
     def requests(self) -> dict[tuple[str, str], int]:
         """Callback requests answered, by (family, status)."""
@@ -146,7 +154,7 @@ class Metrics:
 
     @property
     def overloaded(self) -> int:
-        """Callbacks refused at once because too many were in flight."""
+        """Callbacks refused at once because too many were in flight or connections open."""
         return sum(count for (_, _, outcome), count in self.answers.items() if outcome is Outcome.OVERLOADED)
 
     @property
@@ -280,7 +288,7 @@ class Metrics:
         yield below_min_isr
         yield _counter(
             "bridge_overloaded_requests",
-            "Callbacks refused at once because too many were in flight.",
+            "Callbacks refused at once because too many were in flight, or too many connections open.",
             (),
             {(): self.overloaded},
         )

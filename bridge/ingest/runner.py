@@ -41,6 +41,8 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from bridge.errors import BridgeError, InternalError, MalformedRequest, Overloaded
 from bridge.ingest.admin import ADMIN_PATHS, create_admin_app
+from bridge.ingest.metrics import METRICS, Metrics
+from bridge.ingest.outcomes import Outcome
 from bridge.ingest.reload import Reloader
 from bridge.ingest.server import (
     ADMISSION,
@@ -102,6 +104,7 @@ class TencentRequestHandler(web.RequestHandler):
         if self.transport is not None:
             self.transport.write(head.encode("ascii") + body)
         self.force_close()
+        self._count(503, Outcome.OVERLOADED)
         budget = getattr(self._manager, "rejection_log", None)
         if budget is None or budget.allow():
             _refusals_log.warning("a connection was answered 503 and closed: %s", error.info)
@@ -125,7 +128,13 @@ class TencentRequestHandler(web.RequestHandler):
         response = fail_response(error)
         response.headers["X-Request-Id"] = request_id
         response.force_close()
+        self._count(error.status, Outcome.FAILED if error.status >= 500 else Outcome.REJECTED)
         return response
+
+    def _count(self, status: int, outcome: Outcome) -> None:
+        metrics = getattr(self._manager, "metrics", None)
+        if metrics is not None:
+            metrics.refused(status, outcome)
 
     def refusal(self, status: int, exc: BaseException | None, message: str | None) -> BridgeError:
         """The error to answer: what the parser found wrong, with the status aiohttp chose."""
@@ -155,11 +164,18 @@ class TencentRequestHandler(web.RequestHandler):
 
 class _TencentServer(web.Server):
     def __init__(
-        self, *args: Any, max_connections: int, rejection_log: LineBudget | None, **kwargs: Any
+        self,
+        *args: Any,
+        max_connections: int,
+        rejection_log: LineBudget | None,
+        metrics: Metrics | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
         self.rejection_log = rejection_log
+        self.metrics = metrics
+        """Where the answers given before any handler ran are counted (`Metrics.refused`)."""
 
     def __call__(self) -> web.RequestHandler:
         # web.Server.__call__ with the bridge's request handler, given the same arguments.
@@ -212,6 +228,7 @@ class BridgeRunner(web.AppRunner):
             loop=server._loop,
             max_connections=(self.app.get(SETTINGS) or ServeSettings()).max_connections,
             rejection_log=self.app.get(REJECTION_LOG),
+            metrics=self.app.get(METRICS),
             **server._kwargs,
         )
 
