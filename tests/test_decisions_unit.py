@@ -5,8 +5,7 @@ readers do with decisions are checked before anything is read."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -22,6 +21,7 @@ from bridge.readback.replay import copies_decisions, replay_identity
 from bridge.settings import ReplaySettings, build
 from bridge.tencent.callback import parse_callback
 from bridge.tencent.protocol import parse_query
+from tests.support.records import StoredRecord
 from tests.support.serve import one_line_error, run_bridge
 from tests.support.settings import NO_BROKER
 
@@ -41,17 +41,6 @@ BODY = orjson.dumps(
 )
 
 
-@dataclass
-class StoredRecord:
-    value: bytes | None
-    key: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-    timestamp: int
-    topic: str = "tim.c2c"
-    partition: int = 3
-    offset: int = 8
-
-
 def written(answer: bytes, status: int = 200) -> StoredRecord:
     """The decision record forward mode writes for the app's `answer`, as a reader gets it."""
     callback = parse_callback(
@@ -63,7 +52,7 @@ def written(answer: bytes, status: int = 200) -> StoredRecord:
         AppAnswer(status, answer, "application/json"),
         1_764_633_600_123,
     )
-    return StoredRecord(record.value, record.key, record.headers, record.timestamp_ms)
+    return StoredRecord(record.value, record.key, record.headers, record.timestamp_ms, "tim.c2c", 3, 8)
 
 
 def test_the_schema_read_is_the_schema_written() -> None:

@@ -9,8 +9,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -35,26 +35,13 @@ from bridge.tencent.protocol import parse_query
 from tests.conftest import BridgeClient
 from tests.support.fakes import FakePublisher
 from tests.support.readback import ACCOUNTS, DAY_MS, Posted, message, post_all
-from tests.support.records import create_topic, read_records
+from tests.support.records import StoredRecord, create_topic, read_records
 from tests.support.requests import Fixture, fixture, load_fixtures
 from tests.support.serve import wait_until_ready
 from tests.support.settings import reading, unique_settings
 
 RECEIVED_AT_MS = 1_764_143_520_123  # 2025-11-26T07:52:00.123Z
 MAX_AGE_MS = 7 * DAY_MS
-
-
-@dataclass
-class StoredRecord:
-    """A record as a reader gets it (aiokafka's `ConsumerRecord` fits the same protocol)."""
-
-    value: bytes | None
-    key: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-    timestamp: int
-    topic: str = "tim.official-account"
-    partition: int = 0
-    offset: int = 0
 
 
 def parsed(callback: Fixture, received_at_ms: int = RECEIVED_AT_MS) -> ParsedCallback:

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 
 from tests.support.broker import broker_choice
+
+
+@dataclass
+class StoredRecord:
+    """A record as a reader gets it (aiokafka's `ConsumerRecord` fits the same protocol), without a broker."""
+
+    value: bytes | None
+    key: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    timestamp: int
+    topic: str = "tim.official-account"
+    partition: int = 0
+    offset: int = 0
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
