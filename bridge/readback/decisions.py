@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from bridge.readback.events import Coordinates, InvalidEnvelope, KafkaRecord, coordinates_of
+from bridge.readback.events import Coordinates, InvalidEnvelope, KafkaRecord, coordinates_of, json_value
 from bridge.tencent.commands import FAMILIES
 from bridge.tencent.envelope import CallbackId, callback_id
 
@@ -103,12 +103,7 @@ class DecisionEvent:
 def decode_decision(record: KafkaRecord) -> DecisionEvent:
     """The decision record `record` as an event, of no entity yet (`DecisionEvent.following` gives it its
     callback's); raises `InvalidEnvelope` when it is not a decision record the bridge writes."""
-    if record.value is None:
-        raise InvalidEnvelope("the decision record has no value")
-    try:
-        value = orjson.loads(record.value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidEnvelope(f"the decision record's value is not UTF-8 JSON: {exc}") from None
+    raw, value = json_value(record, "decision record")
     if not isinstance(value, dict) or value.get("schema") != DECISION_SCHEMA:
         raise InvalidEnvelope(f"a decision record whose value is not of schema {DECISION_SCHEMA!r}")
     if set(value) != _FIELDS:
@@ -139,5 +134,5 @@ def decode_decision(record: KafkaRecord) -> DecisionEvent:
         coordinates=coordinates_of(record),
         headers=tuple(record.headers),
         record_key=record.key,
-        value=record.value,
+        value=raw,
     )

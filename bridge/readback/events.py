@@ -129,21 +129,27 @@ def coordinates_of(record: KafkaRecord) -> Coordinates:
     return Coordinates(record.topic, record.partition, record.offset, record.timestamp)
 
 
+def json_value(record: KafkaRecord, what: str) -> tuple[bytes, Any]:
+    """`record`'s value and its JSON; raises `InvalidEnvelope` naming `what` the record is meant to be
+    ("record", "decision record") when it has no value or the value is not UTF-8 JSON."""
+    if record.value is None:
+        raise InvalidEnvelope(f"the {what} has no value")
+    try:
+        return record.value, orjson.loads(record.value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEnvelope(f"the {what}'s value is not UTF-8 JSON: {exc}") from None
+
+
 def decode(record: KafkaRecord) -> Event:
     """The event in `record`, in either record format; raises `InvalidEnvelope` when the record is not one
     the bridge writes."""
-    if record.value is None:
-        raise InvalidEnvelope("the record has no value")
-    try:
-        value = orjson.loads(record.value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidEnvelope(f"the value is not UTF-8 JSON: {exc}") from None
+    raw, value = json_value(record, "record")
     if cloudevents.is_cloudevent(record.headers):
-        return _decode_cloudevent(record, record.value, value)
+        return _decode_cloudevent(record, raw, value)
     received_at, query, callback = _check_envelope(value)
     return _event(
         record,
-        record.value,
+        raw,
         received_at=received_at,
         query=query,
         callback=callback,
