@@ -34,7 +34,7 @@ from aiokafka.errors import KafkaError
 from bridge.errors import describe
 from bridge.kafka.batching import PartitionBatches
 from bridge.kafka.metadata import read_metadata, refresh_by_name
-from bridge.kafka.security import start_client, use_sasl_password
+from bridge.kafka.security import security_failure, start_client, use_sasl_password
 from bridge.kafka.sizes import BATCH_BYTES
 from bridge.kafka.topics import await_leaders, create_topics, how_to_create, topic_limits
 from bridge.secret import Secret
@@ -188,15 +188,29 @@ class ProducerSupervisor:
                     cluster = await read_metadata(producer.client, self._settings.topics)
             except Exception as exc:  # noqa: BLE001 - however the probe fails, Kafka did not answer it
                 failures += 1
-                if failures >= 2 and self.answering:
-                    self.answering = False
-                    self.status = f"Kafka is not answering: {describe(exc)}"
-                    log.warning("not ready: %s", self.status)
+                if failures >= 2:
+                    # A login refused says so (a password rotated on the broker, not in the bridge's file),
+                    # not only "Unable to get cluster metadata"; told again when the reason changes.
+                    refusal = await self._refusal()
+                    status = (
+                        f"Kafka is not answering: {describe(exc)}"
+                        if refusal is None
+                        else f"Kafka refuses new connections: {refusal}"
+                    )
+                    if self.answering or status != self.status:
+                        log.warning("not ready: %s", status)
+                    self.answering, self.status = False, status
                 continue
             if not self.answering:
                 log.info("Kafka answers again")
             failures, self.answering, self.status = 0, True, "ready"
             self._user.metadata_read(cluster)
+
+    async def _refusal(self) -> str | None:
+        """Why a new connection is refused, when a matter of security (`security_failure`); None if not."""
+        if self._connection_options.get("security_protocol", "PLAINTEXT") == "PLAINTEXT":
+            return None
+        return await security_failure(self._settings.bootstrap_servers, self._connection_options)
 
     async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
