@@ -20,18 +20,19 @@ from then on log in with the new password, those logged in already stay; see
 
 Nobody sends SIGHUP on Kubernetes, which swaps a mounted secret's files in place. With `--reload-interval`,
 `Reloader.polling` looks at every source's file each interval and reloads those that changed, on the same
-path as SIGHUP, with the same log lines and metrics. A change is one of the file the path leads to (symlinks
-followed: Kubernetes points the file's link into a `..data` link it swaps): another device, inode, size or
-modification time (`file_state`). The state is taken before each read, so a file rewritten while it is read
-is read again at the next look, and a file refused is tried again only once it changes again.
+path as SIGHUP, with the same log lines and metrics. A change is one of the content of the file the path
+leads to (symlinks followed: Kubernetes points the file's link into a `..data` link it swaps), compared by
+digest (`file_state`); secret files are a few bytes. The digest is taken before each read, so a file
+rewritten while it is read is read again at the next look, and a file refused is tried again only once it
+changes again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
@@ -56,18 +57,19 @@ Reread = Callable[[], str]
 """Reads a secret's file again and puts it in use; returns a short description for the log (never the
 secret), or raises `ValueError` saying why the file was refused, and the old value stays."""
 
-FileState = tuple[int, int, int, int] | None
-"""The device, inode, size and modification time (ns) of the file a path leads to; None: none there."""
+FileState = bytes | None
+"""A digest of the content of the file a path leads to; None: none there, or it cannot be read."""
 
 
 def file_state(path: str) -> FileState:
-    """What `--reload-interval` compares: the file `path` leads to, symlinks followed (`os.stat`), so that
-    Kubernetes' swap of the `..data` link behind the path is a change even when size and time match."""
+    """What `--reload-interval` compares: the content of the file `path` leads to, symlinks followed, so
+    that Kubernetes' swap of the `..data` link behind the path is seen, and so is a file rewritten in place
+    within the file system's clock tick (same size, same modification time). Only a digest is kept."""
     try:
-        stat = os.stat(path)
-    except (OSError, ValueError):  # gone, unreadable directory, a NUL in the path: told by the read
+        with open(path, "rb") as file:
+            return hashlib.blake2b(file.read(), digest_size=16).digest()
+    except (OSError, ValueError):  # gone, unreadable, a NUL in the path: the read says why
         return None
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 class Reloader:
