@@ -254,7 +254,8 @@ FILLED_SECRET = {"callback-token": "1400000001=a-real-token\n"}
 
 def secret_mount(container: dict[str, Any] = CONTAINER) -> dict[str, Any]:
     """The container's mount of the `secret` volume."""
-    (mount,) = [mount for mount in container["volumeMounts"] if mount["name"] == "secret"]
+    mounts: list[dict[str, Any]] = [mount for mount in container["volumeMounts"] if mount["name"] == "secret"]
+    (mount,) = mounts
     return mount
 
 

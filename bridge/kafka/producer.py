@@ -188,18 +188,20 @@ class ProducerSupervisor:
                     cluster = await read_metadata(producer.client, self._settings.topics)
             except Exception as exc:  # noqa: BLE001 - however the probe fails, Kafka did not answer it
                 failures += 1
-                if failures >= 2:
-                    # A login refused says so (a password rotated on the broker, not in the bridge's file),
-                    # not only "Unable to get cluster metadata"; told again when the reason changes.
-                    refusal = await self._refusal()
-                    status = (
-                        f"Kafka is not answering: {describe(exc)}"
-                        if refusal is None
-                        else f"Kafka refuses new connections: {refusal}"
-                    )
-                    if self.answering or status != self.status:
+                if failures < 2:
+                    continue
+                # A login refused says so (a password rotated on the broker, not in the bridge's file), not
+                # only "Unable to get cluster metadata". A hung broker (a timeout) is not asked.
+                refusal = None if isinstance(exc, TimeoutError) else await self._refusal()
+                if refusal is not None:
+                    status = f"Kafka refuses new connections: {refusal}"
+                    if status != self.status:
                         log.warning("not ready: %s", status)
                     self.answering, self.status = False, status
+                elif self.answering:
+                    self.answering = False
+                    self.status = f"Kafka is not answering: {describe(exc)}"
+                    log.warning("not ready: %s", self.status)
                 continue
             if not self.answering:
                 log.info("Kafka answers again")
