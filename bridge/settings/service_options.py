@@ -241,9 +241,9 @@ AUTHENTICATION: tuple[Option, ...] = (
     ),
     Option(
         "reload_interval",
-        "Seconds between looks at the secret files (--callback-token-file, --forward-url-file, "
-        "--sasl-password-file): one that changed is read again, as on SIGHUP. 0: on SIGHUP only (Kubernetes "
-        "sends none, and swaps a mounted secret's files: 30 there).",
+        "Seconds between looks at the files of secrets (callback tokens, forward URL, SASL password): one "
+        "whose content changed is read again, as on SIGHUP. 0: on SIGHUP only (Kubernetes sends none, and "
+        "swaps a mounted secret's files: 30 there).",
         values.seconds_or_zero,
         "SECONDS",
     ),
