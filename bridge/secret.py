@@ -43,6 +43,20 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
+class SecretFile(Secret):
+    """A secret read from a file (`--sasl-password-file`), and the file's path, to read it again (on SIGHUP
+    or when the file changes, `bridge.ingest.reload`). The path is not secret; its repr shows only it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, value: str, path: str) -> None:
+        super().__init__(value)
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"SecretFile({HIDDEN!r}, path={self.path!r})"
+
+
 class CallbackToken(Secret):
     """A webhook authentication token: for one app (`--callback-token APPID=TOKEN`) or, bare, for any app.
 

@@ -249,24 +249,62 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(MANIFESTS) >= kinds | {"Job"}
 
 
-def test_the_configmap_holds_settings_the_bridge_accepts_and_the_secret_only_tokens() -> None:
+FILLED_SECRET = {"callback-token": "1400000001=a-real-token\n"}
+
+
+def secret_mount(container: dict[str, Any] = CONTAINER) -> dict[str, Any]:
+    """The container's mount of the `secret` volume."""
+    mounts: list[dict[str, Any]] = [mount for mount in container["volumeMounts"] if mount["name"] == "secret"]
+    (mount,) = mounts
+    return mount
+
+
+def pod_environment(directory: Path, secret: dict[str, str] | None = None) -> dict[str, str]:
+    """The ConfigMap's variables as the pod sees them, the Secret's files (`secret`, or as shipped) written
+    where its volume puts them: `directory` stands for the mount path."""
+    for name, value in (MANIFESTS["Secret"]["stringData"] if secret is None else secret).items():
+        (directory / name).write_text(value)
+    mount_path = secret_mount()["mountPath"]
+    return {name: value.replace(mount_path, str(directory)) for name, value in CONFIG.items()}
+
+
+def test_the_configmap_holds_settings_the_bridge_accepts_and_points_at_the_secrets_files(
+    tmp_path: Path,
+) -> None:
+    """No secret is a variable: the ConfigMap's only secret settings are `*_FILE`s naming files of the
+    Secret's volume, whose keys are file names; SASL's, commented, likewise."""
     assert set(CONFIG) <= OPTION_ENVS
-    build("serve", {}, CONFIG)
+    build("serve", {}, pod_environment(tmp_path, FILLED_SECRET))
     secret = MANIFESTS["Secret"]["stringData"]
-    assert set(secret) <= OPTION_ENVS | set(PLANNED_ENVS)
-    assert not set(secret) & set(CONFIG)
-    assert not any(word in name for name in CONFIG for word in ("TOKEN", "PASSWORD", "SECRET"))
+    secret_names = [name for name in CONFIG if any(word in name for word in ("TOKEN", "PASSWORD", "SECRET"))]
+    assert secret_names == ["BRIDGE_CALLBACK_TOKEN_FILE"]
+    mount_path = secret_mount()["mountPath"]
+    assert {Path(CONFIG[name]).parent for name in secret_names} == {Path(mount_path)}
+    assert {Path(CONFIG[name]).name for name in secret_names} <= set(secret)
+    assert not set(secret) & OPTION_ENVS
+    assert (
+        f"# BRIDGE_SASL_PASSWORD_FILE: {mount_path}/sasl-password\n"
+        in (KUBERNETES / "configmap.yaml").read_text()
+    )
+    assert '# sasl-password: "change-me"\n' in (KUBERNETES / "secret.yaml").read_text()
 
 
-def test_the_secret_as_shipped_stops_the_bridge_until_its_placeholder_is_replaced() -> None:
+def test_the_secret_as_shipped_stops_the_bridge_until_its_placeholder_is_replaced(tmp_path: Path) -> None:
     """A forgotten FILL IN must not run a bridge whose token anyone can read in this repository."""
-    secret = MANIFESTS["Secret"]["stringData"]
-    with pytest.raises(SettingsError, match=r"BRIDGE_CALLBACK_TOKEN=\*+: 'change-me' is the placeholder"):
-        build("serve", {}, {**CONFIG, **secret})
-    filled = build("serve", {}, {**CONFIG, **secret, "BRIDGE_CALLBACK_TOKEN": "1400000001=a-real-token"})
-    require_authentication("serve", filled)
+    shipped, filled = tmp_path / "shipped", tmp_path / "filled"
+    shipped.mkdir()
+    filled.mkdir()
+    with pytest.raises(SettingsError, match=r"BRIDGE_CALLBACK_TOKEN_FILE=.*'change-me' is the placeholder"):
+        build("serve", {}, pod_environment(shipped))
+    require_authentication("serve", build("serve", {}, pod_environment(filled, FILLED_SECRET)))
+    unset = {name: value for name, value in CONFIG.items() if name != "BRIDGE_CALLBACK_TOKEN_FILE"}
     with pytest.raises(SettingsError, match="no callback token"):
-        require_authentication("serve", build("serve", {}, CONFIG))
+        require_authentication("serve", build("serve", {}, unset))
+
+
+def test_the_pods_look_at_the_secrets_files_so_that_a_rotation_needs_no_restart(tmp_path: Path) -> None:
+    """Kubernetes sends no SIGHUP when it updates a Secret's volume: the bridge looks every 30 s."""
+    assert build("serve", {}, pod_environment(tmp_path, FILLED_SECRET)).reload_interval == 30
 
 
 def test_compose_starts_the_bridge_open_on_loopback_only_and_signed_once_a_token_is_given() -> None:
@@ -282,19 +320,29 @@ def test_names_planned_for_other_issues_are_not_options_yet() -> None:
     assert not set(PLANNED_ENVS) & OPTION_ENVS
 
 
-def test_the_deployment_reads_the_configmap_and_the_secret() -> None:
-    refs = {next(iter(ref)): next(iter(ref.values()))["name"] for ref in CONTAINER["envFrom"]}
-    assert refs == {
-        "configMapRef": MANIFESTS["ConfigMap"]["metadata"]["name"],
-        "secretRef": MANIFESTS["Secret"]["metadata"]["name"],
-    }
+def test_the_deployment_reads_the_configmap_and_mounts_the_secret_read_only() -> None:
+    """Settings from the ConfigMap's variables; the Secret as a whole volume (a subPath mount is never
+    updated), read-only, readable by the bridge's group only; the topics job mounts it alike (SASL)."""
+    config_ref = [{"configMapRef": {"name": MANIFESTS["ConfigMap"]["metadata"]["name"]}}]
+    assert CONTAINER["envFrom"] == config_ref
+    assert "env" not in CONTAINER
+    for pod in (POD, MANIFESTS["Job"]["spec"]["template"]["spec"]):
+        (volume,) = [volume for volume in pod["volumes"] if volume["name"] == "secret"]
+        assert volume["secret"]["secretName"] == MANIFESTS["Secret"]["metadata"]["name"]
+        assert volume["secret"]["defaultMode"] & 0o007 == 0
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        (container,) = pod["containers"]
+        mount = secret_mount(container)
+        assert mount["readOnly"] is True
+        assert "subPath" not in mount
+        assert mount["mountPath"] == secret_mount()["mountPath"]
 
 
-def test_the_probes_and_the_service_reach_the_bridges_port() -> None:
+def test_the_probes_and_the_service_reach_the_bridges_port(tmp_path: Path) -> None:
     """The Service exposes the callback port only; /readyz and the scrape go to the admin port, which
     listens on every address of the pod (the kubelet and Prometheus come from outside it); /healthz, the
     callback port's one probe, is the startup and liveness check of the listener Tencent reaches."""
-    settings = build("serve", {}, CONFIG)
+    settings = build("serve", {}, pod_environment(tmp_path, FILLED_SECRET))
     callback, admin = CONTAINER["ports"]
     assert callback["containerPort"] == settings.port
     assert admin["containerPort"] == settings.admin_port != settings.port
@@ -313,8 +361,8 @@ def test_the_probes_and_the_service_reach_the_bridges_port() -> None:
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_the_grace_period_outlasts_the_pre_stop_pause_and_the_drain() -> None:
-    settings = build("serve", {}, CONFIG)
+def test_the_grace_period_outlasts_the_pre_stop_pause_and_the_drain(tmp_path: Path) -> None:
+    settings = build("serve", {}, pod_environment(tmp_path, FILLED_SECRET))
     pre_stop = CONTAINER["lifecycle"]["preStop"]["exec"]["command"]
     pause = float(re.search(r"sleep\((\d+(?:\.\d+)?)\)", " ".join(pre_stop)).group(1))  # type: ignore[union-attr]
     assert POD["terminationGracePeriodSeconds"] > pause + drain_seconds(settings)

@@ -18,11 +18,22 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import aiohttp
+import aiokafka
+import aiokafka.client
 import orjson
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.ingest.reload import CALLBACK_TOKEN_FILE, FAILED, RELOADED, Reloader
+from bridge.ingest.reload import (
+    CALLBACK_TOKEN_FILE,
+    FAILED,
+    RELOADED,
+    SASL_PASSWORD_FILE,
+    Reloader,
+    reread_sasl_password,
+)
+from bridge.kafka.security import use_sasl_password
 from bridge.secret import CallbackToken, Secret
 from bridge.settings import build
 from bridge.tencent.signature import SignatureCheck, expected_sign
@@ -372,3 +383,182 @@ def test_a_signature_check_refuses_an_empty_token_set() -> None:
     with pytest.raises(ValueError, match="at least one token"):
         check.replace_tokens(())
     assert [token.reveal() for token in check.tokens] == [OLD]
+
+
+# --- the poll of --reload-interval, and the SASL password file -------------------------------------------
+
+
+def _polled(token_file: Path) -> tuple[Reloader, SignatureCheck]:
+    settings = build(
+        "serve", {}, {"BRIDGE_CALLBACK_TOKEN_FILE": str(token_file), "BRIDGE_RELOAD_INTERVAL": "0.05"}
+    )
+    check = SignatureCheck(settings.callback_tokens, 60.0)
+    return Reloader(settings, check), check
+
+
+def test_the_poll_reads_a_file_again_only_once_its_content_changed(tmp_path: Path) -> None:
+    """Unchanged: nothing read; rewritten in place with a token of the same length, within the same clock
+    tick: read once; looked at again: nothing more."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{OLD}\n")
+    reloader, check = _polled(token_file)
+    assert reloader.reload_changed() == []
+    assert reloader.counts[CALLBACK_TOKEN_FILE, RELOADED] == 0
+    same_length = OLD.replace("old", "odd")
+    token_file.write_text(f"{same_length}\n")  # in place: same inode, same size
+    assert reloader.reload_changed() == [CALLBACK_TOKEN_FILE]
+    assert [token.reveal() for token in check.tokens] == [same_length]
+    assert reloader.reload_changed() == []
+    assert reloader.counts == {(CALLBACK_TOKEN_FILE, RELOADED): 1, (CALLBACK_TOKEN_FILE, FAILED): 0}
+
+
+def test_the_poll_follows_a_kubernetes_swap_of_the_data_link(tmp_path: Path) -> None:
+    """A Secret volume: `tokens -> ..data/tokens`, `..data -> ..<time>`; the kubelet writes a new folder and
+    renames a new `..data` link over the old one. The path's own link never changes; the file behind it
+    does, and the poll reads it."""
+    volume = tmp_path / "secret"
+    first = volume / "..2026_11_30_10_00_00.1"
+    first.mkdir(parents=True)
+    (first / "tokens").write_text(f"{OLD}\n")
+    (volume / "..data").symlink_to(first.name)
+    (volume / "tokens").symlink_to("..data/tokens")
+    reloader, check = _polled(volume / "tokens")
+    assert reloader.reload_changed() == []
+
+    second = volume / "..2026_12_01_10_00_00.2"
+    second.mkdir()
+    (second / "tokens").write_text(f"{NEW}\n")
+    (volume / "..data_tmp").symlink_to(second.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+    assert reloader.reload_changed() == [CALLBACK_TOKEN_FILE]
+    assert [token.reveal() for token in check.tokens] == [NEW]
+    assert reloader.reload_changed() == []
+
+
+def test_the_poll_counts_a_bad_file_once_and_reads_it_again_when_it_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An emptied file is one failure, not one per look; the tokens stay; the next good content is read."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{OLD}\n")
+    reloader, check = _polled(token_file)
+    write_atomically(token_file, "")
+    with caplog.at_level(logging.INFO, logger="bridge.reload"):
+        assert reloader.reload_changed() == [CALLBACK_TOKEN_FILE]
+        assert reloader.reload_changed() == []
+    assert [token.reveal() for token in check.tokens] == [OLD]
+    assert reloader.counts[CALLBACK_TOKEN_FILE, FAILED] == 1
+    assert "the file changed (--reload-interval): callback_token_file not reloaded" in caplog.text
+    write_atomically(token_file, f"{NEW}\n")
+    assert reloader.reload_changed() == [CALLBACK_TOKEN_FILE]
+    assert [token.reveal() for token in check.tokens] == [NEW]
+    assert reloader.counts == {(CALLBACK_TOKEN_FILE, RELOADED): 1, (CALLBACK_TOKEN_FILE, FAILED): 1}
+
+
+def test_a_sighup_reads_the_file_so_the_poll_does_not_read_it_again(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{OLD}\n")
+    reloader, _ = _polled(token_file)
+    write_atomically(token_file, f"{NEW}\n")
+    reloader.reload()
+    assert reloader.reload_changed() == []
+    assert reloader.counts[CALLBACK_TOKEN_FILE, RELOADED] == 1
+
+
+async def test_the_polling_context_reads_a_changed_file_while_the_app_runs_and_stops_with_it(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{OLD}\n")
+    reloader, check = _polled(token_file)
+    polling = reloader.polling(None)
+    await anext(polling)
+    write_atomically(token_file, f"{NEW}\n")
+    async with asyncio.timeout(5):
+        while reloader.counts[CALLBACK_TOKEN_FILE, RELOADED] == 0:
+            await asyncio.sleep(0.01)
+    assert [token.reveal() for token in check.tokens] == [NEW]
+    with pytest.raises(StopAsyncIteration):
+        await anext(polling)
+    write_atomically(token_file, f"{OLD}\n")
+    await asyncio.sleep(0.2)  # stopped: four intervals, and nothing read
+    assert reloader.counts[CALLBACK_TOKEN_FILE, RELOADED] == 1
+
+
+async def test_without_an_interval_only_sighup_reads_the_files(tmp_path: Path) -> None:
+    """--reload-interval 0, the default: the polling context starts no poll."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{OLD}\n")
+    settings = build("serve", {}, {"BRIDGE_CALLBACK_TOKEN_FILE": str(token_file)})
+    assert settings.reload_interval == 0
+    reloader = Reloader(settings, SignatureCheck(settings.callback_tokens, 60.0))
+    polling = reloader.polling(None)
+    await anext(polling)
+    write_atomically(token_file, f"{NEW}\n")
+    await asyncio.sleep(0.2)
+    assert reloader.counts[CALLBACK_TOKEN_FILE, RELOADED] == 0
+    with pytest.raises(StopAsyncIteration):
+        await anext(polling)
+
+
+async def test_a_new_sasl_password_goes_to_the_connections_aiokafkas_client_opens_from_then_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`use_sasl_password` sets what aiokafka 0.14's client passes to `create_conn`: a guard against an
+    aiokafka that keeps the password elsewhere (the rotation tests against Kafka would then get 503)."""
+    passwords: list[str] = []
+
+    async def create_conn(*_args: object, **kwargs: object) -> None:
+        passwords.append(str(kwargs["sasl_plain_password"]))
+        raise OSError("no broker here")
+
+    monkeypatch.setattr(aiokafka.client, "create_conn", create_conn)
+    client = aiokafka.AIOKafkaClient(
+        bootstrap_servers="127.0.0.1:1",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_plain_username="bridge",
+        sasl_plain_password="first-Pa55",  # noqa: S106 - a test value, never sent
+    )
+    with pytest.raises(KafkaConnectionError):
+        await client.bootstrap()
+    use_sasl_password(client, "second-Pa55")
+    with pytest.raises(KafkaConnectionError):
+        await client.bootstrap()
+    await client.close()
+    assert passwords == ["first-Pa55", "second-Pa55"]
+
+
+class _PasswordUser:
+    def __init__(self) -> None:
+        self.passwords: list[str] = []
+
+    def use_sasl_password(self, password: Secret) -> None:
+        self.passwords.append(password.reveal())
+
+
+def test_the_sasl_password_file_read_again_goes_to_the_publisher_and_a_bad_one_does_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A good file: its password (without the final line break) is put in use; an empty or missing one is
+    refused naming the file, never the content, and the publisher is not told."""
+    password_file = tmp_path / "kafka-password"
+    password_file.write_text("first-Pa55\n")
+    settings = build("serve", {"allow_unsigned": True}, {})
+    reloader, user = Reloader(settings, None), _PasswordUser()
+    reloader.add(SASL_PASSWORD_FILE, reread_sasl_password(str(password_file), user), str(password_file))
+    write_atomically(password_file, "second-Pa55\n")
+    with caplog.at_level(logging.INFO, logger="bridge.reload"):
+        reloader.reload()
+        write_atomically(password_file, "")
+        reloader.reload()
+        password_file.unlink()
+        assert reloader.reload_changed() == [SASL_PASSWORD_FILE]
+    assert user.passwords == ["second-Pa55"]
+    assert reloader.counts == {(SASL_PASSWORD_FILE, RELOADED): 1, (SASL_PASSWORD_FILE, FAILED): 2}
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert all(f"--sasl-password-file {password_file}" in line for line in errors)
+    assert "the file is empty" in errors[0]
+    assert "No such file" in errors[1]
+    assert "Pa55" not in caplog.text

@@ -57,9 +57,17 @@ from bridge.ingest.metrics import (
 )
 from bridge.ingest.outcomes import Outcome, Outcomes, outcome_of
 from bridge.ingest.rejected import DeadLetters
-from bridge.ingest.reload import FORWARD_URL_FILE, ReloadCollector, Reloader, reread_forward_url
+from bridge.ingest.reload import (
+    FORWARD_URL_FILE,
+    SASL_PASSWORD_FILE,
+    ReloadCollector,
+    Reloader,
+    reread_forward_url,
+    reread_sasl_password,
+)
 from bridge.kafka.publisher import KafkaPublisher, Publisher
 from bridge.logs import REQUEST_ID, LineBudget
+from bridge.secret import SecretFile
 from bridge.settings import ServeSettings
 from bridge.tencent.callback import checked_query, parse_callback
 from bridge.tencent.commands import TopicGroup, runs_before
@@ -296,7 +304,8 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
         app[FORWARDER] = forwarder = Forwarder.of(settings, target)
         app.cleanup_ctx.append(forwarder.lifetime)
         if settings.forward_url_file is not None:
-            app[RELOADER].add(FORWARD_URL_FILE, reread_forward_url(settings.forward_url_file.path, forwarder))
+            path = settings.forward_url_file.path
+            app[RELOADER].add(FORWARD_URL_FILE, reread_forward_url(path, forwarder), path)
     app[PORT] = port = CallbackPort(
         settings,
         outcomes=outcomes,
@@ -313,6 +322,7 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
         app.cleanup_ctx.append(_kafka_publisher)
     else:
         app[PUBLISHER] = port.publisher = publisher
+    app.cleanup_ctx.append(app[RELOADER].polling)  # --reload-interval; last: it stops first
     app.router.add_route("*", settings.path, port.handle)
     app.router.add_get("/healthz", healthz)
     if on_this_port:
@@ -339,6 +349,8 @@ async def _kafka_publisher(app: web.Application) -> AsyncIterator[None]:
     # Created here, inside the running loop, because aiokafka binds to the loop it is created on.
     metrics = app[METRICS]
     publisher = KafkaPublisher(app[SETTINGS], metrics)  # told how records end: metrics and outcomes
+    if isinstance(password := app[SETTINGS].sasl_password_file, SecretFile):
+        app[RELOADER].add(SASL_PASSWORD_FILE, reread_sasl_password(password.path, publisher), password.path)
     await publisher.start()
     app[PUBLISHER] = app[PORT].publisher = publisher
     yield

@@ -12,6 +12,10 @@ and a new one built. `status` says, in words, where that stands.
 Every metadata read names the bridge's topics and forbids their creation (`bridge.kafka.metadata`): the
 probe's, the start-up wait's and the producer's own refreshes: a cluster's other topics cost it nothing (on
 a broker below Metadata v4, which cannot forbid it, every topic is read instead).
+
+Every Kafka client of `serve` is the supervisor's: the producer, and the short-lived admin clients and
+consumers that create topics, wait for leaders and read limits. `use_sasl_password` puts a new password
+(`--sasl-password-file` read again) in use for all of them from then on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -29,9 +34,10 @@ from aiokafka.errors import KafkaError
 from bridge.errors import describe
 from bridge.kafka.batching import PartitionBatches
 from bridge.kafka.metadata import read_metadata, refresh_by_name
-from bridge.kafka.security import start_client
+from bridge.kafka.security import security_failure, start_client, use_sasl_password
 from bridge.kafka.sizes import BATCH_BYTES
 from bridge.kafka.topics import await_leaders, create_topics, how_to_create, topic_limits
+from bridge.secret import Secret
 from bridge.settings import ServeSettings
 
 log = logging.getLogger("bridge.publisher")  # see `bridge.logs.LOGGERS`
@@ -93,6 +99,8 @@ class ProducerSupervisor:
         self._user = user
         self._watch = wait_for_death if watch is None else watch
         self._task: asyncio.Task[None] | None = None
+        self._newest: AIOKafkaProducer | None = None
+        """The producer built last: the one connecting, or the one in use."""
         self.status = "connecting to Kafka"
         self.answering = True
         """Whether the last metadata probes were answered: a hung or dead broker makes /readyz 503."""
@@ -103,6 +111,17 @@ class ProducerSupervisor:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="kafka-producer")
+
+    def use_sasl_password(self, password: Secret) -> None:
+        """Log in with `password` from now on: the producer's new connections (`use_sasl_password`), every
+        producer built after, and the admin clients and consumers the supervisor starts. Connections logged
+        in already stay."""
+        if "sasl_plain_password" not in self._connection_options:
+            raise ValueError("the connection to Kafka uses no SASL password (--security-protocol)")
+        if self._newest is not None:
+            use_sasl_password(self._newest.client, password.reveal())
+        self._connection_options = {**self._connection_options, "sasl_plain_password": password.reveal()}
+        self._settings = replace(self._settings, sasl_password=None, sasl_password_file=password)
 
     async def close(self) -> None:
         """Stop connecting and probing; the producer in use, if any, is the user's to retire."""
@@ -169,7 +188,17 @@ class ProducerSupervisor:
                     cluster = await read_metadata(producer.client, self._settings.topics)
             except Exception as exc:  # noqa: BLE001 - however the probe fails, Kafka did not answer it
                 failures += 1
-                if failures >= 2 and self.answering:
+                if failures < 2:
+                    continue
+                # A login refused says so (a password rotated on the broker, not in the bridge's file), not
+                # only "Unable to get cluster metadata". A hung broker (a timeout) is not asked.
+                refusal = None if isinstance(exc, TimeoutError) else await self._refusal()
+                if refusal is not None:
+                    status = f"Kafka refuses new connections: {refusal}"
+                    if status != self.status:
+                        log.warning("not ready: %s", status)
+                    self.answering, self.status = False, status
+                elif self.answering:
                     self.answering = False
                     self.status = f"Kafka is not answering: {describe(exc)}"
                     log.warning("not ready: %s", self.status)
@@ -179,13 +208,19 @@ class ProducerSupervisor:
             failures, self.answering, self.status = 0, True, "ready"
             self._user.metadata_read(cluster)
 
+    async def _refusal(self) -> str | None:
+        """Why a new connection is refused, when a matter of security (`security_failure`); None if not."""
+        if self._connection_options.get("security_protocol", "PLAINTEXT") == "PLAINTEXT":
+            return None
+        return await security_failure(self._settings.bootstrap_servers, self._connection_options)
+
     async def _connect(self) -> AIOKafkaProducer:
         settings = self._settings
         delay = _RETRY_FIRST_S
         reported = ""
         while True:
             # A producer whose start() failed hangs on send() (aiokafka #759): a new one for every attempt.
-            producer = new_producer(settings, self._connection_options)
+            producer = self._newest = new_producer(settings, self._connection_options)
             # Before its first refresh: every one, from now on, names the bridge's topics only.
             refresh_by_name(producer.client, settings.topics)
             try:
@@ -234,7 +269,7 @@ class ProducerSupervisor:
             if missing and settings.create_topics and not self._user.partitions_at_start:
                 try:
                     async with asyncio.timeout(_BROKER_CALL_TIMEOUT_S):
-                        await create_topics(settings, missing, len(cluster.brokers()))
+                        await create_topics(self._settings, missing, len(cluster.brokers()))
                 except (KafkaError, TimeoutError) as exc:
                     self.status = f"cannot create topics {', '.join(missing)}: {describe(exc)}"
                     log.error("not ready: %s", self.status)  # noqa: TRY400 - the message says it all

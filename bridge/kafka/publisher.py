@@ -47,6 +47,7 @@ from bridge.kafka.batching import Expired, NotHandedOver, Partition, PartitionBa
 from bridge.kafka.producer import ProducerSupervisor, ProducerWatch, stop_producer
 from bridge.kafka.readiness import InSyncReplicas, TopicsAtStart, isr_problems
 from bridge.kafka.sizes import BATCH_BYTES, check_record_size, record_bytes
+from bridge.secret import Secret
 from bridge.settings import ServeSettings
 from bridge.tencent.envelope import Record
 from bridge.tencent.partitioner import partition_for
@@ -180,6 +181,10 @@ class KafkaPublisher:
             and not self._isr.below
             and bool(producer.client.cluster.brokers())
         )
+
+    def use_sasl_password(self, password: Secret) -> None:
+        """Log in to Kafka with `password` from now on (`ProducerSupervisor.use_sasl_password`)."""
+        self._supervisor.use_sasl_password(password)
 
     @property
     def abandoned(self) -> int:

@@ -9,6 +9,9 @@ When a client cannot start, aiokafka says only "Unable to bootstrap from [...]":
 logged and dropped. `start_client` then opens one connection itself, as aiokafka would, and raises
 `SecureConnectionFailed` naming the cause when it is one of security: a SASL authentication refused, a
 broker's certificate not trusted, a client certificate missing or not accepted.
+
+A SASL password read from a file changes while the bridge runs (`use_sasl_password`, on SIGHUP or when the
+file changes): the connections opened from then on log in with the new one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,30 @@ class SecureConnectionFailed(KafkaConnectionError):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "the secure connection to Kafka failed"
+
+
+class _SaslClient(Protocol):
+    """aiokafka's `AIOKafkaClient`, as `use_sasl_password` sees it."""
+
+    _sasl_plain_password: str | None
+
+
+def use_sasl_password(client: _SaslClient, password: str) -> None:
+    """The SASL password `client`'s connections opened from now on log in with.
+
+    aiokafka 0.14 takes the password once, in `AIOKafkaClient.__init__`, keeps it as `_sasl_plain_password`
+    and passes it to every `create_conn` it makes (`_get_conn`, and `bootstrap`'s): a connection to a broker
+    it has not met yet, or one that replaces a connection closed, logs in with what that attribute holds
+    then. Setting it is the whole change; the connections already logged in stay as they are (the broker
+    authenticated them, and aiokafka never re-authenticates one). Raises `RuntimeError` if aiokafka no longer
+    keeps the password there, so that a reload says it failed rather than keep the old one silently.
+    """
+    if not hasattr(client, "_sasl_plain_password"):
+        raise RuntimeError(
+            "this aiokafka keeps no _sasl_plain_password on its client: the new SASL password cannot be put "
+            "in use without a restart"
+        )
+    client._sasl_plain_password = password
 
 
 class _Startable(Protocol):

@@ -41,7 +41,7 @@ class KafkaConnection:
     sasl_username: str | None = None
     sasl_password: Secret | None = None
     sasl_password_file: Secret | None = None
-    """The password read from `--sasl-password-file`."""
+    """The password read from `--sasl-password-file` (a `SecretFile`: with its path, read again on SIGHUP)."""
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for AIOKafkaProducer, AIOKafkaConsumer and AIOKafkaAdminClient: the security
@@ -221,6 +221,8 @@ class Authentication:
     allow_unsigned: bool = False
     max_clock_skew: float = 60.0
     sdk_app_id: tuple[str, ...] = ()
+    reload_interval: float = 0.0
+    """Seconds between looks at the secret files (`bridge.ingest.reload`); 0: they are read on SIGHUP only."""
 
     @property
     def callback_tokens(self) -> tuple[Secret, ...]:

@@ -57,7 +57,8 @@ KAFKA_CONNECTION: tuple[Option, ...] = (
     Option("sasl_password", "SASL password.", values.password, "PASSWORD", unset="(none)", hidden=True),
     Option(
         "sasl_password_file",
-        "File holding the SASL password (a container secret); one final line break is ignored.",
+        "File holding the SASL password (a container secret); one final line break is ignored; serve "
+        "reads it again on SIGHUP.",
         values.password_file,
         "FILE",
         unset="(none)",
@@ -237,6 +238,14 @@ AUTHENTICATION: tuple[Option, ...] = (
         "ID[,...]",
         unset="(any)",
         repeatable=True,
+    ),
+    Option(
+        "reload_interval",
+        "Seconds between looks at the files of secrets (callback tokens, forward URL, SASL password): one "
+        "whose content changed is read again, as on SIGHUP. 0: on SIGHUP only (Kubernetes sends none, and "
+        "swaps a mounted secret's files: 30 there).",
+        values.seconds_or_zero,
+        "SECONDS",
     ),
 )
 DELIVERY: tuple[Option, ...] = (

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from bridge.secret import CallbackToken, Secret, TokenFile, UrlFile
+from bridge.secret import CallbackToken, Secret, SecretFile, TokenFile, UrlFile
 
 # Paths the bridge serves itself; the callback path must be another one.
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/stats"})
@@ -202,9 +202,13 @@ def password(text: str) -> Secret:
     return Secret(text)
 
 
-def password_file(path: str) -> Secret:
+def password_file(path: str) -> SecretFile:
+    """The password in the file at `path`, with the path (read again on SIGHUP, `bridge.ingest.reload`)."""
     # Only the final line break goes: a password may begin or end with spaces.
-    return password(_read_secret_file(path).removesuffix("\n").removesuffix("\r"))
+    text = _read_secret_file(path).removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ValueError("the file is empty")
+    return SecretFile(text, path)
 
 
 def sdk_app_ids(text: str) -> tuple[str, ...]:
