@@ -20,7 +20,7 @@ bridge only replaces the answer's body and headers. The same server hands the ca
 The same server caps the connections open at once (`--max-connections`): one more is answered 503 with a
 Tencent-style body as soon as it is accepted, and closed, before anything of it is read.
 
-SIGHUP reads the token file again (`bridge.ingest.reload`): nothing stops, no request is dropped. (Under
+SIGHUP reads the secret files again (`bridge.ingest.reload`): nothing stops, no request is dropped. (Under
 `bridge dev`, which runs in a terminal, SIGHUP stops, as Ctrl-C does.) With `--admin-port`, a second
 listener serves the probes and the metrics (`bridge.ingest.admin`): it starts once the callback port
 listens, and stops once the callbacks in flight have their answer, so `/readyz` says 503 while they drain.
@@ -283,7 +283,7 @@ async def run_server(
     settings: ServeSettings, on_started: OnStarted | None = None, *, hangup_stops: bool = False
 ) -> None:
     """Serve until a stop signal; `on_started` gets the application and the bound port. SIGHUP reads the
-    token file again, or, with `hangup_stops` (`bridge dev`, in a terminal), stops like SIGTERM."""
+    secret files again, or, with `hangup_stops` (`bridge dev`, in a terminal), stops like SIGTERM."""
     if settings.admin_port is not None and settings.admin_port == settings.port != 0:
         raise ListenError(
             f"--admin-port {settings.admin_port} is also --port: the admin listener needs a port of its own"
@@ -356,7 +356,7 @@ async def _listen(runner: web.BaseRunner, host: str, port: int) -> None:
 
 @contextlib.contextmanager
 def _reload_on_hangup(reloader: Reloader, enabled: bool) -> Iterator[None]:
-    """While the block runs (and `enabled`), SIGHUP reads the token file again, on the running loop."""
+    """While the block runs (and `enabled`), SIGHUP reads the secret files again, on the running loop."""
     if not enabled:
         yield
         return
