@@ -11,7 +11,6 @@ file is created 0600: it holds user messages.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 from typing import IO
@@ -19,7 +18,7 @@ from typing import IO
 from aiokafka.errors import KafkaError
 
 from bridge.errors import CommandError, ExitStatus
-from bridge.process import kafka_failed, stop_signals
+from bridge.process import kafka_failed, run_loop, stop_signals
 from bridge.readback import durable_files
 from bridge.readback.events import BadRecord
 from bridge.readback.reader import EventReader, ReaderError
@@ -35,7 +34,7 @@ def run_consume(settings: ConsumeSettings) -> int:
     if problem is not None:
         raise CommandError(problem, ExitStatus.USAGE)
     if settings.output == "-":
-        return asyncio.run(_consume(settings, sys.stdout.buffer))
+        return run_loop(_consume(settings, sys.stdout.buffer))
     try:
         output = durable_files.open_append(settings.output)  # before the loop, to fail early; closed below
     except OSError as exc:
@@ -43,7 +42,7 @@ def run_consume(settings: ConsumeSettings) -> int:
             f"cannot write --output {settings.output}: {exc.strerror}", ExitStatus.USAGE
         ) from None
     with output:
-        return asyncio.run(_consume(settings, output))
+        return run_loop(_consume(settings, output))
 
 
 def _report_bad(bad: BadRecord) -> None:
