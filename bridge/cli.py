@@ -8,7 +8,6 @@ Each command has its own settings (`bridge.settings`); `main` builds them, runs 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -120,9 +119,10 @@ def _run(command: Command, flags: Mapping[str, Any], environ: Mapping[str, str])
 
 def _serve(settings: ServeSettings) -> int:
     from bridge.ingest.runner import ListenError, run_server  # noqa: PLC0415
+    from bridge.process import run_loop  # noqa: PLC0415
 
     try:
-        asyncio.run(run_server(settings, on_started=_announce_serve))
+        run_loop(run_server(settings, on_started=_announce_serve))
     except ListenError as exc:
         raise CommandError(str(exc)) from None
     return ExitStatus.OK
@@ -212,7 +212,8 @@ def _add_options(parser: argparse.ArgumentParser, command: Command) -> None:
 
 def _add_option(group: argparse._ArgumentGroup, option: Option, command: Command) -> None:
     shown = describe_default(command.default(option), option.unset)
-    help_text = f"{option.help} [default: {shown}; env: {command.env(option)}]"
+    # argparse expands %-formats in help: a help or default that shows a percent-escape keeps its "%".
+    help_text = f"{option.help} [default: {shown}; env: {command.env(option)}]".replace("%", "%%")
     if option.is_switch:
         group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         return

@@ -204,7 +204,7 @@ def callback_first(port: CallbackPort, application: RequestHandler) -> RequestHa
     path, handle = port.path, port.handle
 
     def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-        if request.path == path and hdrs.EXPECT not in request.headers:
+        if request.rel_url.path_safe == path and hdrs.EXPECT not in request.headers:
             return handle(request)
         return application(request)
 

@@ -32,6 +32,7 @@ from typing import NoReturn
 from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import istr
+from yarl import URL
 
 from bridge.errors import (
     BodyTimeout,
@@ -121,7 +122,7 @@ class CallbackPort:
         signature: SignatureCheck | None,
         forwarder: Forwarder | None,
     ) -> None:
-        self.path = settings.path
+        self.path = matched_path(settings.path)
         self.sdk_app_ids = settings.sdk_app_id
         self.max_body_bytes = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
@@ -323,12 +324,23 @@ def create_app(settings: ServeSettings, publisher: Publisher | None = None) -> w
     else:
         app[PUBLISHER] = port.publisher = publisher
     app.cleanup_ctx.append(app[RELOADER].polling)  # --reload-interval; last: it stops first
-    app.router.add_route("*", settings.path, port.handle)
+    # A resource of the exact path, never a pattern: a `{` in --path is a character, not a variable.
+    callback_path = web.PlainResource(port.path)
+    app.router.register_resource(callback_path)
+    callback_path.add_route("*", port.handle)
     app.router.add_get("/healthz", healthz)
     if on_this_port:
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/stats", stats)
     return app
+
+
+def matched_path(path: str) -> str:
+    """The callback path (`--path`, escaped as in a URL) as requests are compared with it: the request's
+    `rel_url.path_safe`, which aiohttp's router compares too, decoded but for `%2F` and `%25`. The direct
+    dispatch (`bridge.ingest.runner.callback_first`), the router and `answer_others` match the same
+    requests: `/tencent%2Fim` only `/tencent%2Fim` (or `%2f`), `/a%20b` `/a%20b`, `/%E5%9B%9E` `/回`."""
+    return URL.build(path=path, encoded=True).path_safe
 
 
 async def _warn_if_open(app: web.Application) -> None:
@@ -431,7 +443,7 @@ async def answer_others(request: web.Request, handler: Handler) -> web.StreamRes
     `bridge serve` the callback path never reaches the application (`bridge.ingest.runner`)."""
     app = request.app
     port = app[PORT]
-    if request.path == port.path:
+    if request.rel_url.path_safe == port.path:
         return await handler(request)
     request_id = request_id_of(request)
     token = REQUEST_ID.set(request_id)

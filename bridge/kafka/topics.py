@@ -29,6 +29,7 @@ from aiokafka.errors import (
 from bridge.errors import CommandError, ExitStatus, describe
 from bridge.kafka.metadata import refresh_by_name
 from bridge.kafka.security import start_client
+from bridge.process import run_loop
 from bridge.settings import KafkaConnection, TopicLayout, TopicsSettings
 
 log = logging.getLogger("bridge.topics")  # see `bridge.logs.LOGGERS`
@@ -379,7 +380,7 @@ def run_ensure(settings: TopicsSettings) -> int:
     """`bridge topics ensure`: print a line per topic; 0 when all are as intended, 1 on drift. Raises
     `CommandError` with status 3 when the cluster could not be reached or refused."""
     try:
-        reports = asyncio.run(ensure_topics(settings))
+        reports = run_loop(ensure_topics(settings))
     except (KafkaError, OSError, TimeoutError, ValueError) as exc:
         brokers = ",".join(settings.bootstrap_servers)
         raise CommandError(f"{describe(exc)} (brokers: {brokers})", ExitStatus.KAFKA_FAILED) from None

@@ -15,7 +15,6 @@ file is created 0600: it holds user messages.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 from collections import Counter
@@ -24,7 +23,7 @@ from typing import IO
 from aiokafka.errors import KafkaError
 
 from bridge.errors import CommandError, ExitStatus
-from bridge.process import kafka_failed, stop_signals
+from bridge.process import kafka_failed, run_loop, stop_signals
 from bridge.readback import durable_files
 from bridge.readback.decisions import DecisionEvent
 from bridge.readback.events import BadRecord, Event
@@ -41,7 +40,7 @@ def run_consume(settings: ConsumeSettings) -> int:
     if problem is not None:
         raise CommandError(problem, ExitStatus.USAGE)
     if settings.output == "-":
-        return asyncio.run(_consume(settings, sys.stdout.buffer))
+        return run_loop(_consume(settings, sys.stdout.buffer))
     try:
         output = durable_files.open_append(settings.output)  # before the loop, to fail early; closed below
     except OSError as exc:
@@ -49,7 +48,7 @@ def run_consume(settings: ConsumeSettings) -> int:
             f"cannot write --output {settings.output}: {exc.strerror}", ExitStatus.USAGE
         ) from None
     with output:
-        return asyncio.run(_consume(settings, output))
+        return run_loop(_consume(settings, output))
 
 
 def _report_bad(bad: BadRecord) -> None:

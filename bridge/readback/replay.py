@@ -42,7 +42,7 @@ import orjson
 from aiokafka.errors import KafkaError
 
 from bridge.errors import CommandError, ExitStatus
-from bridge.process import kafka_failed, stop_signals
+from bridge.process import kafka_failed, run_loop, stop_signals
 from bridge.readback import durable_files
 from bridge.readback.decisions import DecisionEvent
 from bridge.readback.events import BadRecord, Deduplicator, Event, EventFilter
@@ -405,7 +405,7 @@ def run_replay(settings: ReplaySettings) -> int:
             problem = str(exc)
     if problem is not None:
         raise CommandError(problem, ExitStatus.USAGE)
-    return asyncio.run(_main(settings))
+    return run_loop(_main(settings))
 
 
 def _check_appendable(path: Path, option: str) -> None:

@@ -129,7 +129,14 @@ TOPIC_SHAPE: tuple[Option, ...] = (
 HTTP: tuple[Option, ...] = (
     Option("host", "Address to listen on.", values.text, "ADDRESS"),
     Option("port", "TCP port to listen on (0 picks a free port).", values.int_between(0, 65535), "PORT"),
-    Option("path", "URL path Tencent posts callbacks to.", values.path, "PATH"),
+    Option(
+        "path",
+        "URL path Tencent posts callbacks to, as in the console's URL: percent-escapes (/tencent%2Fim, "
+        "/a%20b) and non-ASCII allowed; %2F is not /. No space, ?, #, control character or . or .. "
+        "segment.",
+        values.path,
+        "PATH",
+    ),
     Option(
         "max_body_bytes",
         "Largest callback body accepted; larger gets 413.",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from bridge.secret import CallbackToken, Secret, SecretFile, TokenFile, UrlFile
 
@@ -81,12 +81,36 @@ def boolean(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+# What a URL's path may hold as it is (RFC 3986's pchar and "/"), and "%" of the escapes; the rest is quoted.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def path(text: str) -> str:
-    if not text.startswith("/") or text in RESERVED_PATHS or any(c in text for c in "?# "):
-        raise ValueError(
-            "must be a URL path such as /callback, other than " + ", ".join(sorted(RESERVED_PATHS))
-        )
-    return text
+    """The callback path as written in the console's URL: percent-escapes (`/tencent%2Fim`, `/a%20b`) and
+    non-ASCII characters (`/回调`, kept as its UTF-8 escapes) allowed. A request matches it when their paths
+    are the same once decoded, where `%2F` and `%25` stay escaped (aiohttp's `path_safe`, which the router
+    compares): `/tencent%2Fim` is not `/tencent/im`. Refused: what a request path cannot hold or an HTTP
+    client changes before sending (a space, `?`, `#`, a control character, a `.` or `..` segment), a `%`
+    that starts no escape, escapes that are not UTF-8, and the bridge's own paths."""
+    usage = f"must be a URL path such as /callback, other than {', '.join(sorted(RESERVED_PATHS))}"
+    if not text.startswith("/") or text.startswith("//"):
+        raise ValueError(usage)
+    if any(c in "?#" or c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"{usage}: no space, '?', '#' or control character (write %20, %3F, %23)")
+    if _ESCAPE.search(text):
+        raise ValueError(f"{usage}: every '%' starts an escape of two hex digits (write %25 for '%')")
+    try:
+        decoded = unquote_to_bytes(text).decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{usage}: its escapes are not UTF-8") from None
+    if not decoded.isprintable():
+        raise ValueError(f"{usage}: it decodes to a control character")
+    if any(unquote_to_bytes(segment) in (b".", b"..") for segment in text.split("/")):
+        raise ValueError(f"{usage}: no '.' or '..' segment (HTTP clients remove them)")
+    if decoded in RESERVED_PATHS:
+        raise ValueError(usage)
+    return quote(text, safe=_PATH_SAFE)
 
 
 def topic(text: str) -> str:

@@ -15,6 +15,7 @@ from aiohttp import web
 from bridge.errors import CommandError, ExitStatus
 from bridge.ingest.runner import ListenError, run_server
 from bridge.ingest.server import PUBLISHER
+from bridge.process import run_loop
 from bridge.secret import CallbackToken
 from bridge.settings import ServeSettings
 from bridge.tencent.samples import SEED_CALLBACK, SEED_QUERY
@@ -86,7 +87,7 @@ def run_dev(settings: ServeSettings, broker: EmbeddedBroker) -> None:
             return
         print(banner(settings, port, broker.bootstrap_servers), flush=True)
 
-    asyncio.run(run_server(settings, on_started=announce, hangup_stops=True))  # a closed terminal stops dev
+    run_loop(run_server(settings, on_started=announce, hangup_stops=True))  # a closed terminal stops dev
 
 
 def start_dev(settings: ServeSettings) -> int:
