@@ -18,8 +18,10 @@ from bridge.readback.events import Coordinates, InvalidEnvelope
 from bridge.readback.progress import Tally
 from bridge.readback.reader import ReaderStats
 from bridge.readback.replay import copies_decisions, replay_identity
+from bridge.readback.sinks import DeliveryFailed, Failure, TopicSink
 from bridge.settings import ReplaySettings, build
 from bridge.tencent.callback import parse_callback
+from bridge.tencent.partitioner import partition_for
 from bridge.tencent.protocol import parse_query
 from tests.support.records import StoredRecord
 from tests.support.serve import one_line_error, run_bridge
@@ -67,8 +69,10 @@ def test_a_decision_record_decodes_with_the_callback_it_decides() -> None:
     assert decision.identity == f"1400000000\x1f{COMMAND}\x1f{COMMAND}:k-1"
     assert (decision.status, decision.error_code) == (200, 1)
     assert (decision.decided_at_ms, decision.received_at_ms) == (1_764_633_600_123, 1_764_633_600_101)
+    # Its owning entity from its own `entity` header; its event time and callback from the callback's, once
+    # that is read before it.
     assert (decision.entity, decision.event_time_ms, decision.callback_coordinates) == (
-        None,
+        "alice:bob",
         1_764_633_600_101,
         None,
     )
@@ -81,6 +85,12 @@ def test_a_decision_record_decodes_with_the_callback_it_decides() -> None:
         1_714_521_600_000,
         seen.coordinates,
     )
+
+
+def test_a_decision_of_an_older_bridge_without_an_entity_header_has_no_entity_until_its_callback() -> None:
+    record = written(b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}')
+    record.headers = [(name, value) for name, value in record.headers if name != "entity"]
+    assert decode_decision(record).entity is None
 
 
 def test_an_answer_that_is_not_json_is_its_text_and_has_no_error_code() -> None:
@@ -180,3 +190,44 @@ def test_replays_summary_names_the_decisions_copied_and_passed_over_only_when_th
     assert "decision" not in Tally(copied=4).summary(1.0)
     assert Tally(copied=4, decisions=1).summary(1.0).startswith("copied 4 (1 app decision),")
     assert ", app decisions passed over 2 in" in Tally(copied=4, decisions_passed_over=2).summary(1.0)
+
+
+class SourcePartitions:
+    """A producer class for `TopicSink` that never connects: the source topic has `count` partitions."""
+
+    count = 12
+
+    def __init__(self, **_arguments: object) -> None:
+        pass
+
+    async def partitions_for(self, _topic: str) -> set[int]:
+        return set(range(self.count))
+
+
+@pytest.mark.parametrize("source_partitions", [3, 12])
+async def test_a_copied_decision_goes_to_its_entitys_partition_or_an_older_one_to_where_it_was(
+    source_partitions: int,
+) -> None:
+    """Into a destination of 3 partitions: a decision with its `entity` header to that entity's; one of an
+    older bridge, without it and read without its callback, to the partition it was read from when the
+    source has as many, else set aside (its callback's partition there is not known)."""
+    settings = build(
+        "replay", {"bootstrap_servers": NO_BROKER, "topic": "tim.c2c", "to_topic": "tim.copy"}, {}
+    )
+    SourcePartitions.count = source_partitions
+    sink = TopicSink(settings, "tim.copy", producer_class=SourcePartitions)
+    sink._partitions = 3
+    record = written(b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}')
+    decision = decode_decision(record)
+    assert decision.entity is not None
+    assert await sink._decision_partition(decision) == partition_for(decision.entity, 3)
+
+    record.headers = [(name, value) for name, value in record.headers if name != "entity"]
+    record.partition = 2
+    older = decode_decision(record)
+    if source_partitions == 3:
+        assert await sink._decision_partition(older) == 2
+    else:
+        with pytest.raises(DeliveryFailed, match="read without its callback") as refused:
+            await sink._decision_partition(older)
+        assert refused.value.failure is Failure.RECORD

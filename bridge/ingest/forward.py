@@ -278,6 +278,9 @@ def decision_record(
         ("SdkAppid", sdk_app_id.encode("ascii")),
         ("content-type", b"application/json"),
         ("app-status", str(answer.status).encode("ascii")),
+        # The callback's owning entity, as on its record: a reader that starts between the two still knows
+        # the decision's entity (its `--account`, its partition in a copy).
+        ("entity", record.entity.encode("utf-8")),
     )
     return Record(record.topic, record.entity, record.key, value, decided_at_ms, headers)
 

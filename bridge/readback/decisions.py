@@ -61,7 +61,8 @@ class DecisionEvent:
     received_at_ms: int
     """When the bridge received the callback decided."""
     entity: str | None
-    """The callback's owning entity, when its callback was read before it in this run; else None."""
+    """The callback's owning entity: from its `entity` header, or from its callback when that was read
+    before it in this run; None for a decision of an older bridge (no header) read without its callback."""
     event_time_ms: int
     """The callback's event time, when its callback was read before it; else `received_at_ms`."""
     callback_coordinates: Coordinates | None
@@ -128,7 +129,7 @@ def decode_decision(record: KafkaRecord) -> DecisionEvent:
         answer=value["answer"],
         decided_at_ms=value["decided_at"],
         received_at_ms=value["received_at"],
-        entity=None,
+        entity=_entity_header(headers),
         event_time_ms=value["received_at"],
         callback_coordinates=None,
         coordinates=coordinates_of(record),
@@ -136,3 +137,15 @@ def decode_decision(record: KafkaRecord) -> DecisionEvent:
         record_key=record.key,
         value=raw,
     )
+
+
+def _entity_header(headers: dict[str, bytes]) -> str | None:
+    """The owning entity a decision record names (written since forward mode's decisions carry it), or None
+    for one written before, or one whose header is not UTF-8."""
+    entity = headers.get("entity")
+    if entity is None:
+        return None
+    try:
+        return entity.decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None

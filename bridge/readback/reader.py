@@ -237,8 +237,9 @@ class EventReader:
         A decision goes with its callback: selected when the callback read before it was selected, whatever
         the filter says of the decision alone, so a job gets each callback of a window with its decisions.
         A decision whose callback was not read in this run (it started between the two) is judged by
-        itself: its command (`decision-of`) and family, and its receive time as its event time; it has no
-        entity, so a filter that names entities leaves it out."""
+        itself: its command (`decision-of`) and family, its `entity` header, and its receive time as its
+        event time; one of an older bridge, without that header, has no entity, so a filter that names
+        entities leaves it out."""
         async for record in self._records():
             state = self._parts[TopicPartition(record.topic, record.partition)]
             state.read_to = record.offset + 1
@@ -297,7 +298,7 @@ class EventReader:
         else:
             selected = (
                 (not select.commands or bool({decision.command, decision.family} & select.commands))
-                and not select.entities
+                and (not select.entities or decision.entity in select.entities)
                 and select.in_window(decision.event_time_ms)
             )
         if not selected:

@@ -18,9 +18,11 @@ destination): a different replay refuses it rather than skip what it never copie
 Forward mode's decision records (`--decisions`): `auto` copies them to `--to-topic` (a copy of the topic
 as the bridge wrote it, which analytics jobs join with the callbacks) and passes over them for `--to-file`
 (consume's callback lines) and `--to-url` (a decision is not a callback: it is never posted). Deliveries
-start in the order records are read, and the producer keeps that order per partition, so a decision lands
-after its callback; when its callback's delivery failed and waits to be tried again, the decision waits
-for it. `--dedup` drops callbacks only: each decision is one answer of the app server.
+start in the order records are read; a decision's waits until its callback's delivery has ended, landed
+(or set aside), so it lands after its callback even when that is tried again, and a record read after the
+decision may land before it (as in the source topic, where the bridge writes a decision once the app
+answered, other callbacks of the entity may come between the two). `--dedup` drops callbacks only: each
+decision is one answer of the app server.
 
 Before reading anything, the destination file, the skipped file and the checkpoint are checked to be
 writable.
@@ -196,9 +198,9 @@ class Replay:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._reader: EventReader | None = None
         self._copies_decisions = copies_decisions(settings)
-        self._retried_callbacks: dict[CallbackId, asyncio.Event] = {}
-        """The before-callbacks whose delivery failed and is tried again: a decision read after one waits
-        until that delivery has ended (not in the common case, where deliveries keep the read order)."""
+        self._callbacks_in_flight: dict[CallbackId, asyncio.Event] = {}
+        """The before-callbacks whose delivery has not ended (set when it has, landed or set aside): a
+        decision read after one waits for it, so it lands after its callback even when that is retried."""
 
     def interrupt(self) -> None:
         """Stop reading (Ctrl-C); deliveries in flight finish and the checkpoint covers them."""
@@ -273,14 +275,22 @@ class Replay:
         if self.stop.is_set():  # stopped while waiting: this record is left for the next run
             self._slots.release()
             return
-        task = asyncio.create_task(self._deliver(reader, event))
+        ended = None
+        if self._decided(event):  # before its task runs: the decision read after it finds it here
+            ended = self._callbacks_in_flight[event.identity] = asyncio.Event()
+        task = asyncio.create_task(self._deliver(reader, event, ended))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _deliver(self, reader: EventReader, event: Event | DecisionEvent) -> None:
+    async def _deliver(
+        self, reader: EventReader, event: Event | DecisionEvent, ended: asyncio.Event | None = None
+    ) -> None:
+        """Deliver `event`; a decision first waits until its callback's delivery has ended. `ended` is set
+        when a before-callback's has."""
         try:
-            if isinstance(event, DecisionEvent) and (callback := self._retried_callbacks.get(event.identity)):
-                await callback.wait()  # its callback's delivery is being tried again: land after it
+            decision = isinstance(event, DecisionEvent)
+            if decision and (callback := self._callbacks_in_flight.get(event.identity)) is not None:
+                await callback.wait()  # its callback's delivery has not ended (or is tried again): after it
                 if self.failure is not None:  # the replay stopped: the decision waits for the next run
                     return
             if await self._attempts(reader, event):
@@ -290,40 +300,35 @@ class Replay:
                 reader.done(event)
         finally:
             self._slots.release()
+            if ended is not None:
+                ended.set()
+                if self._callbacks_in_flight.get(event.identity) is ended:
+                    del self._callbacks_in_flight[event.identity]
 
     async def _attempts(self, reader: EventReader, event: Event | DecisionEvent) -> bool:
         """Deliver `event`, trying again after a passing failure; False when it was not delivered (set aside,
         or the replay stopped)."""
         delay = _RETRY_FIRST_S
-        retried: asyncio.Event | None = None
-        try:
-            for attempt in range(self._settings.retries + 1):
-                try:
-                    await self._sink.deliver(event)
-                except DeliveryFailed as exc:
-                    if exc.failure is Failure.RECORD:
-                        self._set_aside(reader, event, exc.reason)
-                        return False
-                    if exc.failure is Failure.DESTINATION:
-                        self._fail(f"{event.coordinates}: {exc.reason}")
-                        return False
-                    if attempt == self._settings.retries:
-                        self._fail(f"{event.coordinates}: {exc.reason} (after {attempt} retries)")
-                        return False
-                    if self.failure is not None:  # another delivery stopped the replay: no more retries
-                        return False
-                    if retried is None and self._decided(event):
-                        retried = self._retried_callbacks[event.identity] = asyncio.Event()
-                    await asyncio.sleep(delay)  # backoff before a retry
-                    delay = min(delay * 2, _RETRY_MAX_S)
-                else:
-                    return True
-            return False
-        finally:
-            if retried is not None:
-                retried.set()
-                if self._retried_callbacks.get(event.identity) is retried:
-                    del self._retried_callbacks[event.identity]
+        for attempt in range(self._settings.retries + 1):
+            try:
+                await self._sink.deliver(event)
+            except DeliveryFailed as exc:
+                if exc.failure is Failure.RECORD:
+                    self._set_aside(reader, event, exc.reason)
+                    return False
+                if exc.failure is Failure.DESTINATION:
+                    self._fail(f"{event.coordinates}: {exc.reason}")
+                    return False
+                if attempt == self._settings.retries:
+                    self._fail(f"{event.coordinates}: {exc.reason} (after {attempt} retries)")
+                    return False
+                if self.failure is not None:  # another delivery stopped the replay: no more retries
+                    return False
+                await asyncio.sleep(delay)  # backoff before a retry
+                delay = min(delay * 2, _RETRY_MAX_S)
+            else:
+                return True
+        return False
 
     def _decided(self, event: Event | DecisionEvent) -> bool:
         """Whether a decision record copied after `event` may follow it: a before-callback's."""

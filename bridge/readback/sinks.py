@@ -140,8 +140,9 @@ class TopicSink:
     """Produces to a topic of the same cluster with acks=all: same value, key, timestamp and headers (so
     the record format of each record is kept), and the partition the bridge would pick (the owning
     entity's, for the destination's partition count). A decision record goes to its callback's partition:
-    its entity's, from the callback read before it; without one (the replay started between the two) the
-    partition it was read from, when the two topics have as many partitions, else it is set aside.
+    its entity's, from its `entity` header or the callback read before it; a decision of an older bridge
+    (no header) read without its callback goes to the partition it was read from, when the two topics have
+    as many partitions, else it is set aside.
 
     Compression and the largest record are replay's own `--compression` and `--max-record-bytes`; the
     producer is a `producer_class` (aiokafka's, unless a test stands in for the broker's answers).
