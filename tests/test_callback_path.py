@@ -7,12 +7,7 @@ What cannot work (a space, a `%` that starts no escape, a dot segment, ...) is a
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -27,7 +22,7 @@ from bridge.settings import ServeSettings, values
 from tests.conftest import BridgeClient
 from tests.support.fakes import FakePublisher
 from tests.support.requests import fixture
-from tests.support.serve import BridgeTestServer, run_bridge
+from tests.support.serve import BridgeTestServer, run_bridge, serve_listening
 from tests.support.settings import NO_BROKER
 
 SEED = fixture("oa-after-send-text")
@@ -164,23 +159,7 @@ async def post_each(base: str, paths: list[str]) -> dict[str, tuple[int, int]]:
 def test_bridge_serve_answers_an_encoded_path_and_404s_its_near_misses(tmp_path: Path) -> None:
     """The real `bridge serve`, no broker: the callback path answers 503 (Kafka not ready), so it was
     matched; a near miss is the bridge's 404 with its JSON body."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
-    command = [sys.executable, "-m", "bridge", "serve", "--bootstrap-servers", NO_BROKER, "--allow-unsigned"]
-    command += ["--host", "127.0.0.1", "--port", "0", "--path", "/tencent%2Fim/回调", "--log-format", "json"]
-    stderr_path = tmp_path / "stderr"
-    with stderr_path.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
-    try:
-        deadline = time.monotonic() + 30
-        while (listening := re.search(r"listening on port (\d+)", stderr_path.read_text())) is None:
-            assert process.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "bridge serve did not start listening in 30 s"
-            time.sleep(0.05)
-        answers = asyncio.run(post_each(f"http://127.0.0.1:{listening.group(1)}", list(NEAR_MISSES)))
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    arguments = ["--bootstrap-servers", NO_BROKER, "--allow-unsigned", "--path", "/tencent%2Fim/回调"]
+    with serve_listening(arguments, tmp_path / "stderr") as port:
+        answers = asyncio.run(post_each(f"http://127.0.0.1:{port}", list(NEAR_MISSES)))
     assert answers == NEAR_MISSES

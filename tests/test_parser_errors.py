@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -16,7 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.ingest.runner import TencentRequestHandler
-from tests.support.serve import BridgeTestServer
+from tests.support.serve import BridgeTestServer, serve_listening
 from tests.support.settings import unique_settings
 
 
@@ -39,28 +33,12 @@ def test_bridge_serve_answers_a_request_line_over_its_limit_with_a_tencent_400(
 ) -> None:
     """The answer as `bridge serve` (and `bridge dev`, which runs the same server) gives it."""
     settings = unique_settings(kafka)
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
-    command = [sys.executable, "-m", "bridge", "serve", "--bootstrap-servers", kafka, "--host", "127.0.0.1"]
-    command += ["--port", "0", "--max-url-bytes", "256", "--topic", settings.topic, "--log-format", "json"]
-    command += ["--allow-unsigned"]
+    arguments = ["--bootstrap-servers", kafka, "--max-url-bytes", "256", "--topic", settings.topic]
     stderr_path = tmp_path / "stderr"
-    with stderr_path.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
-    try:
-        deadline = time.monotonic() + 30
-        while (listening := re.search(r"listening on port (\d+)", stderr_path.read_text())) is None:
-            assert process.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "bridge serve did not start listening in 30 s"
-            time.sleep(0.05)
+    with serve_listening([*arguments, "--allow-unsigned"], stderr_path) as port:
         target = "/callback?SdkAppid=1400000000&pad=" + "a" * 300
         request = f"POST {target} HTTP/1.1\r\nHost: bridge\r\nContent-Length: 0\r\n\r\n".encode()
-        status, body = asyncio.run(raw_exchange("127.0.0.1", int(listening.group(1)), request))
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        status, body = asyncio.run(raw_exchange("127.0.0.1", port, request))
     assert status == 400
     assert body == {
         "ActionStatus": "FAIL",

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,32 @@ def start_serve(arguments: Sequence[str], log_path: Path, **flags: str) -> subpr
         return subprocess.Popen(
             [sys.executable, "-m", "bridge", "serve", *args], stdout=log, stderr=log, env=clean
         )
+
+
+@contextlib.contextmanager
+def serve_listening(arguments: Sequence[str], stderr_path: Path) -> Iterator[int]:
+    """`bridge serve ARGUMENTS --host 127.0.0.1 --port 0 --log-format json` in a process of its own, its
+    log in `stderr_path`, and no BRIDGE_ variable: yields the port it listens on, then stops it with
+    SIGTERM, which must end it with status 0 within 30 s."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")}
+    command = [sys.executable, "-m", "bridge", "serve", *arguments, "--host", "127.0.0.1", "--port", "0"]
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [*command, "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=stderr, env=clean
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while (listening := re.search(r"listening on port (\d+)", stderr_path.read_text())) is None:
+            assert process.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, "bridge serve did not start listening in 30 s"
+            time.sleep(0.05)
+        yield int(listening.group(1))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def run_bridge(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
