@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -215,23 +215,11 @@ class EventReader:
             for tp, meta in offsets.items():
                 self._parts[tp].committed = meta.offset
 
-    async def events(self) -> AsyncGenerator[Event, None]:
+    def events(self) -> AsyncGenerator[Event, None]:
         """The callbacks the filter selects; forward mode's decision records are passed over, counted."""
-        async for record in self._records():
-            state = self._parts[TopicPartition(record.topic, record.partition)]
-            state.read_to = record.offset + 1
-            if is_decision_record(record.headers):
-                self.stats.decisions += 1
-                continue
-            event = self._callback(record, state)
-            if event is not None:
-                self.stats.events += 1
-                state.outstanding.add(record.offset)
-                yield event
-                if not self._manual_done:
-                    state.outstanding.discard(record.offset)
+        return cast("AsyncGenerator[Event, None]", self._read(decisions=False))
 
-    async def records(self) -> AsyncGenerator[Event | DecisionEvent, None]:
+    def records(self) -> AsyncGenerator[Event | DecisionEvent, None]:
         """The callbacks and forward mode's decision records the filter selects, in partition order.
 
         A decision goes with its callback: selected when the callback read before it was selected, whatever
@@ -240,17 +228,24 @@ class EventReader:
         itself: its command (`decision-of`) and family, its `entity` header, and its receive time as its
         event time; one of an older bridge, without that header, has no entity, so a filter that names
         entities leaves it out."""
+        return self._read(decisions=True)
+
+    async def _read(self, *, decisions: bool) -> AsyncGenerator[Event | DecisionEvent, None]:
+        """`records()`, or with `decisions` false `events()`: every decision record passed over, counted,
+        and no callback remembered for one."""
         async for record in self._records():
             state = self._parts[TopicPartition(record.topic, record.partition)]
             state.read_to = record.offset + 1
             item: Event | DecisionEvent | None
             if is_decision_record(record.headers):
                 self.stats.decisions += 1
+                if not decisions:
+                    continue
                 item = self._decision(record, state)
                 if item is not None:
                     self.stats.decisions_yielded += 1
             else:
-                item = self._callback(record, state, remember=True)
+                item = self._callback(record, state, remember=decisions)
                 if item is not None:
                     self.stats.events += 1
             if item is not None:
